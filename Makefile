@@ -1,0 +1,87 @@
+# walstore: every target works on a fresh Debian machine (root, or sudo available).
+#   make run    install and start one embedded node (no etcd) on :8080, data in ./data/wal
+#   make test   install what the tests need (etcd-server, strace, ...) and run them all
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT     := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+# Debian packages: the compiler and headers build the cffi extension; the rest are the
+# real parts the tests start (etcd), the fault tools (strace, fiu, faketime) and load tools.
+BUILD_PKGS := gcc libc6-dev python3-dev python3-venv
+TEST_PKGS  := etcd-server strace fiu-utils faketime wrk
+BENCH_PKGS := postgresql-15 wrk etcd-server
+HTTP_PORT ?= 8080
+DATA_DIR  ?= ./data/wal
+
+.PHONY: install system-deps test-deps build-native run test test-fast bench bench-wal lint fuzz chaos clean
+
+# apt only for what is missing, so a machine with everything installed never needs root.
+define apt_ensure
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $$missing; fi
+endef
+
+system-deps:
+	@if ! command -v gcc >/dev/null || ! $(PY) -c 'import venv, ensurepip' 2>/dev/null || \
+	   ! $(PY) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then \
+	  $(MAKE) --no-print-directory apt-build-pkgs; fi
+
+apt-build-pkgs:
+	$(call apt_ensure,$(BUILD_PKGS))
+
+test-deps: install
+	$(call apt_ensure,$(TEST_PKGS))
+
+$(STAMP): setup.py pyproject.toml native/build_native.py native/walstore_native.c native/walstore_native.h
+	$(MAKE) --no-print-directory system-deps
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The editable install builds the extension in place (walstore/_walstore_native*.so): that
+# in-tree file is the one `import walstore._native` loads, so rebuilding means re-running
+# the same pip build, never a second build that could leave a stale copy elsewhere.
+build-native: $(STAMP)
+	rm -f walstore/_walstore_native*.so walstore/_walstore_native.c
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c 'import walstore._native as n; print("native module:", n.module_path())'
+
+run: install
+	mkdir -p $(DATA_DIR)
+	NODE_ID=$${NODE_ID:-event-store-0} HTTP_PORT=$(HTTP_PORT) DATA_DIR=$(DATA_DIR) $(BIN)/walstore serve
+
+test: test-deps
+	$(BIN)/python -m pytest -q -m 'not chaos'
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m 'not slow and not chaos'
+
+chaos: test-deps
+	$(BIN)/python -m pytest -q -m chaos -p no:randomly
+
+bench: test-deps
+	$(call apt_ensure,$(BENCH_PKGS))
+	$(BIN)/walstore bench all
+
+bench-wal: install
+	$(BIN)/walstore bench wal
+
+fuzz: install
+	$(BIN)/pip install -q atheris
+	$(BIN)/python -m walstore.fuzz --seconds $${FUZZ_SECONDS:-60}
+
+lint: install
+	$(BIN)/ruff check walstore tests native
+	$(BIN)/ruff format --check walstore tests native
+	$(BIN)/mypy
+
+clean:
+	rm -rf build dist *.egg-info walstore/_walstore_native*.so walstore/_walstore_native.c \
+	  native/*.o .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,156 @@
+"""The one exception tree of walstore (stdlib only).
+
+Every boundary turns what goes wrong into one of these families; anything else escaping
+a boundary is a bug. Each error carries the thing it is about (file and offset, index,
+peer) so a log line or an HTTP body can name it.
+
+    WalstoreError
+    ├── ConfigError            bad settings at start-up
+    ├── NativeError            a C call returned -errno (carries errno)
+    ├── StorageError           the write-ahead log on disk
+    │   ├── FsyncError         fdatasync failed: fatal, never retried, batch never acked
+    │   ├── DiskFullError      ENOSPC: the batch is not durable; the node answers 503
+    │   ├── CorruptionError    damage that is not a torn tail (file, offset, reason)
+    │   └── LogStateError      an append or read that breaks the log's rules (gaps, bounds)
+    ├── ProtocolError          a peer sent bytes that are not our protocol (reason)
+    ├── ElectionError          the election backend failed (etcd unreachable ...)
+    ├── RequestError           a client asked for something wrong: maps to a 4xx
+    │   ├── ValidationError    400
+    │   ├── NotFoundError      404
+    │   ├── ConflictError      409 (wrong expected version, id reused with other content)
+    │   ├── PayloadTooLarge    413
+    │   └── UnsupportedMedia   415
+    └── UnavailableError       503 + Retry-After: no leader, no quorum, stepping down,
+        └── OutcomeUnknown     504: appended but the commit is not known (a timeout; the
+                               event may still appear, so clients must treat it as `info`)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class WalstoreError(Exception):
+    """Base of every error walstore raises on purpose."""
+
+
+class ConfigError(WalstoreError):
+    """A setting is missing, unknown or out of range; raised at start-up."""
+
+
+class NativeError(WalstoreError):
+    """A call into the C extension returned ``-errno``."""
+
+    def __init__(self, errno: int, what: str) -> None:
+        self.errno = errno
+        super().__init__(f"{what}: [{_errno.errorcode.get(errno, errno)}] {os.strerror(errno)}")
+
+
+class StorageError(WalstoreError):
+    """The write-ahead log on disk could not do what was asked."""
+
+
+class FsyncError(StorageError):
+    """fdatasync (or the write before it) failed. Fatal for the process: the page cache
+    state is unknown after a failed fsync, so the batch is never acknowledged and the
+    node must stop rather than retry (PostgreSQL's "fsyncgate" lesson)."""
+
+    def __init__(self, errno: int, path: str) -> None:
+        self.errno = errno
+        self.path = path
+        super().__init__(f"fdatasync failed on {path}: {os.strerror(errno)}")
+
+
+class DiskFullError(StorageError):
+    """No space left for the batch; nothing of it is durable or acknowledged."""
+
+
+class CorruptionError(StorageError):
+    """A record or header is damaged and valid data follows it, so it is not a torn
+    tail: refusing to start beats silently dropping acknowledged events."""
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"corrupt write-ahead log: {path} at offset {offset}: {reason}")
+
+
+class LogStateError(StorageError):
+    """An operation that would break the log's invariants (gap, overlap, out of range)."""
+
+
+class ProtocolError(WalstoreError):
+    """Bytes from a peer that are not a valid frame or message; the connection closes."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ElectionError(WalstoreError):
+    """The election backend failed or is unreachable."""
+
+
+class RequestError(WalstoreError):
+    """A client error. ``code`` is a stable machine-readable string for the JSON body."""
+
+    http_status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+
+class ValidationError(RequestError):
+    http_status = 400
+    code = "invalid_request"
+
+
+class NotFoundError(RequestError):
+    http_status = 404
+    code = "not_found"
+
+
+class ConflictError(RequestError):
+    http_status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(RequestError):
+    http_status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMedia(RequestError):
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class UnavailableError(WalstoreError):
+    """The node cannot take the request now; the client should retry (503)."""
+
+    http_status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float = 1.0,
+                 leader_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+        self.leader_id = leader_id
+
+
+class OutcomeUnknown(UnavailableError):
+    """The append reached the log but its commit was not seen in time: it may still
+    appear. Never reported as a definite failure (promise 2 of TESTING.md)."""
+
+    http_status = 504
+    code = "outcome_unknown"

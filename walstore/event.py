@@ -1,0 +1,138 @@
+"""Events: the validated shapes that cross the API, and their bytes inside a WAL record.
+
+An event record's body (kind EVENT in ``walstore.wal.record``) is, little-endian:
+
+    offset size field
+    0      1    body format (BODY_FORMAT = 1)
+    1      1    reserved, 0
+    2      2    id length in bytes
+    4      2    aggregate_id length
+    6      2    type length
+    8      4    payload JSON length
+    12     4    metadata JSON length
+    16     8    version: position inside the aggregate, from 1, gap-free
+    24     8    timestamp: microseconds since the Unix epoch, set by the leader (signed)
+    32     ...  id, aggregate_id, type (UTF-8), payload JSON, metadata JSON
+
+The fixed prefix lets start-up rebuild the indexes (id, aggregate, version) without
+parsing JSON; payload and metadata are stored as the canonical JSON the API validated,
+so reads copy them into responses without re-encoding.
+
+Pure: no I/O, no trio.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from walstore.errors import CorruptionError
+
+BODY_FORMAT = 1
+_PREFIX = struct.Struct("<BBHHHIIQq")
+PREFIX_BYTES = _PREFIX.size  # 32
+
+# Limits, checked by the HTTP validation and again by the codec. Why these numbers:
+# a UUID is 36 bytes; EventStoreDB caps stream names at ~2 KiB but real aggregate ids are
+# short, and every id lives in memory indexes, so 256 bytes keeps them cheap.
+MAX_ID_BYTES = 256
+MAX_AGGREGATE_ID_BYTES = 256
+MAX_TYPE_BYTES = 256
+# payload + metadata of one event; the HTTP body limit (1 MiB default) bounds it first.
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+# events in one atomic batch: one batch is one group-commit unit and one APPEND unit.
+MAX_BATCH_EVENTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """One validated event as a client asked to append it."""
+
+    id: str
+    type: str
+    aggregate_id: str
+    payload: bytes  # canonical JSON of an object
+    metadata: bytes  # canonical JSON of an object
+    expected_version: int | None = None  # 0 = aggregate must be new; None = any
+
+    def same_content(self, other: StoredEvent) -> bool:
+        """Idempotency: a repeated id is the same append when these fields match."""
+        return (
+            self.type == other.type
+            and self.aggregate_id == other.aggregate_id
+            and self.payload == other.payload
+            and self.metadata == other.metadata
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event as the log holds it."""
+
+    index: int
+    version: int
+    timestamp_us: int
+    id: str
+    type: str
+    aggregate_id: str
+    payload: bytes
+    metadata: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    event_id: str
+    index: int
+    version: int
+
+
+def encode_event_body(event: NewEvent, version: int, timestamp_us: int) -> bytes:
+    id_b = event.id.encode()
+    agg_b = event.aggregate_id.encode()
+    type_b = event.type.encode()
+    if len(id_b) > MAX_ID_BYTES or len(agg_b) > MAX_AGGREGATE_ID_BYTES or len(type_b) > MAX_TYPE_BYTES:
+        raise ValueError("event id, aggregate_id or type over its limit")
+    if len(event.payload) + len(event.metadata) > MAX_EVENT_BYTES:
+        raise ValueError("event payload and metadata over MAX_EVENT_BYTES")
+    prefix = _PREFIX.pack(
+        BODY_FORMAT, 0, len(id_b), len(agg_b), len(type_b),
+        len(event.payload), len(event.metadata), version, timestamp_us,
+    )
+    return b"".join((prefix, id_b, agg_b, type_b, event.payload, event.metadata))
+
+
+def _unpack_prefix(body: bytes | memoryview, index: int) -> tuple[int, int, int, int, int, int, int]:
+    if len(body) < PREFIX_BYTES:
+        raise CorruptionError("<record body>", index, "event body shorter than its prefix")
+    fmt, _, id_n, agg_n, type_n, pay_n, meta_n, version, ts = _PREFIX.unpack_from(body)
+    if fmt != BODY_FORMAT:
+        raise CorruptionError("<record body>", index, f"unknown event body format {fmt}")
+    if PREFIX_BYTES + id_n + agg_n + type_n + pay_n + meta_n != len(body):
+        raise CorruptionError("<record body>", index, "event body lengths do not add up")
+    return id_n, agg_n, type_n, pay_n, meta_n, version, ts
+
+
+def peek_event_keys(body: bytes | memoryview, index: int = 0) -> tuple[str, str, int]:
+    """(id, aggregate_id, version) without touching payload or metadata: the start-up path."""
+    id_n, agg_n, _, _, _, version, _ = _unpack_prefix(body, index)
+    mv = memoryview(body)
+    p = PREFIX_BYTES
+    event_id = str(mv[p : p + id_n], "utf-8")
+    aggregate_id = str(mv[p + id_n : p + id_n + agg_n], "utf-8")
+    return event_id, aggregate_id, version
+
+
+def decode_event_body(body: bytes | memoryview, index: int) -> StoredEvent:
+    id_n, agg_n, type_n, pay_n, meta_n, version, ts = _unpack_prefix(body, index)
+    mv = memoryview(body)
+    p = PREFIX_BYTES
+    event_id = str(mv[p : p + id_n], "utf-8")
+    p += id_n
+    aggregate_id = str(mv[p : p + agg_n], "utf-8")
+    p += agg_n
+    type_ = str(mv[p : p + type_n], "utf-8")
+    p += type_n
+    payload = bytes(mv[p : p + pay_n])
+    p += pay_n
+    metadata = bytes(mv[p : p + meta_n])
+    return StoredEvent(index, version, ts, event_id, type_, aggregate_id, payload, metadata)
