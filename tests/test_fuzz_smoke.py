@@ -1,0 +1,58 @@
+"""The atheris harness runs, and the frames target holds its contract on chosen inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from walstore.fuzz import load
+from walstore.protocol import PROTOCOL_VERSION, Append, Hello, encode_frame, encode_message
+
+
+@pytest.mark.slow
+def test_frames_target_fuzzes_for_three_seconds_and_exits_zero(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "walstore.fuzz", "--seconds", "3", "--target", "frames", "--artifacts", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("frames: ok ("), result.stdout
+    assert "runs in" in result.stdout
+    assert not list(tmp_path.glob("frames-crash-*"))
+
+
+def test_bad_arguments_exit_two() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "walstore.fuzz", "--seconds", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "--seconds must be at least 1" in result.stderr
+
+
+HELLO = encode_message(Hello(PROTOCOL_VERSION, "fuzz", "peer", 1))
+APPEND = encode_message(Append(1, 0, 0, 0, b"records"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",
+        b"\x00" + HELLO + APPEND,  # raw into a client connection
+        b"\x30" + HELLO + APPEND,  # raw into an open server connection (HELLO prefixed twice)
+        b"\x10" + HELLO + APPEND[:-1],  # server, EOF mid-frame
+        b"\x01" + bytes([0x04]) + APPEND[16:],  # a valid APPEND payload behind a valid frame
+        b"\x01" + bytes([0x05]) + b"\x02" * 41,  # APPEND_ACK with a bad bool
+        b"\x01\xff",  # unknown type
+        b"\x02" + APPEND + APPEND + b"WS",  # frames straight into a decoder
+        b"\x02" + encode_frame(0xEE, 0x80, b"any type and flags decode as frames"),
+        b"\x02" + (2**32 - 1).to_bytes(4, "little") * 8,
+    ],
+)
+def test_frames_target_accepts_hand_picked_inputs(data: bytes) -> None:
+    load("frames")(data)  # raises only if the protocol breaks its contract

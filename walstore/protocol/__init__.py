@@ -1,0 +1,75 @@
+"""The sans-IO peer protocol: frames, messages and the per-connection state machine.
+
+No sockets and no trio here (a test checks): ``replication/transport.py`` drives a
+``PeerConnection`` with bytes from its streams.
+"""
+
+from walstore.protocol.connection import (
+    CLOSED,
+    MAX_HANDSHAKE_FRAME_BYTES,
+    NEED_DATA,
+    TRANSITIONS,
+    PeerConnection,
+    Role,
+    Signal,
+    State,
+)
+from walstore.protocol.frames import FRAME_HEADER_BYTES, MAX_FRAME_BYTES, Frame, FrameDecoder, encode_frame
+from walstore.protocol.messages import (
+    MAX_APPEND_ENTRIES_BYTES,
+    MAX_FETCH_ENTRIES_BYTES,
+    MAX_NAME_BYTES,
+    MAX_REASON_BYTES,
+    PROTOCOL_VERSION,
+    Append,
+    AppendAck,
+    Fetch,
+    FetchResult,
+    Forward,
+    ForwardResult,
+    FrameType,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Message,
+    Prepare,
+    Promise,
+    decode_message,
+    encode_message,
+)
+
+__all__ = [
+    "CLOSED",
+    "FRAME_HEADER_BYTES",
+    "MAX_APPEND_ENTRIES_BYTES",
+    "MAX_FETCH_ENTRIES_BYTES",
+    "MAX_FRAME_BYTES",
+    "MAX_HANDSHAKE_FRAME_BYTES",
+    "MAX_NAME_BYTES",
+    "MAX_REASON_BYTES",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "TRANSITIONS",
+    "Append",
+    "AppendAck",
+    "Fetch",
+    "FetchResult",
+    "Forward",
+    "ForwardResult",
+    "Frame",
+    "FrameDecoder",
+    "FrameType",
+    "Goodbye",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "PeerConnection",
+    "Prepare",
+    "Promise",
+    "Role",
+    "Signal",
+    "State",
+    "decode_message",
+    "encode_frame",
+    "encode_message",
+]
