@@ -35,7 +35,7 @@ apt-build-pkgs:
 test-deps: install
 	$(call apt_ensure,$(TEST_PKGS))
 
-$(STAMP): setup.py pyproject.toml native/build_native.py native/walstore_native.c native/walstore_native.h
+$(STAMP): setup.py pyproject.toml $(wildcard native/*.c native/*.h native/*.cdef native/*.py)
 	$(MAKE) --no-print-directory system-deps
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel

@@ -1,0 +1,408 @@
+"""The composition root: one node, every service in one trio nursery.
+
+Start-up: open the write-ahead log (recovery repairs a torn tail or refuses corruption),
+rebuild the state machine from it, then serve. Alone (no peers) the node leads itself
+with no etcd: each start takes the next epoch, writes EPOCH_START, and an entry is
+committed the moment it is durable. In a cluster the ``Replicator`` decides the role and
+the commit index; this module only wires it in.
+
+The write path (leader): validate against the tentative state (``store.prepare``),
+submit to the group-commit writer (indexes assigned now, no await in between), ship to the
+followers, wait for the commit index to pass the batch, wait until it is applied, answer.
+The applier task is the only writer of the state machine: committed entries, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+import trio.lowlevel
+
+from walstore.config import Config
+from walstore.errors import (
+    DiskFullError,
+    OutcomeUnknown,
+    StorageError,
+    UnavailableError,
+    ValidationError,
+)
+from walstore.event import AppendResult, NewEvent, StoredEvent
+from walstore.http.app import HttpApp
+from walstore.http.server import HttpLimits, serve_http
+from walstore.metrics import Metrics
+from walstore.replication.replica_log import ReplicaLog
+from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, PeerStatus
+from walstore.store import EventStore
+from walstore.wal.fs import FileSystem
+from walstore.wal.log import WalOptions, WriteAheadLog
+from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT
+from walstore.wal.writer import GroupCommitWriter
+from walstore.watermark import Watermark
+
+log = logging.getLogger("walstore.node")
+
+APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's pause
+APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
+MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
+SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long after SIGTERM
+
+
+class _LogBodies:
+    """The store's BodyReader over the write-ahead log."""
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self.wal = wal
+
+    def body(self, log_index: int) -> bytes:
+        return self.wal.record(log_index).body
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        election: Any = None,
+        fs: FileSystem | None = None,
+        http_limits: HttpLimits | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self._election = election
+        self._fs = fs
+        self.http_limits = http_limits or HttpLimits(max_body_bytes=config.max_body_bytes)
+        self.commit = Watermark()  # log index committed (durable on a majority)
+        self.applied = Watermark()  # log index applied to the store
+        self.applied_events = Watermark()  # API (event) index applied
+        self.http_port = 0
+        self.peer_port = 0
+        self.started = trio.Event()
+        self.stopping = False
+        self.fatal: BaseException | None = None
+        self.replicator: Any = None
+        self._solo_epoch = 0
+        self._shutdown = trio.Event()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        options = WalOptions(segment_size_bytes=cfg.segment_size_bytes)
+        self.wal = await trio.to_thread.run_sync(self._open_wal, options)
+        self.writer = GroupCommitWriter(self.wal, metrics=self.metrics, on_rollback=self._on_rollback)
+        self.rlog = ReplicaLog(self.wal, self.writer)
+        self.store = EventStore(_LogBodies(self.wal))
+        async with AsyncExitStack() as stack:
+            # The election's own tasks must outlive the node's nursery: enter it first.
+            election = await stack.enter_async_context(self._make_election()) if cfg.clustered else None
+            async with trio.open_nursery() as nursery:
+                await self._serve(nursery, election, task_status)
+
+    async def _serve(self, nursery: trio.Nursery, election: Any, task_status: trio.TaskStatus[Node]) -> None:
+        cfg = self.config
+        if True:
+            await nursery.start(self.writer.run)
+            if election is not None:
+                await self._start_cluster(election, nursery)
+            else:
+                await self._start_solo()
+            nursery.start_soon(self._apply_committed)
+            app = HttpApp(self, metrics=self.metrics)
+            self.http_port = await nursery.start(
+                lambda task_status: serve_http(
+                    app,
+                    host=cfg.http_host,
+                    port=cfg.http_port,
+                    limits=self.http_limits,
+                    shutdown=self._shutdown,
+                    task_status=task_status,
+                )
+            )
+            self.started.set()
+            log.info(
+                "node %s serving HTTP on %s:%d%s; log %d..%d",
+                cfg.node_id,
+                cfg.http_host,
+                self.http_port,
+                f", peers on {cfg.peer_host}:{self.peer_port}" if cfg.clustered else " (single node, no etcd)",
+                self.wal.first_index,
+                self.wal.last_index,
+            )
+            task_status.started(self)
+            await self._shutdown.wait()
+            # Stop accepting; let requests in flight (and the batch being synced) finish.
+            with trio.move_on_after(SHUTDOWN_GRACE_S):
+                await self.writer.wait_durable(self.rlog.tail_index)
+            nursery.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        self._shutdown.set()
+
+    async def run_until_signalled(self) -> None:
+        """``walstore serve``: SIGTERM/SIGINT stop the node gracefully (exit 0)."""
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("%s: stopping", signal.Signals(signum).name)
+                        self.shutdown()
+                        return
+
+            nursery.start_soon(on_signal)
+            await self.run()
+            nursery.cancel_scope.cancel()
+
+    def _open_wal(self, options: WalOptions) -> WriteAheadLog:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        return WriteAheadLog.open(self.config.data_dir, options, fs=self._fs)
+
+    async def _start_solo(self) -> None:
+        # Rebuild from the whole log: alone, everything durable is committed.
+        self.commit.advance(self.wal.last_index)
+        await self._apply_now(self.wal.last_index)
+        epoch = max(self.rlog.promised_epoch, self.wal.last_epoch) + 1
+        await self.rlog.promise(epoch)
+        pending = self.rlog.submit([(KIND_EPOCH_START, FLAG_BATCH_END, b'{"solo":true}')], epoch)
+        await pending.wait_durable()
+        self.commit.advance(pending.last_index)
+        self._solo_epoch = epoch
+        self.metrics.is_leader.set(1)
+        self.metrics.term.set(epoch)
+
+    def _make_election(self) -> Any:
+        if self._election is not None:
+            return self._election
+        from walstore.election.etcd import EtcdElection
+
+        # etcd leases are whole seconds.
+        return EtcdElection(
+            list(self.config.etcd_endpoints),
+            self.config.cluster_id,
+            ttl_s=max(1, math.ceil(self.config.lease_ttl_s)),
+        )
+
+    async def _start_cluster(self, election: Any, nursery: trio.Nursery) -> None:
+        from walstore.replication.replicator import Replicator
+
+        http_host = self.config.me.host if self.config.me else "localhost"
+        self.replicator = Replicator(
+            self.config,
+            self.rlog,
+            self.commit,
+            election,
+            self.metrics,
+            append_local=self._append_as_leader,
+            on_term_end=self.store.pending_clear,
+            http_address=f"{http_host}:{self.config.http_port}",
+        )
+        self.peer_port = await nursery.start(self.replicator.run)
+
+    # -- commit and apply ------------------------------------------------------------------
+
+    async def _apply_committed(self) -> None:
+        while True:
+            target = self.applied.value + 1
+            await self.commit.wait_for(target)
+            if self.wal.last_index < target:  # committed on a majority before our own fsync
+                await self.writer.wait_durable(target)
+            await self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
+            await trio.lowlevel.checkpoint()
+
+    async def _apply_now(self, upto: int) -> None:
+        first = self.store.last_applied_log_index + 1
+        if upto >= first:
+            self.store.rebuild(self.wal.read(first, upto))
+        self.applied.advance(self.store.last_applied_log_index)
+        self.applied_events.advance(self.store.last_applied_event_index)
+        self.metrics.commit_index.set(self.commit.value)
+        self.metrics.last_applied.set(self.store.last_applied_event_index)
+
+    def _on_rollback(self, first_failed_index: int) -> None:
+        """The writer dropped every batch from ``first_failed_index`` (disk full): runs in
+        the writer task before anyone else can prepare, so the tentative state and the
+        log's tail move back together."""
+        self.store.pending_clear()
+        self.rlog.tail_index = self.wal.last_index
+        self.rlog.tail_epoch = self.wal.last_epoch
+
+    # -- EventService ------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+        if self.stopping:
+            raise UnavailableError("node is shutting down", code="shutting_down")
+        if self.replicator is None or self.replicator.writable:
+            return await self._append_as_leader(list(events))
+        leader = self.replicator.leader_peer()
+        if leader is None:
+            raise UnavailableError("no leader elected right now", code="no_leader")
+        results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, APPEND_TIMEOUT_S)
+        # Read-your-writes on this node too: wait (briefly) until the batch is applied here.
+        with trio.move_on_after(APPEND_TIMEOUT_S / 2):
+            await self.applied_events.wait_for(max(r.index for r in results))
+        return results
+
+    async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
+        if self.replicator is not None and not self.replicator.writable:
+            raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
+        prepared = self.store.prepare(
+            events, timestamp_us=time.time_ns() // 1000, next_log_index=self.rlog.tail_index + 1
+        )
+        if prepared.bodies:
+            entries = [(KIND_EVENT, 0, body) for body in prepared.bodies]
+            entries[-1] = (KIND_EVENT, FLAG_BATCH_END, entries[-1][2])
+            if self.replicator is None:
+                pending = self.rlog.submit(entries, self._solo_epoch)
+                term_ended = trio.Event()
+            else:
+                pending, term_ended = self.replicator.submit(entries)
+            self.store.pending_added(pending.first_index, prepared)
+            self.metrics.events_appended_total.inc(len(entries))
+            if self.replicator is None:
+                try:
+                    await pending.wait_durable()
+                except DiskFullError as exc:
+                    raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
+                self.commit.advance(pending.last_index)  # alone, durable is committed
+            await self._wait_committed(pending.last_index, term_ended)
+        await self._wait_applied(prepared.wait_log_index)
+        return self.store.results(prepared)
+
+    async def _wait_committed(self, index: int, term_ended: trio.Event) -> None:
+        with trio.move_on_after(APPEND_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+
+                async def committed() -> None:
+                    await self.commit.wait_for(index)
+                    nursery.cancel_scope.cancel()
+
+                async def ended() -> None:
+                    await term_ended.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(committed)
+                nursery.start_soon(ended)
+        if self.commit.value < index:
+            raise OutcomeUnknown(f"index {index} not committed (leadership changed or timed out); it may still appear")
+        if self.replicator is not None and not self.replicator.still_leading():
+            # Committed entries are safe, but a leader that lost its lease acks nothing.
+            raise OutcomeUnknown("leadership lost before the answer; the write is committed or will be discarded")
+
+    async def _wait_applied(self, index: int) -> None:
+        with trio.move_on_after(APPEND_TIMEOUT_S):
+            await self.applied.wait_for(index)
+        if self.applied.value < index:
+            raise OutcomeUnknown(f"index {index} not applied in time")
+
+    async def _wait_for_event_index(self, min_index: int | None) -> None:
+        if not min_index:
+            return
+        with trio.move_on_after(MAX_READ_WAIT_S):
+            await self.applied_events.wait_for(min_index)
+        if self.applied_events.value < min_index:
+            raise UnavailableError(
+                f"index {min_index} is not applied on this node yet (applied {self.applied_events.value})",
+                code="not_caught_up",
+            )
+
+    async def read_aggregate(
+        self, aggregate_id: str, *, from_version: int, limit: int, direction: Direction, min_index: int | None
+    ) -> AggregateRead:
+        await self._wait_for_event_index(min_index)
+        return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
+
+    async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
+        await self._wait_for_event_index(min_index)
+        return self.store.read_log(from_index, limit)
+
+    async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
+        if from_index < 0:
+            raise ValidationError("from_index must be >= 0")
+        next_index = max(from_index, 1)
+        while True:
+            batch = self.store.read_log(next_index, 512)
+            for event in batch.events:
+                yield event
+                next_index = event.index + 1
+            if not batch.events:
+                await self.applied_events.wait_for(next_index)
+
+    def status(self) -> NodeStatus:
+        store = self.store
+        commit_events = (
+            store.log_to_event_index(min(self.commit.value, self.applied.value)) if self.started.is_set() else 0
+        )
+        extra: dict[str, object] = {
+            "log_commit_index": self.commit.value,
+            "log_last_applied": self.applied.value,
+            "log_durable_index": self.writer.durable_index if self.started.is_set() else 0,
+            "promised_epoch": self.rlog.promised_epoch if self.started.is_set() else 0,
+            "aggregates": store.aggregate_count if self.started.is_set() else 0,
+            "http_port": self.http_port,
+            "peer_port": self.peer_port,
+        }
+        if self.replicator is None:
+            return NodeStatus(
+                id=self.config.node_id,
+                is_leader=True,
+                leader_id=self.config.node_id,
+                term=self._solo_epoch,
+                commit_index=commit_events,
+                last_applied=store.last_applied_event_index,
+                role="leader",
+                ready=self.started.is_set() and not self.stopping,
+                healthy=self.fatal is None,
+                extra=extra,
+            )
+        r = self.replicator
+        peers = []
+        progress = {p.peer.node_id: p for p in r.peer_progress()}
+        for peer in r.others:
+            p = progress.get(peer.node_id)
+            match = p.match_index if p else 0
+            peers.append(
+                PeerStatus(
+                    id=peer.node_id,
+                    address=peer.address,
+                    connected=bool(p and p.connected),
+                    match_index=match,
+                    lag=max(0, self.rlog.tail_index - match) if p else -1,
+                )
+            )
+        caught_up = self.applied.value >= self.commit.value and self.commit.value > 0
+        return NodeStatus(
+            id=self.config.node_id,
+            is_leader=r.writable,
+            leader_id=r.leader_id,
+            term=r.epoch,
+            commit_index=commit_events,
+            last_applied=store.last_applied_event_index,
+            role=r.role.value,
+            ready=r.leader_id is not None and caught_up and not self.stopping,
+            healthy=self.fatal is None,
+            peers=peers,
+            extra=extra,
+        )
+
+
+async def serve(config: Config) -> None:
+    """``walstore serve``: run one node until SIGTERM/SIGINT."""
+    node = Node(config)
+    try:
+        await node.run_until_signalled()
+    except StorageError:
+        raise
+    finally:
+        log.info("node %s stopped", config.node_id)
+
+
+__all__ = ["Node", "math", "serve"]

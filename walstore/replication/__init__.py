@@ -1,0 +1,1 @@
+"""Replication: leader and follower sides, takeover, forwarding, and the peer transport."""

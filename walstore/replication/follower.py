@@ -1,0 +1,196 @@
+"""The follower side: answer a leader's PREPARE, APPEND and FETCH on one connection.
+
+Rules (DESIGN.md "Replication and leadership"):
+
+* Epoch fencing. A frame whose epoch is below our promised epoch is refused with our
+  promised epoch in the answer. A *higher* epoch is accepted only when the election
+  confirms that the sender holds that epoch (``verify_leader``): a peer claiming an epoch
+  is not enough, so a hostile or confused peer cannot fence the real leader off.
+* Log matching. APPEND(prev_index, prev_epoch) must match our entry at prev_index;
+  otherwise the answer carries a conflict hint (the first index of our conflicting epoch)
+  so the leader jumps back a whole epoch at a time.
+* A divergent suffix (same index, other epoch) is truncated before writing, never below
+  the commit index: committed entries are on a majority and every later leader has them.
+* An APPEND is acknowledged (match index) only after fdatasync. Answers leave in the
+  order the requests came, but the next APPEND is checked and submitted while the previous
+  one is still syncing (one ordered queue of answers, one task that awaits durability).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from walstore import _native
+from walstore.errors import LogStateError, ProtocolError
+from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Message, Prepare, Promise
+from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
+from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.transport import PeerChannel
+from walstore.wal.record import peek_header
+from walstore.watermark import Watermark
+
+log = logging.getLogger("walstore.follower")
+
+# Answers queued behind one still syncing: bounds memory if a leader floods us.
+MAX_QUEUED_ANSWERS = 64
+
+VerifyLeader = Callable[[int, str], Awaitable[bool]]
+
+
+@dataclass(slots=True)
+class _Answer:
+    message: Message
+    durable_at: int = 0  # send only once the local log is durable up to here
+    commit_to: int = 0  # then the commit index may move up to here
+
+
+class FollowerService:
+    def __init__(
+        self,
+        rlog: ReplicaLog,
+        commit: Watermark,
+        *,
+        verify_leader: VerifyLeader,
+        on_leader_seen: Callable[[int, str], None],
+    ) -> None:
+        self.rlog = rlog
+        self.commit = commit
+        self.verify_leader = verify_leader
+        self.on_leader_seen = on_leader_seen
+        # One leader at a time writes into our log: APPENDs from two connections (an old
+        # leader's and a new one's) must not interleave between check and submit.
+        self._append_lock = trio.Lock()
+
+    async def serve(self, channel: PeerChannel, first: Message) -> None:
+        """Answer requests on ``channel`` until it closes; ``first`` was already read."""
+        send, receive = trio.open_memory_channel[_Answer](MAX_QUEUED_ANSWERS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._answer_in_order, channel, receive)
+            async with send:
+                message: Message | None = first
+                while True:
+                    if message is None:
+                        message = await channel.receive()
+                    await send.send(await self.handle(message, channel.peer_id))
+                    message = None
+
+    async def _answer_in_order(self, channel: PeerChannel, answers: trio.MemoryReceiveChannel[_Answer]) -> None:
+        async with answers:
+            async for answer in answers:
+                if answer.durable_at:
+                    await self.rlog.writer.wait_durable(answer.durable_at)
+                if answer.commit_to:
+                    self.commit.advance(answer.commit_to)
+                await channel.send(answer.message)
+
+    async def handle(self, message: Message, peer_id: str) -> _Answer:
+        if isinstance(message, Append):
+            return await self._on_append(message, peer_id)
+        if isinstance(message, Prepare):
+            return _Answer(await self._on_prepare(message, peer_id))
+        if isinstance(message, Fetch):
+            return _Answer(self._on_fetch(message))
+        raise ProtocolError(f"a follower does not answer {type(message).__name__}")
+
+    async def _accept_epoch(self, epoch: int, leader_id: str) -> bool:
+        """True when frames of ``epoch`` from ``leader_id`` may change our log."""
+        if epoch < self.rlog.promised_epoch:
+            return False
+        if epoch > self.rlog.promised_epoch:
+            if not await self.verify_leader(epoch, leader_id):
+                log.warning("refusing epoch %d claimed by %s: the election does not confirm it", epoch, leader_id)
+                return False
+            await self.rlog.promise(epoch)
+        self.on_leader_seen(epoch, leader_id)
+        return True
+
+    async def _on_prepare(self, msg: Prepare, peer_id: str) -> Promise:
+        if msg.leader_id != peer_id or not await self._accept_epoch(msg.epoch, msg.leader_id):
+            return self._promise(ok=False, epoch=msg.epoch)
+        await self.rlog.drain()  # report what is on disk, not what is in flight
+        return self._promise(ok=True, epoch=msg.epoch)
+
+    def _promise(self, *, ok: bool, epoch: int) -> Promise:
+        r = self.rlog
+        return Promise(
+            epoch=epoch,
+            ok=ok,
+            promised_epoch=r.promised_epoch,
+            last_epoch=r.tail_epoch,
+            last_index=r.tail_index,
+            commit_index=self.commit.value,
+            epoch_history=r.epoch_history(),
+        )
+
+    def _on_fetch(self, msg: Fetch) -> FetchResult:
+        if msg.epoch < self.rlog.promised_epoch:
+            return FetchResult(msg.request_id, self.rlog.promised_epoch, False, self.rlog.wal.last_index, b"")
+        data = self.rlog.read_raw(msg.from_index, min(msg.max_bytes, MAX_FETCH_ENTRIES_BYTES))
+        return FetchResult(msg.request_id, msg.epoch, True, self.rlog.wal.last_index, data)
+
+    def _nack(self, conflict_index: int = 0, conflict_epoch: int = 0) -> _Answer:
+        r = self.rlog
+        ack = AppendAck(r.promised_epoch, False, 0, r.tail_index, conflict_index, conflict_epoch)
+        return _Answer(ack)
+
+    async def _on_append(self, msg: Append, peer_id: str) -> _Answer:
+        async with self._append_lock:
+            if not await self._accept_epoch(msg.epoch, peer_id):
+                return self._nack()
+            r = self.rlog
+            prev = msg.prev_index
+            if prev > r.tail_index:
+                return self._nack(conflict_index=r.tail_index + 1)
+            mine = r.epoch_at(prev)
+            if mine is None:
+                await r.drain()
+                mine = r.epoch_at(prev)
+            if mine != msg.prev_epoch:
+                return self._nack(*self._conflict_hint(prev, mine or 0))
+            entries = bytes(msg.entries)
+            if not entries:  # heartbeat: our log matches the leader's up to prev
+                return _Answer(self._ack(msg.epoch, prev), durable_at=prev, commit_to=min(msg.leader_commit, prev))
+            scan = _native.scan(entries, 0, prev + 1, min_epoch=msg.prev_epoch)
+            if scan.stop is not _native.ScanStop.END_ZERO or scan.end_offset != len(entries):
+                raise ProtocolError(
+                    f"APPEND entries from {peer_id} are not valid records: {scan.reason} at {scan.end_offset}"
+                )
+            last = scan.next_index - 1
+            start = self._first_new_record(entries, scan.offsets, prev)
+            if start is None:  # everything already present (a resend)
+                return _Answer(self._ack(msg.epoch, last), durable_at=last, commit_to=min(msg.leader_commit, last))
+            offset, index = start
+            if index <= r.tail_index:
+                await r.truncate_after(index - 1, self.commit.value)
+            r.submit_raw(entries[offset:], last, scan.last_epoch)
+            return _Answer(self._ack(msg.epoch, last), durable_at=last, commit_to=min(msg.leader_commit, last))
+
+    def _ack(self, epoch: int, match: int) -> AppendAck:
+        return AppendAck(epoch, True, match, max(match, self.rlog.tail_index), 0, 0)
+
+    def _first_new_record(self, entries: bytes, offsets: Sequence[int], prev: int) -> tuple[int, int] | None:
+        """(offset, index) of the first incoming record we do not already hold with the
+        same epoch; None when we hold them all."""
+        r = self.rlog
+        for i, offset in enumerate(offsets):
+            index = prev + 1 + i
+            if index > r.tail_index:
+                return offset, index
+            mine = r.epoch_at(index)
+            if mine is None:
+                raise LogStateError(f"epoch of index {index} unknown after drain")
+            if mine != peek_header(entries, offset).epoch:
+                return offset, index
+        return None
+
+    def _conflict_hint(self, prev: int, mine: int) -> tuple[int, int]:
+        """Our first index of the epoch that disagrees, so the leader skips it whole."""
+        first = prev
+        for epoch, first_index in self.rlog.epoch_history():
+            if epoch == mine:
+                first = first_index
+        return min(first, prev), mine

@@ -1,0 +1,212 @@
+"""Client writes that reach a follower travel to the leader over the peer protocol.
+
+The follower sends FORWARD(request_id, JSON of the validated events) on one connection it
+keeps to the current leader (many requests in flight, answers matched by id); the leader
+runs them through its normal append path and answers FORWARD_RESULT(status, JSON). Errors
+keep their meaning end to end: a 409 stays a 409. A connection lost after the request was
+sent is an *unknown outcome* (504): the leader may have appended it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+import trio
+
+from walstore.config import PeerSpec
+from walstore.errors import (
+    ConflictError,
+    NotFoundError,
+    OutcomeUnknown,
+    ProtocolError,
+    RequestError,
+    UnavailableError,
+    ValidationError,
+    WalstoreError,
+)
+from walstore.event import AppendResult, NewEvent
+from walstore.protocol import Forward, ForwardResult
+from walstore.replication.transport import PeerChannel, PeerClosed, dial
+
+log = logging.getLogger("walstore.forward")
+
+
+def encode_events(events: Sequence[NewEvent]) -> bytes:
+    return orjson.dumps(
+        [
+            {
+                "id": e.id,
+                "type": e.type,
+                "aggregate_id": e.aggregate_id,
+                "payload": orjson.Fragment(e.payload),
+                "metadata": orjson.Fragment(e.metadata),
+                "expected_version": e.expected_version,
+            }
+            for e in events
+        ]
+    )
+
+
+def decode_events(body: bytes) -> list[NewEvent]:
+    """The follower validated these already; a peer that sends junk is a protocol error."""
+    try:
+        items = orjson.loads(body)
+        return [
+            NewEvent(
+                id=str(i["id"]),
+                type=str(i["type"]),
+                aggregate_id=str(i["aggregate_id"]),
+                payload=orjson.dumps(i["payload"], option=orjson.OPT_SORT_KEYS),
+                metadata=orjson.dumps(i["metadata"], option=orjson.OPT_SORT_KEYS),
+                expected_version=None if i["expected_version"] is None else int(i["expected_version"]),
+            )
+            for i in items
+        ]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValidationError(f"forwarded request is not a valid event list: {exc}") from exc
+
+
+def encode_outcome(outcome: list[AppendResult] | WalstoreError) -> tuple[int, bytes]:
+    if isinstance(outcome, list):
+        return 201, orjson.dumps([[r.event_id, r.index, r.version] for r in outcome])
+    if isinstance(outcome, RequestError):
+        error = {"code": outcome.code, "message": outcome.message, "details": outcome.details}
+        return outcome.http_status, orjson.dumps(error, default=str)
+    if isinstance(outcome, UnavailableError):
+        unavailable = {
+            "code": outcome.code,
+            "message": outcome.message,
+            "retry_after_s": outcome.retry_after_s,
+            "leader_id": outcome.leader_id,
+        }
+        return outcome.http_status, orjson.dumps(unavailable)
+    return 500, orjson.dumps({"code": "internal", "message": str(outcome)})
+
+
+_REQUEST_ERRORS: dict[int, type[RequestError]] = {400: ValidationError, 404: NotFoundError, 409: ConflictError}
+
+
+def decode_outcome(status: int, body: bytes) -> list[AppendResult]:
+    data: Any = orjson.loads(body)
+    if status == 201:
+        return [AppendResult(str(e), int(i), int(v)) for e, i, v in data]
+    if status == 504:
+        raise OutcomeUnknown(data["message"], retry_after_s=data.get("retry_after_s", 1.0))
+    if status == 503:
+        raise UnavailableError(
+            data["message"],
+            code=data["code"],
+            retry_after_s=data.get("retry_after_s", 1.0),
+            leader_id=data.get("leader_id"),
+        )
+    cls = _REQUEST_ERRORS.get(status)
+    if cls is None:
+        raise OutcomeUnknown(f"leader answered {status}: {data.get('message')}")
+    raise cls(data["message"], code=data["code"], **data.get("details", {}))
+
+
+class Forwarder:
+    """The follower's end: one multiplexed connection to the current leader."""
+
+    def __init__(self, *, node_id: str, cluster_id: str, epoch: Callable[[], int]) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.epoch = epoch
+        self._ids = itertools.count(1)
+        self._channel: PeerChannel | None = None
+        self._channel_peer: str | None = None
+        self._waiting: dict[int, tuple[trio.Event, list[ForwardResult]]] = {}
+        self._connect_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await trio.sleep_forever()
+
+    async def forward(self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float) -> list[AppendResult]:
+        channel = await self._channel_to(leader)
+        request_id = next(self._ids)
+        done, box = trio.Event(), list[ForwardResult]()
+        self._waiting[request_id] = (done, box)
+        try:
+            try:
+                await channel.send(Forward(request_id, encode_events(events)))
+            except PeerClosed as exc:
+                raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
+            with trio.move_on_after(timeout_s):
+                await done.wait()
+            if not box:
+                raise OutcomeUnknown(f"no answer from leader {leader.node_id} within {timeout_s}s")
+            return decode_outcome(box[0].status, bytes(box[0].body))
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def _channel_to(self, leader: PeerSpec) -> PeerChannel:
+        async with self._connect_lock:
+            if self._channel is not None and self._channel_peer == leader.node_id:
+                return self._channel
+            await self._drop()
+            try:
+                channel = await dial(
+                    leader.host, leader.port, cluster_id=self.cluster_id, node_id=self.node_id, epoch=self.epoch()
+                )
+            except (OSError, PeerClosed, WalstoreError, trio.TooSlowError) as exc:
+                raise UnavailableError(f"leader {leader.node_id} unreachable: {exc!r}", code="no_leader") from exc
+            self._channel, self._channel_peer = channel, leader.node_id
+            assert self._nursery is not None, "Forwarder.run() must be running"
+            self._nursery.start_soon(self._read_answers, channel)
+            return channel
+
+    async def _read_answers(self, channel: PeerChannel) -> None:
+        try:
+            while True:
+                message = await channel.receive()
+                if isinstance(message, ForwardResult) and message.request_id in self._waiting:
+                    done, box = self._waiting[message.request_id]
+                    box.append(message)
+                    done.set()
+        except (PeerClosed, WalstoreError) as exc:
+            log.info("forwarding connection closed: %r", exc)
+        finally:
+            if self._channel is channel:
+                self._channel = None
+            # Wake everyone who waited on this connection: their outcome is unknown.
+            for done, _ in list(self._waiting.values()):
+                done.set()
+            await channel.aclose()
+
+    async def _drop(self) -> None:
+        if self._channel is not None:
+            await self._channel.aclose()
+            self._channel = None
+
+
+async def serve_forwards(
+    channel: PeerChannel, first: Forward, append: Callable[[list[NewEvent]], Awaitable[list[AppendResult]]]
+) -> None:
+    """The leader's end: run each forwarded append concurrently, answer by id."""
+
+    async def one(message: Forward) -> None:
+        outcome: list[AppendResult] | WalstoreError
+        try:
+            outcome = await append(decode_events(bytes(message.body)))
+        except WalstoreError as exc:
+            outcome = exc
+        status, body = encode_outcome(outcome)
+        try:
+            await channel.send(ForwardResult(message.request_id, status, body))
+        except PeerClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, first)
+        while True:
+            message = await channel.receive()
+            if not isinstance(message, Forward):
+                raise ProtocolError(f"expected FORWARD, got {type(message).__name__}")
+            nursery.start_soon(one, message)

@@ -1,0 +1,250 @@
+"""The leader side of one epoch: stream the log to every follower, compute the commit index.
+
+One task per follower keeps up to ``WINDOW`` APPEND frames in flight (pipelined; the
+follower answers in order), each carrying whole batches of WAL record bytes exactly as
+the leader wrote them. New batches are shipped from an in-memory tail cache the moment
+they are submitted, so the leader's own fdatasync runs in parallel with the followers';
+a follower that is behind is fed from the leader's segments (``read_raw``).
+
+Commit rule (DESIGN.md 4): the highest index held durably by a majority (the leader's
+own durable index counts) that is at or after this epoch's EPOCH_START entry; everything
+before a committed entry of the current epoch is committed with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from walstore.config import PeerSpec
+from walstore.errors import ProtocolError
+from walstore.protocol import Append, AppendAck
+from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
+from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.transport import PeerChannel, PeerClosed, dial
+from walstore.wal.record import peek_header
+from walstore.wal.writer import PendingAppend
+from walstore.watermark import Watermark
+
+log = logging.getLogger("walstore.leader")
+
+WINDOW = 8  # APPEND frames in flight per follower: enough to cover one fsync of latency
+MAX_APPEND_BYTES = min(4 << 20, MAX_APPEND_ENTRIES_BYTES)  # per frame; bounds follower memory
+TAIL_CACHE_BYTES = 64 << 20  # recent batches kept in memory for followers
+RECONNECT_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(slots=True)
+class FollowerProgress:
+    peer: PeerSpec
+    match_index: int = 0
+    next_index: int = 1
+    connected: bool = False
+    last_ack_at: float = -math.inf
+    generation: int = 0  # bumped whenever next_index is reset; older answers are ignored
+    in_flight: deque[tuple[int, int]] = field(default_factory=deque)  # (generation, last index sent)
+    wake: trio.Event = field(default_factory=trio.Event)  # new data, an answer, or a reset
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class LeaderTerm:
+    def __init__(
+        self,
+        *,
+        epoch: int,
+        start_index: int,
+        node_id: str,
+        cluster_id: str,
+        rlog: ReplicaLog,
+        followers: list[PeerSpec],
+        commit: Watermark,
+        heartbeat_s: float,
+        on_higher_epoch: Callable[[int, str], None],
+        on_progress: Callable[[FollowerProgress], None] = lambda p: None,
+    ) -> None:
+        self.epoch = epoch
+        self.start_index = start_index
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.rlog = rlog
+        self.commit = commit
+        self.heartbeat_s = heartbeat_s
+        self.on_higher_epoch = on_higher_epoch
+        self.on_progress = on_progress
+        self.progress = {p.node_id: FollowerProgress(p, next_index=rlog.tail_index + 1) for p in followers}
+        self.cluster_size = len(followers) + 1
+        self._cache: deque[PendingAppend] = deque()
+        self._cache_bytes = 0
+        self._local: deque[PendingAppend] = deque()  # submitted here, not yet durable
+        self._local_added = trio.Event()
+
+    # -- called by the node for every batch it submits in this epoch ---------------------
+
+    def appended(self, pending: PendingAppend) -> None:
+        self._local.append(pending)
+        self._local_added.set()
+        self._cache.append(pending)
+        self._cache_bytes += len(pending.data)
+        while self._cache_bytes > TAIL_CACHE_BYTES and len(self._cache) > 1:
+            self._cache_bytes -= len(self._cache.popleft().data)
+        for progress in self.progress.values():
+            progress.poke()
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_local_durability)
+            for progress in self.progress.values():
+                nursery.start_soon(self._follow, progress)
+
+    async def _watch_local_durability(self) -> None:
+        """Our own fsync counts towards the majority: recompute as each batch lands."""
+        while True:
+            if not self._local:
+                self._local_added = trio.Event()
+                await self._local_added.wait()
+                continue
+            await self._local[0].wait_durable()
+            self._local.popleft()
+            self._recompute_commit()
+
+    def _recompute_commit(self) -> None:
+        matches = sorted([self.rlog.durable_index, *(p.match_index for p in self.progress.values())], reverse=True)
+        majority_holds = matches[self.cluster_size // 2]
+        if majority_holds >= self.start_index:
+            self.commit.advance(majority_holds)
+
+    async def _follow(self, progress: FollowerProgress) -> None:
+        attempt = 0
+        while True:
+            try:
+                channel = await dial(
+                    progress.peer.host,
+                    progress.peer.port,
+                    cluster_id=self.cluster_id,
+                    node_id=self.node_id,
+                    epoch=self.epoch,
+                )
+            except (OSError, PeerClosed, ProtocolError, trio.TooSlowError) as exc:
+                log.debug("cannot reach %s: %r", progress.peer.node_id, exc)
+                await trio.sleep(RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            progress.connected = True
+            progress.generation += 1
+            progress.in_flight.clear()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive_acks, channel, progress, nursery.cancel_scope)
+                    await self._send_appends(channel, progress)
+            except* (PeerClosed, ProtocolError, trio.TooSlowError) as group:
+                log.info("replication link to %s lost: %s", progress.peer.node_id, group.exceptions[0])
+            finally:
+                progress.connected = False
+                self.on_progress(progress)
+                await channel.aclose()
+            await trio.sleep(RECONNECT_BACKOFF_S[0])
+
+    async def _send_appends(self, channel: PeerChannel, progress: FollowerProgress) -> None:
+        while True:
+            progress.wake = trio.Event()
+            if len(progress.in_flight) >= WINDOW:
+                await progress.wake.wait()
+                continue
+            first = progress.next_index
+            entries, last = await self._entries_from(first)
+            if not entries:
+                # Nothing new: after a quiet interval a heartbeat (an empty APPEND) carries
+                # the commit index and proves to the follower that we still lead.
+                with trio.move_on_after(self.heartbeat_s):
+                    await progress.wake.wait()
+                if progress.wake.is_set():
+                    continue
+            prev = first - 1
+            prev_epoch = self.rlog.epoch_at(prev)
+            if prev_epoch is None:
+                await self.rlog.drain()
+                prev_epoch = self.rlog.epoch_at(prev) or 0
+            message = Append(self.epoch, prev, prev_epoch, self.commit.value, entries)
+            progress.in_flight.append((progress.generation, last if entries else prev))
+            progress.next_index = (last if entries else prev) + 1
+            await channel.send(message)
+
+    async def _entries_from(self, first: int) -> tuple[bytes, int]:
+        """Whole batches starting at ``first``: from the tail cache when it holds them
+        (the fast path, before they are even durable here), else from the segments."""
+        if first > self.rlog.tail_index:
+            return b"", first - 1
+        for i, pending in enumerate(self._cache):
+            if pending.first_index == first:
+                parts: list[bytes] = []
+                size, last = 0, first - 1
+                for batch in list(self._cache)[i:]:
+                    if parts and size + len(batch.data) > MAX_APPEND_BYTES:
+                        break
+                    parts.append(batch.data)
+                    size += len(batch.data)
+                    last = batch.last_index
+                return b"".join(parts), last
+        if first > self.rlog.wal.last_index:
+            await self.rlog.writer.wait_durable(first)
+        data = self.rlog.read_raw(first, MAX_APPEND_BYTES)
+        if not data:
+            return b"", first - 1
+        return data, _last_index_of(data)
+
+    async def _receive_acks(self, channel: PeerChannel, progress: FollowerProgress, scope: trio.CancelScope) -> None:
+        while True:
+            message = await channel.receive()
+            if not isinstance(message, AppendAck):
+                raise ProtocolError(f"expected APPEND_ACK from {progress.peer.node_id}, got {type(message).__name__}")
+            if not progress.in_flight:
+                raise ProtocolError(f"unexpected APPEND_ACK from {progress.peer.node_id}")
+            generation, _ = progress.in_flight.popleft()
+            progress.poke()
+            progress.last_ack_at = trio.current_time()
+            if message.ok:
+                if message.match_index > progress.match_index:
+                    progress.match_index = message.match_index
+                    self._recompute_commit()
+                self.on_progress(progress)
+                continue
+            if message.epoch > self.epoch:
+                self.on_higher_epoch(message.epoch, progress.peer.node_id)
+                continue
+            if generation != progress.generation:
+                continue  # answer to a frame sent before the last reset: already handled
+            # Log mismatch: go back to the follower's hint and resend from there.
+            hint = message.conflict_index or (message.last_index + 1)
+            progress.next_index = max(1, min(progress.next_index - 1, hint, message.last_index + 1))
+            if message.conflict_epoch:
+                progress.next_index = self._skip_epoch(progress.next_index, message.conflict_epoch)
+            # Frames still in flight get answers too; their old generation marks them stale.
+            progress.generation += 1
+            progress.poke()
+
+    def _skip_epoch(self, next_index: int, follower_epoch: int) -> int:
+        """If we hold entries of the follower's conflicting epoch, resume after our last one."""
+        history = self.rlog.epoch_history()
+        for i, (epoch, _first) in enumerate(history):
+            if epoch == follower_epoch and i + 1 < len(history):
+                return max(1, min(next_index, history[i + 1][1]))
+        return next_index
+
+
+def _last_index_of(data: bytes) -> int:
+    offset, last = 0, 0
+    while offset < len(data):
+        header = peek_header(data, offset)
+        last = header.index
+        offset += header.size
+    return last

@@ -1,0 +1,184 @@
+"""Takeover: how the winner of an election becomes a leader that may commit.
+
+PREPARE(E) goes to every peer. A peer that has promised nothing higher persists E and
+answers PROMISE with its last (epoch, index) and epoch history; from then on it refuses
+every frame of a lower epoch. With promises from a majority (ourselves included) we
+adopt the most advanced log among them, comparing (last epoch, last index): we truncate
+our own divergent suffix and FETCH what we lack from that peer. Then the caller appends
+EPOCH_START and serves writes once it commits.
+
+Why this is safe without timing assumptions: an entry committed by an older leader is on
+a majority; every majority of promises contains one of those nodes; and the most
+advanced log of a promise majority contains every committed entry (Raft's up-to-date rule,
+with the epoch of the last entry as the term). Any majority an old leader could still
+reach contains a node that promised E, so it can never commit again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from walstore import _native
+from walstore.config import PeerSpec
+from walstore.errors import ProtocolError, UnavailableError
+from walstore.protocol import Fetch, FetchResult, Prepare, Promise
+from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
+from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.transport import PeerChannel, PeerClosed, dial
+from walstore.watermark import Watermark
+
+log = logging.getLogger("walstore.takeover")
+
+# After a majority has promised, wait this much longer for the others: a more advanced
+# log among them saves a catch-up later, but a dead peer must not hold up the takeover.
+GRACE_S = 0.2
+_request_ids = itertools.count(1)
+
+
+class Superseded(Exception):
+    """A peer has promised a higher epoch: a newer leader exists; step down."""
+
+    def __init__(self, epoch: int, peer_id: str) -> None:
+        super().__init__(f"{peer_id} promised epoch {epoch}")
+        self.epoch = epoch
+        self.peer_id = peer_id
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    node_id: str
+    last_epoch: int
+    last_index: int
+    history: tuple[tuple[int, int], ...]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.last_epoch, self.last_index)
+
+
+def common_prefix(a: LogPosition, b: LogPosition) -> int:
+    """The last index at which logs ``a`` and ``b`` hold the same entry.
+
+    Entries with the same (index, epoch) are identical (one leader per epoch wrote them),
+    so the logs agree up to the end of the last epoch run they share."""
+
+    def runs(p: LogPosition) -> dict[int, tuple[int, int]]:
+        out = {}
+        for i, (epoch, first) in enumerate(p.history):
+            last = p.history[i + 1][1] - 1 if i + 1 < len(p.history) else p.last_index
+            if last >= first:
+                out[epoch] = (first, last)
+        return out
+
+    ra, rb = runs(a), runs(b)
+    common = 0
+    for epoch, (first_a, last_a) in sorted(ra.items()):
+        if epoch not in rb or rb[epoch][0] != first_a:
+            break
+        common = min(last_a, rb[epoch][1])
+        if last_a != rb[epoch][1]:
+            break
+    return common
+
+
+async def take_over(
+    *,
+    epoch: int,
+    node_id: str,
+    cluster_id: str,
+    peers: list[PeerSpec],
+    rlog: ReplicaLog,
+    commit: Watermark,
+    timeout_s: float,
+) -> None:
+    """Collect promises for ``epoch`` and adopt the most advanced log of the majority.
+    Raises Superseded, or UnavailableError when no majority answers in time."""
+    await rlog.promise(epoch)
+    await rlog.drain()
+    mine = LogPosition(node_id, rlog.tail_epoch, rlog.tail_index, rlog.epoch_history())
+    majority = (len(peers) + 1) // 2 + 1
+    promises: dict[str, LogPosition] = {node_id: mine}
+    enough = trio.Event()
+    addresses = {p.node_id: p for p in peers}
+
+    async def ask(peer: PeerSpec) -> None:
+        try:
+            channel = await dial(peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch)
+        except (OSError, PeerClosed, ProtocolError, trio.TooSlowError) as exc:
+            log.info("takeover: %s unreachable: %r", peer.node_id, exc)
+            return
+        try:
+            await channel.send(Prepare(epoch, node_id))
+            answer = await channel.receive()
+        except (PeerClosed, ProtocolError) as exc:
+            log.info("takeover: %s failed: %r", peer.node_id, exc)
+            return
+        finally:
+            await channel.aclose()
+        if not isinstance(answer, Promise):
+            log.warning("takeover: %s answered PREPARE with %s", peer.node_id, type(answer).__name__)
+            return
+        if not answer.ok:
+            if answer.promised_epoch > epoch:
+                raise Superseded(answer.promised_epoch, peer.node_id)
+            return
+        promises[peer.node_id] = LogPosition(peer.node_id, answer.last_epoch, answer.last_index, answer.epoch_history)
+        if len(promises) >= majority:
+            enough.set()
+
+    with trio.move_on_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer)
+
+            async def stop_after_grace() -> None:
+                await enough.wait()
+                await trio.sleep(GRACE_S)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_after_grace)
+    if len(promises) < majority:
+        raise UnavailableError(f"takeover of epoch {epoch}: {len(promises)} of {majority} promises", code="no_quorum")
+
+    best = max(promises.values(), key=lambda p: (p.key, p.node_id == node_id))
+    log.info(
+        "takeover of epoch %d: promises from %s; most advanced log: %s at %s",
+        epoch,
+        sorted(promises),
+        best.node_id,
+        best.key,
+    )
+    if best.node_id == node_id or best.key <= mine.key:
+        return
+    common = common_prefix(mine, best)
+    if common < rlog.tail_index:
+        await rlog.truncate_after(common, commit.value)
+    await _fetch_from(addresses[best.node_id], best, epoch=epoch, node_id=node_id, cluster_id=cluster_id, rlog=rlog)
+
+
+async def _fetch_from(
+    peer: PeerSpec, best: LogPosition, *, epoch: int, node_id: str, cluster_id: str, rlog: ReplicaLog
+) -> None:
+    channel: PeerChannel = await dial(peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch)
+    try:
+        while rlog.tail_index < best.last_index:
+            request_id = next(_request_ids)
+            await channel.send(Fetch(request_id, epoch, rlog.tail_index + 1, MAX_FETCH_ENTRIES_BYTES))
+            answer = await channel.receive()
+            if not isinstance(answer, FetchResult) or answer.request_id != request_id or not answer.ok:
+                raise UnavailableError(f"takeover: fetch from {peer.node_id} refused", code="no_quorum")
+            data = bytes(answer.entries)
+            if not data:
+                raise UnavailableError(f"takeover: {peer.node_id} sent no entries", code="no_quorum")
+            scan = _native.scan(data, 0, rlog.tail_index + 1, min_epoch=rlog.tail_epoch)
+            if scan.stop is not _native.ScanStop.END_ZERO or scan.end_offset != len(data):
+                raise ProtocolError(f"FETCH_RESULT from {peer.node_id}: invalid records ({scan.reason})")
+            rlog.submit_raw(data, scan.next_index - 1, scan.last_epoch)
+        await rlog.drain()
+    finally:
+        await channel.aclose()
+    log.info("takeover: fetched up to %d from %s", rlog.tail_index, peer.node_id)
