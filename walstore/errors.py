@@ -138,8 +138,14 @@ class UnavailableError(WalstoreError):
     http_status = 503
     code = "unavailable"
 
-    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float = 1.0,
-                 leader_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after_s: float = 1.0,
+        leader_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:

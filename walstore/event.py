@@ -95,8 +95,15 @@ def encode_event_body(event: NewEvent, version: int, timestamp_us: int) -> bytes
     if len(event.payload) + len(event.metadata) > MAX_EVENT_BYTES:
         raise ValueError("event payload and metadata over MAX_EVENT_BYTES")
     prefix = _PREFIX.pack(
-        BODY_FORMAT, 0, len(id_b), len(agg_b), len(type_b),
-        len(event.payload), len(event.metadata), version, timestamp_us,
+        BODY_FORMAT,
+        0,
+        len(id_b),
+        len(agg_b),
+        len(type_b),
+        len(event.payload),
+        len(event.metadata),
+        version,
+        timestamp_us,
     )
     return b"".join((prefix, id_b, agg_b, type_b, event.payload, event.metadata))
 
