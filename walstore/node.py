@@ -42,7 +42,7 @@ from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, Peer
 from walstore.store import EventStore
 from walstore.wal.fs import FileSystem
 from walstore.wal.log import WalOptions, WriteAheadLog
-from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT
+from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, MAX_RECORD_BODY_BYTES
 from walstore.wal.writer import GroupCommitWriter
 from walstore.watermark import Watermark
 
@@ -73,8 +73,10 @@ class Node:
         election: Any = None,
         fs: FileSystem | None = None,
         http_limits: HttpLimits | None = None,
+        append_timeout_s: float = APPEND_TIMEOUT_S,
     ) -> None:
         self.config = config
+        self.append_timeout_s = append_timeout_s
         self.metrics = metrics or Metrics()
         self._election = election
         self._fs = fs
@@ -95,7 +97,9 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
-        options = WalOptions(segment_size_bytes=cfg.segment_size_bytes)
+        # A record must fit one segment; small test segments therefore cap record size.
+        max_body = min(MAX_RECORD_BODY_BYTES, cfg.segment_size_bytes - 128)
+        options = WalOptions(segment_size_bytes=cfg.segment_size_bytes, max_record_body_bytes=max_body)
         self.wal = await trio.to_thread.run_sync(self._open_wal, options)
         self.writer = GroupCommitWriter(self.wal, metrics=self.metrics, on_rollback=self._on_rollback)
         self.rlog = ReplicaLog(self.wal, self.writer)
@@ -245,9 +249,9 @@ class Node:
         leader = self.replicator.leader_peer()
         if leader is None:
             raise UnavailableError("no leader elected right now", code="no_leader")
-        results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, APPEND_TIMEOUT_S)
+        results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, self.append_timeout_s)
         # Read-your-writes on this node too: wait (briefly) until the batch is applied here.
-        with trio.move_on_after(APPEND_TIMEOUT_S / 2):
+        with trio.move_on_after(self.append_timeout_s / 2):
             await self.applied_events.wait_for(max(r.index for r in results))
         return results
 
@@ -278,7 +282,7 @@ class Node:
         return self.store.results(prepared)
 
     async def _wait_committed(self, index: int, term_ended: trio.Event) -> None:
-        with trio.move_on_after(APPEND_TIMEOUT_S):
+        with trio.move_on_after(self.append_timeout_s):
             async with trio.open_nursery() as nursery:
 
                 async def committed() -> None:
@@ -298,7 +302,7 @@ class Node:
             raise OutcomeUnknown("leadership lost before the answer; the write is committed or will be discarded")
 
     async def _wait_applied(self, index: int) -> None:
-        with trio.move_on_after(APPEND_TIMEOUT_S):
+        with trio.move_on_after(self.append_timeout_s):
             await self.applied.wait_for(index)
         if self.applied.value < index:
             raise OutcomeUnknown(f"index {index} not applied in time")
@@ -366,7 +370,8 @@ class Node:
         r = self.replicator
         peers = []
         progress = {p.peer.node_id: p for p in r.peer_progress()}
-        for peer in r.others:
+        # Only the leader knows how far each peer is; a follower lists none.
+        for peer in r.others if r.role.value == "leader" else []:
             p = progress.get(peer.node_id)
             match = p.match_index if p else 0
             peers.append(

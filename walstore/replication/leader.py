@@ -116,6 +116,14 @@ class LeaderTerm:
             self._local.popleft()
             self._recompute_commit()
 
+    def reachable_followers(self, within_s: float) -> int:
+        """Followers that answered within the last ``within_s`` seconds."""
+        now = trio.current_time()
+        return sum(1 for p in self.progress.values() if p.connected and now - p.last_ack_at <= within_s)
+
+    def has_quorum(self, within_s: float) -> bool:
+        return self.reachable_followers(within_s) + 1 > self.cluster_size // 2
+
     def _recompute_commit(self) -> None:
         matches = sorted([self.rlog.durable_index, *(p.match_index for p in self.progress.values())], reverse=True)
         majority_holds = matches[self.cluster_size // 2]

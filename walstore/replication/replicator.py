@@ -223,6 +223,26 @@ class Replicator:
                 await self.commit.wait_for(pending.first_index)
                 self.writable = True
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
+                await self._lead_while_quorum(self.term)
+                log.warning("epoch %d: no quorum of followers for %.1fs; resigning", epoch, self._quorum_grace_s)
+                scope.cancel()
+
+    @property
+    def _quorum_grace_s(self) -> float:
+        return 2 * self.config.lease_ttl_s
+
+    async def _lead_while_quorum(self, term: LeaderTerm) -> None:
+        """A leader cut off from its followers but not from etcd would hold the lease
+        forever and the majority could never elect anyone: resign after a grace period."""
+        lost_since: float | None = None
+        while True:
+            await trio.sleep(self.config.lease_ttl_s / 4)
+            if term.has_quorum(self.config.lease_ttl_s):
+                lost_since = None
+            elif lost_since is None:
+                lost_since = trio.current_time()
+            elif trio.current_time() - lost_since >= self._quorum_grace_s:
+                return
 
     def _end_term(self, leadership: Leadership) -> None:
         if self.role is not Role.FOLLOWER:
@@ -249,6 +269,9 @@ class Replicator:
         """Leader only: append ``entries`` in this epoch and ship them to the followers."""
         if not self.writable or self.term is None or self.leadership is None or not self.leadership.is_valid():
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.leader_id)
+        if not self.term.has_quorum(self.config.lease_ttl_s):
+            # Definite: nothing was written. Better a quick 503 than a 504 after a timeout.
+            raise UnavailableError("no quorum of followers reachable", code="no_quorum", leader_id=self.leader_id)
         pending = self.rlog.submit(entries, self.term.epoch)
         self.term.appended(pending)
         return pending, self.term_ended
