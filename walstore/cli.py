@@ -147,7 +147,8 @@ def serve(**flags: object) -> None:
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             sys.exit(0)
-        known = [leaf for leaf in _leaves(e) if isinstance(leaf, WalstoreError)]
+        # One failure can surface through several nurseries: report each error once.
+        known = list({id(leaf): leaf for leaf in _leaves(e) if isinstance(leaf, WalstoreError)}.values())
         if not known:
             raise
         for leaf in known:
