@@ -1,0 +1,347 @@
+"""The HTTP API's routes: requests in, ``EventService`` calls, JSON out.
+
+The seed's shapes are the contract; everything else is additive:
+
+========================  =========================================================
+POST /events              201 {success, event_id, index, version}
+POST /events/batch        201 {success, events: [{event_id, index, version}],
+                          first_index, last_index}
+GET /events/{aggregate}   200 {events, count, version}. An aggregate with no events is
+                          200 with ``events: []`` and ``version: 0``: for an event
+                          store "no events yet" is an answer, not an error, and
+                          ``expected_version: 0`` appends to exactly that state.
+                          (``GET /events/batch`` reads the aggregate named "batch".)
+GET /events               200 {events, count, last_index, next_index}: the global log;
+                          ``next_index`` is where the next page starts.
+GET /subscribe            Server-Sent Events: ``id: <index>`` and one ``data:`` JSON
+                          event per message, catch-up then live, a ``: heartbeat``
+                          comment after ``heartbeat_interval_s`` of silence. Without
+                          ``from_index``, ``Last-Event-ID`` resumes after that index.
+GET /status               NodeStatus: the seed's fields, then role, ready, healthy,
+                          peers, then ``extra`` (never overriding the fields before)
+GET /health               seed shape; 200 healthy, 503 unhealthy
+GET /health/live          200 while the process serves HTTP
+GET /health/ready         200 when ready (has a leader, caught up), else 503
+GET /metrics              Prometheus text
+========================  =========================================================
+
+An event renders as ``{id, type, timestamp (Unix seconds, the seed's shape), aggregate_id,
+payload, metadata, version, index}``; payload and metadata are the canonical JSON bytes
+stored in the log, embedded with ``orjson.Fragment`` rather than parsed again. HEAD is
+answered like GET without a body.
+
+Errors: a ``RequestError`` is its ``http_status`` with ``{"success": false, "error":
+{"code", "message", ...details}}``; ``UnavailableError`` is 503 (``OutcomeUnknown`` 504)
+with ``Retry-After`` and the same shape plus ``retry_after_s`` and ``leader_id`` when
+known; an unknown path is 404 ``not_found``, a known path with another method 405
+``method_not_allowed`` with ``Allow``; anything unexpected is logged and 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Final
+
+import orjson
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from walstore.errors import RequestError, UnavailableError, WalstoreError
+from walstore.event import StoredEvent
+from walstore.http.server import Request, Response, SendChunk, error_body, error_response
+from walstore.http.validation import (
+    parse_aggregate_id_segment,
+    parse_aggregate_read_query,
+    parse_append_request,
+    parse_batch_request,
+    parse_log_read_query,
+    parse_subscribe_query,
+)
+from walstore.metrics import Metrics
+from walstore.service import EventService, NodeStatus
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_EVENTS_PREFIX: Final = "/events/"
+_AGGREGATE_ROUTE: Final = "/events/{aggregate_id}"
+_UNMATCHED_ROUTE: Final = "unmatched"
+_METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST.encode()
+_SSE_HEADERS: Final = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_SSE_HEARTBEAT: Final = b": heartbeat\n\n"
+# Retry-After is whole seconds; an hour caps a nonsense hint from a buggy caller.
+_MAX_RETRY_AFTER_S: Final = 3600
+# Events already waiting in the subscription channel go out in one socket write.
+_SSE_COALESCE_EVENTS: Final = 128
+
+
+def event_json(event: StoredEvent) -> dict[str, object]:
+    return {
+        "id": event.id,
+        "type": event.type,
+        "timestamp": event.timestamp_us // 1_000_000,
+        "aggregate_id": event.aggregate_id,
+        "payload": orjson.Fragment(event.payload),
+        "metadata": orjson.Fragment(event.metadata),
+        "version": event.version,
+        "index": event.index,
+    }
+
+
+def _sse_message(event: StoredEvent) -> bytes:
+    # orjson's output has no raw newline, so one data: line always holds the whole event.
+    return b"id: %d\ndata: %s\n\n" % (event.index, orjson.dumps(event_json(event)))
+
+
+def request_error_response(exc: RequestError) -> Response:
+    return Response(exc.http_status, error_body(exc.code, exc.message, exc.details))
+
+
+def unavailable_response(exc: UnavailableError) -> Response:
+    hint = exc.retry_after_s
+    retry_after = 1 if not math.isfinite(hint) or hint <= 1 else min(math.ceil(hint), _MAX_RETRY_AFTER_S)
+    details: dict[str, object] = {"retry_after_s": retry_after}
+    if exc.leader_id is not None:
+        details["leader_id"] = exc.leader_id
+    return Response(
+        exc.http_status,
+        error_body(exc.code, exc.message, details),
+        headers=[(b"retry-after", b"%d" % retry_after)],
+    )
+
+
+def status_json(status: NodeStatus) -> dict[str, object]:
+    body: dict[str, object] = {
+        "id": status.id,
+        "is_leader": status.is_leader,
+        "leader_id": status.leader_id,
+        "term": status.term,
+        "commit_index": status.commit_index,
+        "last_applied": status.last_applied,
+        "role": status.role,
+        "ready": status.ready,
+        "healthy": status.healthy,
+        "peers": [
+            {
+                "id": peer.id,
+                "address": peer.address,
+                "connected": peer.connected,
+                "match_index": peer.match_index,
+                "lag": peer.lag,
+            }
+            for peer in status.peers
+        ],
+    }
+    for key, value in status.extra.items():
+        body.setdefault(key, value)
+    return body
+
+
+class HttpApp:
+    """Routes requests to an ``EventService``; the server calls ``handle``."""
+
+    def __init__(
+        self,
+        service: EventService,
+        *,
+        metrics: Metrics | None = None,
+        heartbeat_interval_s: float = 15.0,
+        subscribe_buffer_events: int = 1024,
+    ) -> None:
+        self.service = service
+        self.metrics = metrics if metrics is not None else Metrics()
+        # an SSE comment this often keeps proxies from timing the stream out and lets
+        # the server notice a vanished client
+        self.heartbeat_interval_s = heartbeat_interval_s
+        # events read ahead of a slow SSE client; beyond it the subscription waits
+        self.subscribe_buffer_events = subscribe_buffer_events
+        get = "GET"
+        self._routes: dict[str, tuple[str, dict[str, Handler]]] = {
+            "/events": ("/events", {get: self._read_log, "POST": self._append}),
+            "/events/batch": ("/events/batch", {"POST": self._append_batch, get: self._read_aggregate}),
+            "/subscribe": ("/subscribe", {get: self._subscribe}),
+            "/status": ("/status", {get: self._status}),
+            "/health": ("/health", {get: self._health}),
+            "/health/live": ("/health/live", {get: self._live}),
+            "/health/ready": ("/health/ready", {get: self._ready}),
+            "/metrics": ("/metrics", {get: self._metrics}),
+        }
+        self._aggregate_route: tuple[str, dict[str, Handler]] = (
+            _AGGREGATE_ROUTE,
+            {get: self._read_aggregate},
+        )
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        route, handler = self._resolve(request)
+        try:
+            response = await handler(request)
+        except RequestError as exc:
+            response = request_error_response(exc)
+        except UnavailableError as exc:
+            response = unavailable_response(exc)
+        except Exception:
+            # Counted under its route like any answer; the server would only log it.
+            log.exception("%s %s failed", request.method, request.path)
+            response = error_response(500, "internal_error", "internal server error")
+        self.metrics.observe_http(route, response.status, time.perf_counter() - started)
+        return response
+
+    def _resolve(self, request: Request) -> tuple[str, Handler]:
+        path = request.path
+        entry = self._routes.get(path)
+        if entry is None:
+            segment = path[len(_EVENTS_PREFIX) :] if path.startswith(_EVENTS_PREFIX) else ""
+            if not segment or "/" in segment:
+                return _UNMATCHED_ROUTE, _not_found
+            entry = self._aggregate_route
+        route, methods = entry
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            return route, partial(_method_not_allowed, methods)
+        return route, handler
+
+    # ---------------------------------------------------------------- writes
+
+    async def _append(self, request: Request) -> Response:
+        event = parse_append_request(request.body, request.content_type)
+        (result,) = await self.service.append([event])
+        body = {"success": True, "event_id": result.event_id, "index": result.index, "version": result.version}
+        return Response(201, orjson.dumps(body))
+
+    async def _append_batch(self, request: Request) -> Response:
+        events = parse_batch_request(request.body, request.content_type)
+        results = await self.service.append(events)
+        body = {
+            "success": True,
+            "events": [{"event_id": r.event_id, "index": r.index, "version": r.version} for r in results],
+            "first_index": results[0].index,
+            "last_index": results[-1].index,
+        }
+        return Response(201, orjson.dumps(body))
+
+    # ---------------------------------------------------------------- reads
+
+    async def _read_aggregate(self, request: Request) -> Response:
+        aggregate_id = parse_aggregate_id_segment(request.path[len(_EVENTS_PREFIX) :])
+        params = parse_aggregate_read_query(request.query)
+        read = await self.service.read_aggregate(
+            aggregate_id,
+            from_version=params.from_version,
+            limit=params.limit,
+            direction=params.direction,
+            min_index=params.min_index,
+        )
+        events = [event_json(e) for e in read.events]
+        return Response(200, orjson.dumps({"events": events, "count": len(events), "version": read.version}))
+
+    async def _read_log(self, request: Request) -> Response:
+        params = parse_log_read_query(request.query)
+        read = await self.service.read_log(from_index=params.from_index, limit=params.limit, min_index=params.min_index)
+        events = [event_json(e) for e in read.events]
+        next_index = read.events[-1].index + 1 if read.events else params.from_index
+        body = {"events": events, "count": len(events), "last_index": read.last_index, "next_index": next_index}
+        return Response(200, orjson.dumps(body))
+
+    async def _subscribe(self, request: Request) -> Response:
+        last_event_id = request.header(b"last-event-id")
+        params = parse_subscribe_query(
+            request.query,
+            last_event_id=None if last_event_id is None else last_event_id.decode("latin-1"),
+        )
+        return Response(
+            200,
+            content_type=b"text/event-stream",
+            headers=list(_SSE_HEADERS),
+            stream=partial(self._stream_events, params.from_index),
+        )
+
+    async def _stream_events(self, from_index: int, send: SendChunk) -> None:
+        sender, receiver = trio.open_memory_channel[StoredEvent](self.subscribe_buffer_events)
+        async with receiver, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_subscription, from_index, sender)
+            while True:
+                first: StoredEvent | None = None
+                with trio.move_on_after(self.heartbeat_interval_s):
+                    try:
+                        first = await receiver.receive()
+                    except trio.EndOfChannel:
+                        return  # the subscription ended: end the response; the client reconnects
+                if first is None:
+                    await send(_SSE_HEARTBEAT)
+                    continue
+                messages = [_sse_message(first)]
+                while len(messages) < _SSE_COALESCE_EVENTS:
+                    try:
+                        messages.append(_sse_message(receiver.receive_nowait()))
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await send(b"".join(messages))
+
+    async def _pump_subscription(self, from_index: int, sender: trio.MemorySendChannel[StoredEvent]) -> None:
+        events = self.service.subscribe(from_index=from_index)
+        async with sender:
+            try:
+                async for event in events:
+                    await sender.send(event)
+            except WalstoreError as exc:
+                log.info("subscription from index %d ended: %s", from_index, exc)
+            finally:
+                # An async generator must be closed explicitly under trio, or its cleanup
+                # runs later in the garbage collector, outside any task.
+                aclose = getattr(events, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                        await aclose()
+
+    # ---------------------------------------------------------------- node state
+
+    async def _status(self, request: Request) -> Response:
+        return Response(200, orjson.dumps(status_json(self.service.status()), default=str))
+
+    async def _health(self, request: Request) -> Response:
+        status = self.service.status()
+        body = {
+            "status": "healthy" if status.healthy else "unhealthy",
+            "node_id": status.id,
+            "is_leader": status.is_leader,
+            "leader_id": status.leader_id,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return Response(200 if status.healthy else 503, orjson.dumps(body))
+
+    async def _live(self, request: Request) -> Response:
+        return Response(200, b'{"status":"alive"}')
+
+    async def _ready(self, request: Request) -> Response:
+        status = self.service.status()
+        body = {
+            "status": "ready" if status.ready else "not_ready",
+            "node_id": status.id,
+            "is_leader": status.is_leader,
+            "leader_id": status.leader_id,
+        }
+        return Response(200 if status.ready else 503, orjson.dumps(body))
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(200, self.metrics.render(), content_type=_METRICS_CONTENT_TYPE)
+
+
+async def _not_found(request: Request) -> Response:
+    return error_response(404, "not_found", f"no route for {request.path[:200]}")
+
+
+async def _method_not_allowed(methods: dict[str, Handler], request: Request) -> Response:
+    allowed = sorted({*methods, "HEAD"} if "GET" in methods else methods)
+    return error_response(
+        405,
+        "method_not_allowed",
+        f"{request.method} is not allowed here",
+        headers=[(b"allow", ", ".join(allowed).encode())],
+        allowed=allowed,
+    )

@@ -1,0 +1,398 @@
+"""Validate HTTP requests: body bytes and query strings in, checked values out.
+
+Pure (no trio, no I/O) so the fuzz target and unit tests call it directly. Every bad input
+raises a ``walstore.errors.RequestError`` subclass with a stable ``code``; nothing else may
+escape (the hypothesis test in tests/test_http_validation.py checks it).
+
+Bodies (``POST /events`` and ``POST /events/batch``):
+
+- ``Content-Type`` must be ``application/json``; the only parameter allowed is
+  ``charset=utf-8`` (any case, optionally quoted). Anything else, or no header: 415
+  ``unsupported_media_type``.
+- JSON is strict RFC 8259, via orjson: NaN/Infinity, invalid UTF-8, lone surrogates,
+  trailing bytes, an empty body and nesting deeper than 1024 levels are 400 ``invalid_json``.
+  The top level must be an object (400 ``invalid_body``). Duplicate keys: the last one wins.
+  Integers outside 64 bits become floats (orjson's rule); floats overflowing to infinity are
+  rejected.
+- An event object has exactly these fields; any other field is 400 ``unknown_field``
+  (strict, so a typo such as ``expected_verison`` cannot silently turn a conditional append
+  into an unconditional one):
+
+  ========================  ======================================================
+  ``type``                  required; non-empty string, <= MAX_TYPE_BYTES UTF-8 bytes
+  ``aggregate_id``          required; non-empty string, <= MAX_AGGREGATE_ID_BYTES,
+                            no "/" (it is a URL path segment)
+  ``payload``               required; a JSON object
+  ``metadata``              optional; a JSON object, default ``{}``
+  ``id``                    optional; non-empty string <= MAX_ID_BYTES; absent -> uuid4
+  ``expected_version``      optional; integer >= 0 (``true`` is not an integer);
+                            0 = the aggregate must be new
+  ========================  ======================================================
+
+  ``type``, ``aggregate_id`` and ``id`` may not contain control characters (Unicode Cc).
+  ``null`` for an optional field means "absent". A missing required field is 400
+  ``missing_field``; a present one of the wrong shape is 400 ``invalid_field``; both carry
+  ``field`` (and ``event_index`` inside a batch).
+- ``payload`` and ``metadata`` are re-encoded canonically (orjson, sorted keys, compact):
+  those are the bytes the WAL stores and the idempotency check compares. orjson cannot
+  re-encode nesting deeper than 254 levels: such an object is 400 ``invalid_field``. Their
+  sum over MAX_EVENT_BYTES is 413 ``event_too_large``.
+- A batch is ``{"events": [event, ...]}`` with 1..MAX_BATCH_EVENTS events (400
+  ``empty_batch`` / ``too_many_events``); two events with the same ``id`` are 400
+  ``duplicate_id``.
+
+Query strings: ``from_version`` (>= 1; default 1 forward, the newest event backward),
+``limit`` (1..MAX_READ_LIMIT, default DEFAULT_READ_LIMIT), ``direction`` (``forward`` |
+``backward``), ``from_index`` (>= 1, default 1), ``min_index`` (>= 0). Numbers are plain
+ASCII decimal digits. A bad value or a repeated parameter is 400 ``invalid_query`` naming
+the ``parameter``; unknown parameters are ignored (cache busters such as ``_=123``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote, unquote_plus
+
+import orjson
+
+from walstore.errors import PayloadTooLarge, UnsupportedMedia, ValidationError
+from walstore.event import (
+    MAX_AGGREGATE_ID_BYTES,
+    MAX_BATCH_EVENTS,
+    MAX_EVENT_BYTES,
+    MAX_ID_BYTES,
+    MAX_TYPE_BYTES,
+    NewEvent,
+)
+from walstore.service import Direction
+
+# Versions and indexes are 64-bit on disk; keeping them signed leaves room for sentinels.
+MAX_POSITION: Final = 2**63 - 1
+_MAX_POSITION_DIGITS: Final = len(str(MAX_POSITION))
+# One read answers at most this many events: 10k small events is a few MiB of JSON, which
+# bounds the memory and the time one request can take; clients page with from_*.
+MAX_READ_LIMIT: Final = 10_000
+DEFAULT_READ_LIMIT: Final = 1000
+
+_EVENT_FIELDS: Final = frozenset(("id", "type", "aggregate_id", "payload", "metadata", "expected_version"))
+_BATCH_FIELDS: Final = frozenset(("events",))
+_EMPTY_OBJECT: Final = b"{}"
+_JSON_MEDIA_TYPE: Final = "application/json"
+_MISSING: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateReadParams:
+    from_version: int
+    limit: int
+    direction: Direction
+    min_index: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LogReadParams:
+    from_index: int
+    limit: int
+    min_index: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeParams:
+    from_index: int
+
+
+# ---------------------------------------------------------------------------- bodies
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Accept ``application/json`` with at most ``charset=utf-8``; else 415."""
+    if content_type == _JSON_MEDIA_TYPE:  # the common case: no parsing
+        return
+    if content_type is not None:
+        media_type, *params = content_type.split(";")
+        if media_type.strip().lower() == _JSON_MEDIA_TYPE and all(_is_utf8_charset(p) for p in params):
+            return
+    raise UnsupportedMedia(
+        "Content-Type must be application/json (charset utf-8)",
+        content_type=content_type,
+    )
+
+
+def _is_utf8_charset(param: str) -> bool:
+    name, sep, value = param.partition("=")
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return bool(sep) and name.strip().lower() == "charset" and value.lower() in ("utf-8", "utf8")
+
+
+def parse_append_request(body: bytes, content_type: str | None) -> NewEvent:
+    """``POST /events``: one event."""
+    check_content_type(content_type)
+    return _event_from_object(_load_object(body), None)
+
+
+def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]:
+    """``POST /events/batch``: ``{"events": [...]}``, 1..MAX_BATCH_EVENTS events."""
+    check_content_type(content_type)
+    obj = _load_object(body)
+    for key in obj:
+        if key not in _BATCH_FIELDS:
+            raise ValidationError(f"unknown field {key!r}", code="unknown_field", field=key)
+    items = obj.get("events", _MISSING)
+    if items is _MISSING:
+        raise ValidationError("missing field 'events'", code="missing_field", field="events")
+    if not isinstance(items, list):
+        raise ValidationError("'events' must be an array", code="invalid_field", field="events")
+    if not items:
+        raise ValidationError("a batch needs at least one event", code="empty_batch", field="events")
+    if len(items) > MAX_BATCH_EVENTS:
+        raise ValidationError(
+            f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(items)}",
+            code="too_many_events",
+            field="events",
+            limit=MAX_BATCH_EVENTS,
+        )
+    events: list[NewEvent] = []
+    seen_ids: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValidationError(
+                "each event must be a JSON object", code="invalid_field", field="events", event_index=i
+            )
+        event = _event_from_object(item, i)
+        first = seen_ids.setdefault(event.id, i)
+        if first != i:
+            raise ValidationError(
+                f"event id {event.id!r} appears twice in the batch (events {first} and {i})",
+                code="duplicate_id",
+                field="id",
+                event_index=i,
+            )
+        events.append(event)
+    return events
+
+
+def _load_object(body: bytes) -> dict[str, object]:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(f"malformed JSON: {exc}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ValidationError("the body must be a JSON object", code="invalid_body")
+    return obj
+
+
+def _invalid(field: str, message: str, index: int | None) -> ValidationError:
+    if index is None:
+        return ValidationError(f"{field}: {message}", code="invalid_field", field=field)
+    return ValidationError(f"events[{index}].{field}: {message}", code="invalid_field", field=field, event_index=index)
+
+
+def _event_from_object(obj: dict[str, object], index: int | None) -> NewEvent:
+    if not _EVENT_FIELDS.issuperset(obj):
+        unknown = next(k for k in obj if k not in _EVENT_FIELDS)
+        details: dict[str, object] = {"field": unknown}
+        if index is not None:
+            details["event_index"] = index
+        raise ValidationError(f"unknown field {unknown!r}", code="unknown_field", **details)
+    for required in ("type", "aggregate_id", "payload"):
+        if required not in obj:
+            details = {"field": required}
+            if index is not None:
+                details["event_index"] = index
+            raise ValidationError(f"missing field {required!r}", code="missing_field", **details)
+
+    type_ = _check_name(obj["type"], "type", MAX_TYPE_BYTES, index)
+    aggregate_id = _check_name(obj["aggregate_id"], "aggregate_id", MAX_AGGREGATE_ID_BYTES, index)
+    if "/" in aggregate_id:
+        raise _invalid("aggregate_id", "must not contain '/'", index)
+
+    payload = obj["payload"]
+    if not isinstance(payload, dict):
+        raise _invalid("payload", "must be a JSON object", index)
+    metadata = obj.get("metadata")
+    if metadata is None:
+        metadata_bytes = _EMPTY_OBJECT
+    elif isinstance(metadata, dict):
+        metadata_bytes = _canonical(metadata, "metadata", index)
+    else:
+        raise _invalid("metadata", "must be a JSON object", index)
+    payload_bytes = _canonical(payload, "payload", index)
+    size = len(payload_bytes) + len(metadata_bytes)
+    if size > MAX_EVENT_BYTES:
+        raise PayloadTooLarge(
+            f"payload and metadata are {size} bytes; the limit is {MAX_EVENT_BYTES}",
+            code="event_too_large",
+            limit=MAX_EVENT_BYTES,
+        )
+
+    raw_id = obj.get("id")
+    event_id = str(uuid.uuid4()) if raw_id is None else _check_name(raw_id, "id", MAX_ID_BYTES, index)
+
+    expected = obj.get("expected_version")
+    # bool is a subclass of int: `type() is int` keeps `true` out.
+    if expected is not None and (type(expected) is not int or not 0 <= expected <= MAX_POSITION):
+        raise _invalid("expected_version", "must be an integer >= 0", index)
+
+    return NewEvent(
+        id=event_id,
+        type=type_,
+        aggregate_id=aggregate_id,
+        payload=payload_bytes,
+        metadata=metadata_bytes,
+        expected_version=expected,
+    )
+
+
+def _check_name(value: object, field: str, max_bytes: int, index: int | None) -> str:
+    """A non-empty identifier string of at most ``max_bytes`` UTF-8 bytes, no control chars."""
+    if not isinstance(value, str):
+        raise _invalid(field, "must be a string", index)
+    if not value:
+        raise _invalid(field, "must not be empty", index)
+    # UTF-8 never uses fewer bytes than characters: a cheap early out before encoding.
+    if len(value) > max_bytes:
+        raise _invalid(field, f"longer than {max_bytes} bytes", index)
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise _invalid(field, "is not valid Unicode (lone surrogate)", index) from None
+    if size > max_bytes:
+        raise _invalid(field, f"longer than {max_bytes} bytes", index)
+    # isprintable() is a fast C scan; it is stricter than "no control characters" (it also
+    # refuses e.g. a zero-width joiner), so only a False answer needs the exact check.
+    if not value.isprintable() and _has_control_char(value):
+        raise _invalid(field, "must not contain control characters", index)
+    return value
+
+
+def _has_control_char(value: str) -> bool:
+    for ch in value:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return True
+    return False
+
+
+def _canonical(value: dict[str, object], field: str, index: int | None) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:  # orjson.JSONEncodeError: nesting over 254 levels, surrogates
+        raise _invalid(field, f"cannot be encoded as JSON: {exc}", index) from None
+
+
+# ---------------------------------------------------------------------------- URLs
+
+
+def parse_aggregate_id_segment(segment: str) -> str:
+    """The ``{aggregate_id}`` of ``/events/{aggregate_id}``, percent-decoded and checked
+    with the same rules as the body field."""
+    try:
+        aggregate_id = unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        raise ValidationError(
+            "aggregate_id in the path is not valid percent-encoded UTF-8",
+            code="invalid_field",
+            field="aggregate_id",
+        ) from None
+    aggregate_id = _check_name(aggregate_id, "aggregate_id", MAX_AGGREGATE_ID_BYTES, None)
+    if "/" in aggregate_id:
+        raise _invalid("aggregate_id", "must not contain '/'", None)
+    return aggregate_id
+
+
+def parse_query(query: bytes | str) -> dict[str, str]:
+    """``a=1&b=x+y`` -> ``{"a": "1", "b": "x y"}``; a repeated name is 400."""
+    if not query:
+        return {}
+    if isinstance(query, bytes):
+        try:
+            query = query.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValidationError("query string is not ASCII", code="invalid_query") from None
+    params: dict[str, str] = {}
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        raw_name, _, raw_value = piece.partition("=")
+        try:
+            name = unquote_plus(raw_name, errors="strict")
+            value = unquote_plus(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            raise ValidationError("query string is not valid percent-encoded UTF-8", code="invalid_query") from None
+        if name in params:
+            raise ValidationError(f"query parameter {name!r} given twice", code="invalid_query", parameter=name)
+        params[name] = value
+    return params
+
+
+def _int_param(params: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    # str.isdigit() also accepts non-ASCII digits and int() accepts "_", "+" and spaces:
+    # only plain ASCII digits are a number here.
+    if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_POSITION_DIGITS:
+        value = int(raw)
+        if low <= value <= high:
+            return value
+    raise ValidationError(
+        f"query parameter {name!r} must be an integer in {low}..{high}, got {raw[:40]!r}",
+        code="invalid_query",
+        parameter=name,
+    )
+
+
+def _optional_int_param(params: dict[str, str], name: str, low: int, high: int) -> int | None:
+    if name not in params:
+        return None
+    return _int_param(params, name, low, low, high)
+
+
+def parse_aggregate_read_query(query: bytes | str) -> AggregateReadParams:
+    """``GET /events/{aggregate_id}?from_version&limit&direction&min_index``."""
+    params = parse_query(query)
+    raw_direction = params.get("direction", "forward")
+    direction: Direction
+    if raw_direction == "forward":
+        direction = "forward"
+    elif raw_direction == "backward":
+        direction = "backward"
+    else:
+        raise ValidationError(
+            f"query parameter 'direction' must be forward or backward, got {raw_direction[:40]!r}",
+            code="invalid_query",
+            parameter="direction",
+        )
+    # Backward without a starting point means "from the newest event": MAX_POSITION is past
+    # any version, and the service clamps it to the aggregate's current version.
+    default_from = 1 if direction == "forward" else MAX_POSITION
+    return AggregateReadParams(
+        from_version=_int_param(params, "from_version", default_from, 1, MAX_POSITION),
+        limit=_int_param(params, "limit", DEFAULT_READ_LIMIT, 1, MAX_READ_LIMIT),
+        direction=direction,
+        min_index=_optional_int_param(params, "min_index", 0, MAX_POSITION),
+    )
+
+
+def parse_log_read_query(query: bytes | str) -> LogReadParams:
+    """``GET /events?from_index&limit&min_index``."""
+    params = parse_query(query)
+    return LogReadParams(
+        from_index=_int_param(params, "from_index", 1, 1, MAX_POSITION),
+        limit=_int_param(params, "limit", DEFAULT_READ_LIMIT, 1, MAX_READ_LIMIT),
+        min_index=_optional_int_param(params, "min_index", 0, MAX_POSITION),
+    )
+
+
+def parse_subscribe_query(query: bytes | str, *, last_event_id: str | None = None) -> SubscribeParams:
+    """``GET /subscribe?from_index``. Without ``from_index``, an SSE client's reconnect
+    header ``Last-Event-ID: N`` (the index of the last event it saw) resumes at N + 1."""
+    params = parse_query(query)
+    if "from_index" not in params and last_event_id is not None:
+        resume = {"last_event_id": last_event_id.strip()}
+        return SubscribeParams(from_index=_int_param(resume, "last_event_id", 0, 0, MAX_POSITION - 1) + 1)
+    return SubscribeParams(from_index=_int_param(params, "from_index", 1, 1, MAX_POSITION))
