@@ -120,16 +120,22 @@ class Node:
                 await self._start_solo()
             nursery.start_soon(self._apply_committed)
             app = HttpApp(self, metrics=self.metrics)
-            self.http_port = await nursery.start(
-                lambda task_status: serve_http(
-                    app,
-                    host=cfg.http_host,
-                    port=cfg.http_port,
-                    limits=self.http_limits,
-                    shutdown=self._shutdown,
-                    task_status=task_status,
-                )
-            )
+            http_done = trio.Event()
+
+            async def http(task_status: trio.TaskStatus[int]) -> None:
+                try:
+                    await serve_http(
+                        app,
+                        host=cfg.http_host,
+                        port=cfg.http_port,
+                        limits=self.http_limits,
+                        shutdown=self._shutdown,
+                        task_status=task_status,
+                    )
+                finally:
+                    http_done.set()
+
+            self.http_port = await nursery.start(http)
             self.started.set()
             log.info(
                 "node %s serving HTTP on %s:%d%s; log %d..%d",
@@ -142,7 +148,10 @@ class Node:
             )
             task_status.started(self)
             await self._shutdown.wait()
-            # Stop accepting; let requests in flight (and the batch being synced) finish.
+            # The HTTP server stops accepting and returns once the requests in flight have
+            # their answers (bounded by its grace period); then the last batch syncs.
+            with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
+                await http_done.wait()
             with trio.move_on_after(SHUTDOWN_GRACE_S):
                 await self.writer.wait_durable(self.rlog.tail_index)
             nursery.cancel_scope.cancel()
