@@ -20,9 +20,10 @@ peer) so a log line or an HTTP body can name it.
     │   ├── ConflictError      409 (wrong expected version, id reused with other content)
     │   ├── PayloadTooLarge    413
     │   └── UnsupportedMedia   415
-    └── UnavailableError       503 + Retry-After: no leader, no quorum, stepping down,
-        └── OutcomeUnknown     504: appended but the commit is not known (a timeout; the
-                               event may still appear, so clients must treat it as `info`)
+    ├── UnavailableError       503 + Retry-After: no leader, no quorum, stepping down,
+    │   └── OutcomeUnknown     504: appended but the commit is not known (a timeout; the
+    │                          event may still appear, so clients must treat it as `info`)
+    └── BenchError             `walstore bench`: a server or load tool it started failed
 """
 
 from __future__ import annotations
@@ -160,3 +161,14 @@ class OutcomeUnknown(UnavailableError):
 
     http_status = 504
     code = "outcome_unknown"
+
+
+class BenchError(WalstoreError):
+    """A benchmark could not measure: a server it started or a load tool (wrk, pgbench)
+    failed. Carries the tool and the tail of its output so the cause is visible."""
+
+    def __init__(self, tool: str, reason: str, output: str = "") -> None:
+        self.tool = tool
+        self.reason = reason
+        self.output = output
+        super().__init__(f"{tool}: {reason}" + (f"\n{output}" if output else ""))

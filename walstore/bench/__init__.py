@@ -1,0 +1,1 @@
+"""Benchmarks run by `walstore bench ...`: each prints its numbers and what they mean."""

@@ -1,0 +1,548 @@
+"""The write-ahead log: a directory of segments holding one gap-free sequence of records.
+
+``WriteAheadLog`` is synchronous and knows nothing of trio; ``walstore.wal.writer`` drives
+it from a worker thread. Appends take already-encoded records (``encode`` builds them, or
+they arrive from a leader), are validated with the native scanner before a byte is
+written, and reach the disk with one pwritev + one fdatasync per segment touched.
+
+Durability rules this module keeps:
+
+- A batch that spills into new segments has those segments created (pre-allocated,
+  header synced, directory synced) *before* any of its bytes are written, so running out
+  of space never leaves half a batch durable; segments are synced in log order.
+- fdatasync failing poisons the log: every later call raises FsyncError. After a failed
+  fsync the kernel may have dropped the dirty pages and a retry would lie (fsyncgate).
+- A write failing for space (DiskFullError) rolls the in-memory tail back: the next append
+  starts at the same index and offset, and covers the failed write's leftovers with zeros.
+- Records leave the end of the log only through ``recovery.cut_log`` (crash-safe).
+
+Memory: per record one u64 offset in an ``array('Q')`` per segment. Reads go through the
+segment's shared mapping (or the simulated page cache) and return bytes.
+
+Threads: one thread at a time may call the mutating methods (the group-commit writer's).
+Reads of indexes <= ``last_index`` may run in another thread during an append: appends only
+extend the arrays and publish ``last_index`` last. They must not overlap truncate_suffix.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+
+from walstore import _native
+from walstore._native import ScanStop
+from walstore.errors import ConfigError, FsyncError, LogStateError, NativeError, StorageError
+from walstore.wal.fs import FileSystem, RealFileSystem
+from walstore.wal.meta import WalMeta, load_meta, save_meta
+from walstore.wal.record import (
+    FLAG_BATCH_END,
+    MAX_RECORD_BODY_BYTES,
+    Record,
+    decode_record,
+    peek_header,
+    record_size,
+)
+from walstore.wal.recovery import cut_log, epoch_changes, epoch_history, repair, scan_log
+from walstore.wal.segment import SEGMENT_HEADER_BYTES, SegmentState, create_segment, write_zeros
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+@dataclass(frozen=True, slots=True)
+class WalOptions:
+    # Fewer, larger files vs. the time to pre-allocate one on rotation (~ms on ext4/xfs).
+    segment_size_bytes: int = 64 * 1024 * 1024
+    # The format's own ceiling; the HTTP and peer layers bound events far below it.
+    max_record_body_bytes: int = MAX_RECORD_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_record_body_bytes <= MAX_RECORD_BODY_BYTES:
+            raise ConfigError(f"max_record_body_bytes: between 1 and {MAX_RECORD_BODY_BYTES}")
+        smallest = SEGMENT_HEADER_BYTES + record_size(self.max_record_body_bytes)
+        if not smallest <= self.segment_size_bytes <= 1 << 40 or self.segment_size_bytes % 8:
+            raise ConfigError(f"segment_size_bytes: a multiple of 8 between {smallest} (one maximal record) and 1 TiB")
+
+
+class WriteAheadLog:
+    """Open with ``WriteAheadLog.open``; see the module docstring for the rules."""
+
+    def __init__(
+        self, directory: Path, options: WalOptions, fs: FileSystem, segments: list[SegmentState], meta: WalMeta
+    ) -> None:
+        self._directory = directory
+        self._options = options
+        self._fs = fs
+        self._segments = segments
+        self._meta = meta
+        self._poisoned: StorageError | None = None
+        # meta.json is read-modify-written by truncation (writer thread) and promises.
+        self._meta_lock = threading.Lock()
+        self._closed = False
+        self._history = epoch_history(segments)
+        self._last_index = segments[-1].next_index - 1
+        self._last_epoch = self._tail_epoch()
+        self._batch_end_index = self._find_batch_end(self._last_index)
+
+    @classmethod
+    def open(cls, directory: Path, options: WalOptions | None = None, fs: FileSystem | None = None) -> WriteAheadLog:
+        """Open (creating if new) the log in ``directory``: recover, repair a crash's
+        leftovers, refuse corruption (CorruptionError naming file and offset)."""
+        options = options if options is not None else WalOptions()
+        fs = fs if fs is not None else RealFileSystem()
+        directory = Path(directory)
+        fs.mkdir(directory)
+        scan = scan_log(fs, directory, max_body=options.max_record_body_bytes, writable=True)
+        try:
+            if scan.meta is None:
+                for path in scan.stray:
+                    fs.unlink(path)
+                meta = WalMeta()
+                save_meta(fs, directory, meta)
+            else:
+                meta = repair(fs, scan) if scan.needs_repair else scan.meta
+            segments = scan.segments
+            if not segments:
+                segments.append(_new_segment_state(fs, directory, 1, options.segment_size_bytes, 0))
+        except BaseException:
+            scan.close()
+            raise
+        return cls(directory, options, fs, segments, meta)
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    @property
+    def fs(self) -> FileSystem:
+        return self._fs
+
+    @property
+    def options(self) -> WalOptions:
+        return self._options
+
+    @property
+    def first_index(self) -> int:
+        """Index of the first record (1 for a new log; the next index when empty)."""
+        return self._segments[0].first_index
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last record written (0 for a new log)."""
+        return self._last_index
+
+    @property
+    def last_epoch(self) -> int:
+        """Epoch of the last record (0 when empty)."""
+        return self._last_epoch
+
+    @property
+    def batch_end_index(self) -> int:
+        """Index of the last record that closes a batch. Recovery keeps exactly the log up
+        to here, so a follower must acknowledge no further than this."""
+        return self._batch_end_index
+
+    @property
+    def epoch_history(self) -> list[tuple[int, int]]:
+        """[(epoch, first index of that epoch in this log)], oldest first."""
+        return list(self._history)
+
+    @property
+    def meta(self) -> WalMeta:
+        """meta.json as this log last read or wrote it."""
+        return self._meta
+
+    @property
+    def promised_epoch(self) -> int:
+        return self._meta.promised_epoch
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of records held in the segments (headers and pre-allocated space excluded)."""
+        return sum(s.end - SEGMENT_HEADER_BYTES for s in self._segments)
+
+    @property
+    def segment_paths(self) -> list[Path]:
+        return [s.path for s in self._segments]
+
+    @property
+    def poisoned(self) -> bool:
+        return self._poisoned is not None
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def encode(self, entries: Sequence[tuple[int, int, bytes]], epoch: int, first_index: int) -> bytes:
+        """Encode (kind, flags, body) entries as records first_index.. of epoch. One call is
+        one atomic batch: the last record gets BATCH_END whatever its flags said."""
+        if not entries:
+            return b""
+        limit = self._options.max_record_body_bytes
+        for _, _, body in entries:
+            if len(body) > limit:
+                raise LogStateError(f"record body of {len(body)} bytes is over the limit {limit}")
+        flags = [f for _, f, _ in entries]
+        flags[-1] |= FLAG_BATCH_END
+        try:
+            return _native.encode_batch(
+                [b for _, _, b in entries], [k for k, _, _ in entries], flags, epoch, first_index
+            )
+        except (NativeError, ValueError, OverflowError) as e:
+            raise LogStateError(f"cannot encode {len(entries)} records at index {first_index}: {e}") from None
+
+    def append(self, data: bytes | bytearray | memoryview, *, sync: bool = True) -> int:
+        """Append encoded records that start exactly at last_index + 1; return the new
+        last_index. Raises LogStateError (nothing written) for bytes that are not the next
+        valid records, DiskFullError (nothing durable, tail rolled back), FsyncError (fatal)."""
+        self._check_usable()
+        mv = memoryview(data).cast("B")
+        if not len(mv):
+            if sync:
+                self.sync()
+            return self._last_index
+        res = _native.scan(mv, 0, self._last_index + 1, self._options.max_record_body_bytes, min_epoch=self._last_epoch)
+        if res.stop is not ScanStop.END_ZERO or res.end_offset != len(mv):
+            why = "trailing zero bytes" if res.stop is ScanStop.END_ZERO else res.reason
+            raise LogStateError(
+                f"append: bytes at offset {res.end_offset} of {len(mv)} are not record {res.next_index} "
+                f"(epoch >= {res.last_epoch}): {why}"
+            )
+        try:
+            plan, created = self._plan(mv, res.offsets)
+        except FsyncError as e:  # creating a segment syncs too
+            self._poison(e)
+            raise
+        self._write(mv, plan, created, sync)
+        # Publish: arrays first, last_index last (concurrent readers check against it).
+        for seg, a, b, lo, hi in plan:
+            shift = seg.end - a
+            seg.offsets.extend([o + shift for o in res.offsets[lo:hi]])
+            seg.end += b - a
+            seg.junk_end = 0
+            seg.last_epoch = peek_header(mv, res.offsets[hi - 1]).epoch
+        self._history += epoch_changes(mv, res.offsets, self._last_index + 1, self._last_epoch)
+        if res.batch_end_offset:
+            self._batch_end_index = res.batch_end_index
+        self._last_epoch = res.last_epoch
+        self._last_index = res.next_index - 1
+        return self._last_index
+
+    def _plan(
+        self, mv: memoryview, offsets: Sequence[int]
+    ) -> tuple[list[tuple[SegmentState, int, int, int, int]], list[SegmentState]]:
+        """Split the records at segment boundaries: [(segment, data start, data end, first
+        record, end record)], creating the new segments needed (before any write)."""
+        plan: list[tuple[SegmentState, int, int, int, int]] = []
+        created: list[SegmentState] = []
+        n, total = len(offsets), len(mv)
+        pos, rec = 0, 0
+        seg = self._segments[-1]
+        seg_end = seg.end  # where the next piece would go in seg, as planned so far
+        try:
+            while rec < n:
+                limit = pos + seg.size - seg_end
+                k = n if limit >= total else bisect.bisect_right(offsets, limit, lo=rec) - 1
+                if k <= rec:
+                    if seg_end == SEGMENT_HEADER_BYTES:
+                        raise LogStateError(f"record {self._last_index + 1 + rec} does not fit in an empty segment")
+                    seg = _new_segment_state(
+                        self._fs,
+                        self._directory,
+                        self._last_index + 1 + rec,
+                        self._options.segment_size_bytes,
+                        seg.last_epoch,
+                    )
+                    seg_end = seg.end
+                    created.append(seg)
+                    self._segments.append(seg)
+                    continue
+                end = offsets[k] if k < n else total
+                plan.append((seg, pos, end, rec, k))
+                seg_end += end - pos
+                pos, rec = end, k
+        except BaseException:
+            self._discard_segments(created)
+            raise
+        return plan, created
+
+    def _write(
+        self,
+        mv: memoryview,
+        plan: list[tuple[SegmentState, int, int, int, int]],
+        created: list[SegmentState],
+        sync: bool,
+    ) -> None:
+        dirty = [s for s in self._segments if s.dirty]
+        # The common case, one segment and nothing else pending: a single native call.
+        single = sync and len(plan) == 1 and all(s is plan[0][0] for s in dirty)
+        written: list[tuple[SegmentState, int]] = []
+        try:
+            for seg, a, b, _, _ in plan:
+                bufs = [mv[a:b]]
+                pad = seg.junk_end - (seg.end + b - a)
+                while pad > 0:
+                    bufs.append(_ZEROS[: min(pad, len(_ZEROS))])
+                    pad -= len(_ZEROS)
+                written.append((seg, seg.end + b - a))
+                seg.file.pwritev(bufs, seg.end, sync=single)
+                seg.dirty = not single
+                seg.junk_end = 0  # covered by this write's data and zeros
+            if sync and not single:
+                self._sync_dirty()
+        except FsyncError as e:
+            self._poison(e)
+            raise
+        except StorageError:
+            # Not durable and not acknowledged: forget it. Its bytes may lie past the end
+            # (whole records of it, even whole batches): zero them now if the disk lets us,
+            # else before the next write or sync, so no fsync can ever make them durable.
+            for seg, end in written:
+                seg.junk_end = max(seg.junk_end, end)
+                with contextlib.suppress(StorageError):
+                    self._zero_junk(seg)
+            self._discard_segments(created)
+            raise
+
+    def _discard_segments(self, created: list[SegmentState]) -> None:
+        """Remove segments created for an append that failed, so the tail is as before."""
+        if not created:
+            return
+        try:
+            for seg in reversed(created):
+                self._segments.remove(seg)
+                seg.file.close()
+                self._fs.unlink(seg.path)
+            self._fs.fsync_dir(self._directory)
+        except StorageError as e:
+            # Memory and disk now disagree about the segment list: stop rather than guess.
+            self._poison(e)
+            raise
+
+    def sync(self) -> None:
+        """fdatasync every segment written since its last sync, in log order."""
+        self._check_usable()
+        try:
+            self._sync_dirty()
+        except FsyncError as e:
+            self._poison(e)
+            raise
+
+    def _sync_dirty(self) -> None:
+        for seg in self._segments:
+            self._zero_junk(seg)
+        # In log order: a later segment is never more durable than an earlier one, which is
+        # what lets recovery call a gap after a crash a leftover rather than corruption.
+        for seg in self._segments:
+            if seg.dirty:
+                seg.file.fdatasync()
+                seg.dirty = False
+
+    def _zero_junk(self, seg: SegmentState) -> None:
+        if seg.junk_end > seg.end:
+            write_zeros(seg.file, seg.end, seg.junk_end, sync=False)
+            seg.dirty = True
+        seg.junk_end = 0
+
+    def truncate_suffix(self, after_index: int) -> None:
+        """Drop every record with index > after_index, durably (zeroed on disk, later
+        segments deleted). A no-op when after_index >= last_index."""
+        self._check_usable()
+        if after_index < self.first_index - 1:
+            raise LogStateError(f"truncate_suffix({after_index}): the log starts at {self.first_index}")
+        if after_index >= self._last_index:
+            return
+        try:
+            # Earlier segments first: cut_log syncs the last one, and it must not become
+            # durable ahead of unsynced records before it.
+            self._sync_dirty()
+            self._meta = cut_log(self._fs, self._directory, self._segments, after_index, meta_lock=self._meta_lock)
+        except StorageError as e:
+            # cut_log stopped between steps; the marker in meta.json lets a restart finish it.
+            self._poison(e)
+            raise
+        self._last_index = after_index
+        self._last_epoch = self._tail_epoch()
+        self._history = [p for p in self._history if p[1] <= after_index]
+        self._batch_end_index = self._find_batch_end(after_index)
+
+    def set_promised_epoch(self, epoch: int) -> None:
+        """Persist a takeover promise (and the current epoch history) before answering it.
+        Blocking I/O (fsyncs): call it from a worker thread. Safe to call while the writer
+        thread appends or truncates; use it rather than writing meta.json directly, which
+        could erase an unfinished truncation's marker."""
+        self._check_usable()
+        with self._meta_lock:
+            current = load_meta(self._fs, self._directory) or self._meta
+            if epoch < current.promised_epoch:
+                raise LogStateError(f"promised epoch cannot go back from {current.promised_epoch} to {epoch}")
+            meta = replace(current, promised_epoch=epoch, epoch_history=tuple(self._history))
+            if meta != current:
+                try:
+                    save_meta(self._fs, self._directory, meta)
+                except FsyncError as e:
+                    self._poison(e)
+                    raise
+            self._meta = meta
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _segment_of(self, index: int) -> SegmentState:
+        i = bisect.bisect_right(self._segments, index, key=lambda s: s.first_index) - 1
+        return self._segments[max(i, 0)]
+
+    def _check_range(self, index: int) -> None:
+        if not self.first_index <= index <= self._last_index:
+            raise LogStateError(f"index {index} is outside the log [{self.first_index}, {self._last_index}]")
+
+    def record(self, index: int) -> Record:
+        self._check_usable()
+        self._check_range(index)
+        seg = self._segment_of(index)
+        return self._decode(seg, seg.offset_of(index), index)
+
+    def _decode(self, seg: SegmentState, offset: int, index: int) -> Record:
+        rec = decode_record(seg.file.view(), offset, max_body=self._options.max_record_body_bytes, path=str(seg.path))
+        if rec.index != index:
+            raise LogStateError(f"{seg.path} offset {offset}: expected record {index}, found {rec.index}")
+        return rec
+
+    def epoch_at(self, index: int) -> int:
+        """Epoch of record ``index``; 0 for index first_index - 1 of a log starting at 1
+        (the empty prefix), as log matching needs for "prev index 0"."""
+        self._check_usable()
+        if index == 0:
+            return 0
+        self._check_range(index)
+        seg = self._segment_of(index)
+        return peek_header(seg.file.view(), seg.offset_of(index)).epoch
+
+    def read(self, first: int, last: int | None = None, max_bytes: int | None = None) -> list[Record]:
+        """Records first..last (default: to the end), stopping before max_bytes would be
+        exceeded (but always at least one record). [] when first == last_index + 1."""
+        self._check_usable()
+        if not self.first_index <= first <= self._last_index + 1:
+            raise LogStateError(f"read from {first}: the log holds [{self.first_index}, {self._last_index}]")
+        last = self._last_index if last is None else min(last, self._last_index)
+        records: list[Record] = []
+        total = 0
+        index = first
+        while index <= last:
+            seg = self._segment_of(index)
+            while index <= last and index < seg.next_index:
+                rec = self._decode(seg, seg.offset_of(index), index)
+                if max_bytes is not None and records and total + rec.size > max_bytes:
+                    return records
+                records.append(rec)
+                total += rec.size
+                index += 1
+        return records
+
+    def read_raw(self, first: int, max_bytes: int) -> bytes:
+        """Encoded records from ``first``, as stored: whole records, ending at a batch end
+        whenever one fits in max_bytes (a batch is split only when it alone is bigger than
+        max_bytes; a single record bigger than max_bytes is returned whole). b"" at the end."""
+        self._check_usable()
+        if not self.first_index <= first <= self._last_index + 1:
+            raise LogStateError(f"read from {first}: the log holds [{self.first_index}, {self._last_index}]")
+        if first > self._last_index:
+            return b""
+        last = self._last_index
+        si = self._segments.index(self._segment_of(first))
+        start = self._segments[si].offset_of(first)
+        pieces: list[tuple[SegmentState, int, int]] = []
+        cut: tuple[int, int] | None = None  # (piece number, end offset) of the last batch end
+        budget, index = max_bytes, first
+        while True:
+            seg = self._segments[si]
+            stop = min(seg.record_end(min(last, seg.last_index)) if seg.offsets else seg.end, start + budget)
+            res = _native.scan(
+                seg.file.view()[:stop], start, index, self._options.max_record_body_bytes, collect_offsets=False
+            )
+            if res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED):
+                raise LogStateError(
+                    f"{seg.path} offset {res.end_offset}: record {res.next_index} is damaged ({res.reason})"
+                )
+            if res.end_offset > start:
+                pieces.append((seg, start, res.end_offset))
+                if res.batch_end_offset:
+                    cut = (len(pieces) - 1, res.batch_end_offset)
+            budget -= res.end_offset - start
+            index = res.next_index
+            if index > last or res.end_offset < seg.end or budget <= 0 or si + 1 == len(self._segments):
+                break
+            si += 1
+            start = SEGMENT_HEADER_BYTES
+        if cut is not None:
+            piece, end = cut
+            pieces = pieces[: piece + 1]
+            pieces[-1] = (pieces[-1][0], pieces[-1][1], end)
+        elif not pieces:
+            seg = self._segments[self._segments.index(self._segment_of(first))]
+            begin = seg.offset_of(first)
+            pieces = [(seg, begin, seg.record_end(first))]
+        return b"".join(s.file.view()[a:b] for s, a, b in pieces)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Sync what is pending (unless poisoned) and close every file. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._poisoned is None:
+                with contextlib.suppress(StorageError):
+                    self._sync_dirty()
+        finally:
+            self._closed = True
+            for seg in self._segments:
+                seg.file.close()
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        e = self._poisoned
+        if isinstance(e, FsyncError):
+            raise FsyncError(e.errno, e.path) from e
+        if e is not None:
+            raise StorageError(f"the write-ahead log is unusable after an earlier failure: {e}") from e
+        if self._closed:
+            raise LogStateError(f"the write-ahead log in {self._directory} is closed")
+
+    def _poison(self, e: StorageError) -> None:
+        if self._poisoned is None:
+            self._poisoned = e
+
+    def _tail_epoch(self) -> int:
+        for seg in reversed(self._segments):
+            if seg.offsets:
+                return peek_header(seg.file.view(), seg.offsets[-1]).epoch
+        return 0
+
+    def _find_batch_end(self, index: int) -> int:
+        """The highest index <= index whose record closes a batch (first_index - 1 if none)."""
+        while index >= self.first_index:
+            seg = self._segment_of(index)
+            view = seg.file.view()
+            for i in range(index - seg.first_index, -1, -1):
+                if peek_header(view, seg.offsets[i]).flags & FLAG_BATCH_END:
+                    return seg.first_index + i
+            index = seg.first_index - 1
+        return self.first_index - 1
+
+
+def _new_segment_state(fs: FileSystem, directory: Path, first_index: int, size: int, last_epoch: int) -> SegmentState:
+    f = create_segment(fs, directory, first_index, size)
+    return SegmentState(directory / f.path.name, f, first_index, size, last_epoch=last_epoch)
