@@ -247,6 +247,11 @@ class Node:
         self.store.pending_clear()
         self.rlog.tail_index = self.wal.last_index
         self.rlog.tail_epoch = self.wal.last_epoch
+        if self.replicator is not None:
+            # Followers may already hold the failed records: reusing their indexes in this
+            # epoch would break log matching. Step down; the next leader sorts it out.
+            log.error("disk full on the leader: stepping down")
+            self.replicator.step_down()
 
     # -- EventService ------------------------------------------------------------------------
 

@@ -160,14 +160,17 @@ class FollowerService:
                     f"APPEND entries from {peer_id} are not valid records: {scan.reason} at {scan.end_offset}"
                 )
             last = scan.next_index - 1
+            # Recovery drops a trailing partial batch, so never claim more than whole batches
+            # (leaders send whole batches; this guards against one that does not).
+            acked = scan.batch_end_index if scan.batch_end_index > prev else prev
             start = self._first_new_record(entries, scan.offsets, prev)
             if start is None:  # everything already present (a resend)
-                return _Answer(self._ack(msg.epoch, last), durable_at=last, commit_to=min(msg.leader_commit, last))
+                return _Answer(self._ack(msg.epoch, acked), durable_at=acked, commit_to=min(msg.leader_commit, acked))
             offset, index = start
             if index <= r.tail_index:
                 await r.truncate_after(index - 1, self.commit.value)
             r.submit_raw(entries[offset:], last, scan.last_epoch)
-            return _Answer(self._ack(msg.epoch, last), durable_at=last, commit_to=min(msg.leader_commit, last))
+            return _Answer(self._ack(msg.epoch, acked), durable_at=acked, commit_to=min(msg.leader_commit, acked))
 
     def _ack(self, epoch: int, match: int) -> AppendAck:
         return AppendAck(epoch, True, match, max(match, self.rlog.tail_index), 0, 0)

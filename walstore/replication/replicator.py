@@ -143,7 +143,7 @@ class Replicator:
     def _on_leader_seen(self, epoch: int, leader_id: str) -> None:
         if self.role is not Role.FOLLOWER and leader_id != self.config.node_id and epoch > self.epoch:
             log.warning("leader %s holds epoch %d, above ours: stepping down", leader_id, epoch)
-            self._step_down()
+            self.step_down()
 
     def _on_higher_epoch(self, epoch: int, peer_id: str) -> None:
         # A peer's word alone never deposes us (it could be confused or hostile): ask
@@ -151,9 +151,9 @@ class Replicator:
         log.warning("%s reports epoch %d above ours (%d); checking the election", peer_id, epoch, self.epoch)
         leader = self.election.current_leader()
         if leader is not None and leader.epoch > self.epoch:
-            self._step_down()
+            self.step_down()
 
-    def _step_down(self) -> None:
+    def step_down(self) -> None:
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 
