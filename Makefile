@@ -67,7 +67,7 @@ chaos: test-deps
 
 bench: test-deps
 	$(call apt_ensure,$(BENCH_PKGS))
-	$(BIN)/walstore bench all
+	$(BIN)/walstore bench all --dir /var/tmp
 
 bench-wal: install
 	$(BIN)/walstore bench wal

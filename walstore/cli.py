@@ -96,6 +96,53 @@ def bench_wal(base_dir: Path, replay_records: int, seconds: float) -> None:
     run_wal_bench(base_dir, replay_records=replay_records, seconds=seconds, out=click.echo)
 
 
+def _bench_options(fn: Callable[..., None]) -> Callable[..., None]:
+    fn = click.option(
+        "--seconds",
+        type=click.FloatRange(min=1),
+        default=8.0,
+        show_default=True,
+        help="Per row (whole seconds for wrk and pgbench).",
+    )(fn)
+    return click.option(
+        "--dir",
+        "base_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=Path("."),
+        show_default=True,
+        help="Where data goes (the disk being measured; the postgres user must reach it).",
+    )(fn)
+
+
+@bench.command("http")
+@_bench_options
+def bench_http(seconds: float, base_dir: Path) -> None:
+    """One node vs PostgreSQL 15: POSTs at 1/16/64 connections, batches, reads."""
+    from walstore.bench.http_bench import run_http_bench
+
+    run_http_bench(seconds, click.echo, base_dir=base_dir)
+
+
+@bench.command("cluster")
+@_bench_options
+def bench_cluster(seconds: float, base_dir: Path) -> None:
+    """A 3-node cluster vs a 3-member etcd (JSON gateway puts) at the same concurrency."""
+    from walstore.bench.http_bench import run_cluster_bench
+
+    run_cluster_bench(seconds, click.echo, base_dir=base_dir)
+
+
+@bench.command("all")
+@_bench_options
+@click.pass_context
+def bench_all(ctx: click.Context, seconds: float, base_dir: Path) -> None:
+    """The WAL, single-node and cluster benchmarks, one after the other."""
+    ctx.invoke(bench_wal, base_dir=base_dir, replay_records=1_000_000, seconds=3.0)
+    from walstore.bench.http_bench import run_all_benches
+
+    run_all_benches(seconds, click.echo, base_dir=base_dir)
+
+
 # -- the node ------------------------------------------------------------------------------
 
 
