@@ -215,7 +215,7 @@ class Node:
             election,
             self.metrics,
             append_local=self._append_as_leader,
-            on_term_end=self.store.pending_clear,
+            on_term_end=self._on_term_end,
             http_address=f"{http_host}:{self.config.http_port}",
         )
         self.peer_port = await nursery.start(self.replicator.run)
@@ -226,6 +226,8 @@ class Node:
         while True:
             target = self.applied.value + 1
             await self.commit.wait_for(target)
+            if self.commit.value < target:
+                continue  # interrupted: a term ended; keep waiting
             if self.wal.last_index < target:  # committed on a majority before our own fsync
                 await self.writer.wait_durable(target)
             await self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
@@ -239,6 +241,10 @@ class Node:
         self.applied_events.advance(self.store.last_applied_event_index)
         self.metrics.commit_index.set(self.commit.value)
         self.metrics.last_applied.set(self.store.last_applied_event_index)
+
+    def _on_term_end(self) -> None:
+        self.store.pending_clear()
+        self.commit.interrupt()  # appends waiting for a commit of this term: outcome unknown
 
     def _on_rollback(self, first_failed_index: int) -> None:
         """The writer dropped every batch from ``first_failed_index`` (disk full): runs in
@@ -280,9 +286,8 @@ class Node:
             entries[-1] = (KIND_EVENT, FLAG_BATCH_END, entries[-1][2])
             if self.replicator is None:
                 pending = self.rlog.submit(entries, self._solo_epoch)
-                term_ended = trio.Event()
             else:
-                pending, term_ended = self.replicator.submit(entries)
+                pending = self.replicator.submit(entries)
             self.store.pending_added(pending.first_index, prepared)
             self.metrics.events_appended_total.inc(len(entries))
             if self.replicator is None:
@@ -291,24 +296,15 @@ class Node:
                 except DiskFullError as exc:
                     raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
                 self.commit.advance(pending.last_index)  # alone, durable is committed
-            await self._wait_committed(pending.last_index, term_ended)
+            await self._wait_committed(pending.last_index)
         await self._wait_applied(prepared.wait_log_index)
         return self.store.results(prepared)
 
-    async def _wait_committed(self, index: int, term_ended: trio.Event) -> None:
-        with trio.move_on_after(self.append_timeout_s):
-            async with trio.open_nursery() as nursery:
-
-                async def committed() -> None:
-                    await self.commit.wait_for(index)
-                    nursery.cancel_scope.cancel()
-
-                async def ended() -> None:
-                    await term_ended.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(committed)
-                nursery.start_soon(ended)
+    async def _wait_committed(self, index: int) -> None:
+        if self.commit.value < index:
+            # Wakes on commit, on timeout, or when the term ends (``commit.interrupt``).
+            with trio.move_on_after(self.append_timeout_s):
+                await self.commit.wait_for(index)
         if self.commit.value < index:
             raise OutcomeUnknown(f"index {index} not committed (leadership changed or timed out); it may still appear")
         if self.replicator is not None and not self.replicator.still_leading():
@@ -316,8 +312,9 @@ class Node:
             raise OutcomeUnknown("leadership lost before the answer; the write is committed or will be discarded")
 
     async def _wait_applied(self, index: int) -> None:
-        with trio.move_on_after(self.append_timeout_s):
-            await self.applied.wait_for(index)
+        if self.applied.value < index:
+            with trio.move_on_after(self.append_timeout_s):
+                await self.applied.wait_for(index)
         if self.applied.value < index:
             raise OutcomeUnknown(f"index {index} not applied in time")
 

@@ -31,11 +31,19 @@ class Watermark:
         while self._waiters and self._waiters[0][0] <= value:
             heapq.heappop(self._waiters)[2].set()
 
+    def interrupt(self) -> None:
+        """Wake every waiter without moving: each re-checks ``value`` and decides (a
+        leadership ended, so commits it waited for may never come)."""
+        waiters, self._waiters = self._waiters, []
+        for _, _, event in waiters:
+            event.set()
+
     def reset(self, value: int) -> None:
         """Set a lower value after a log truncation (followers only); waiters keep waiting."""
         self._value = value
 
     async def wait_for(self, target: int) -> None:
+        """Return once ``value >= target``, or early after ``interrupt()``."""
         if self._value >= target:
             return
         entry = (target, next(self._seq), trio.Event())

@@ -81,7 +81,6 @@ class Replicator:
         self.leadership: Leadership | None = None
         self.term: LeaderTerm | None = None
         self.writable = False  # leader whose EPOCH_START has committed
-        self.term_ended = trio.Event()
         self.follower = FollowerService(
             rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen
         )
@@ -215,12 +214,12 @@ class Replicator:
                     on_progress=self._on_progress,
                 )
                 self.term.appended(pending)
-                self.term_ended = trio.Event()
                 self.role = Role.LEADER
                 self.metrics.is_leader.set(1)
                 self.metrics.term.set(epoch)
                 nursery.start_soon(self.term.run)
-                await self.commit.wait_for(pending.first_index)
+                while self.commit.value < pending.first_index:
+                    await self.commit.wait_for(pending.first_index)
                 self.writable = True
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
                 await self._lead_while_quorum(self.term)
@@ -255,7 +254,6 @@ class Replicator:
         if self.leader is not None and self.leader.node_id == self.config.node_id:
             self.leader = None
         self.metrics.is_leader.set(0)
-        self.term_ended.set()
         self.on_term_end()
 
     def _on_progress(self, progress: FollowerProgress) -> None:
@@ -265,7 +263,7 @@ class Replicator:
 
     # -- used by the node ----------------------------------------------------------------
 
-    def submit(self, entries: list[tuple[int, int, bytes]]) -> tuple[PendingAppend, trio.Event]:
+    def submit(self, entries: list[tuple[int, int, bytes]]) -> PendingAppend:
         """Leader only: append ``entries`` in this epoch and ship them to the followers."""
         if not self.writable or self.term is None or self.leadership is None or not self.leadership.is_valid():
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.leader_id)
@@ -274,7 +272,7 @@ class Replicator:
             raise UnavailableError("no quorum of followers reachable", code="no_quorum", leader_id=self.leader_id)
         pending = self.rlog.submit(entries, self.term.epoch)
         self.term.appended(pending)
-        return pending, self.term_ended
+        return pending
 
     def still_leading(self) -> bool:
         return self.writable and self.leadership is not None and self.leadership.is_valid()
