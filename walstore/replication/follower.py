@@ -82,7 +82,16 @@ class FollowerService:
         async with answers:
             async for answer in answers:
                 if answer.durable_at:
-                    await self.rlog.writer.wait_durable(answer.durable_at)
+                    if answer.durable_at > self.rlog.tail_index:
+                        # Another leader's APPEND truncated these entries after this answer
+                        # was queued: they are gone, so acknowledging them would be a lie.
+                        await channel.send(self._nack(conflict_index=self.rlog.tail_index + 1).message)
+                        continue
+                    try:
+                        await self.rlog.writer.wait_durable(answer.durable_at)
+                    except LogStateError:  # truncated while we waited: same as above
+                        await channel.send(self._nack(conflict_index=self.rlog.tail_index + 1).message)
+                        continue
                 if answer.commit_to:
                     self.commit.advance(answer.commit_to)
                 await channel.send(answer.message)
