@@ -110,10 +110,17 @@ async def test_divergent_uncommitted_suffix_is_truncated(tmp_path: Path) -> None
 async def test_deposed_leader_frames_are_rejected(tmp_path: Path) -> None:
     async with in_process_cluster(tmp_path) as cluster:
         await cluster.start_all()
-        leader = await cluster.leader()
+        first = await cluster.leader()
+        # Depose the first leader so that an older epoch exists to replay frames from.
+        first_epoch = first.replicator.epoch
+        cluster.hub.expire_lease(first.config.node_id)
+        with trio.fail_after(10):
+            while (leader := await cluster.leader()).replicator.epoch <= first_epoch:
+                await trio.sleep(0.05)
         await leader.append([event()])
         follower = next(n for k, n in cluster.nodes.items() if k != leader.config.node_id)
         epoch = follower.rlog.promised_epoch
+        assert epoch > 1
         before = log_bytes(follower)
         tail = follower.wal.last_index
         stale = _native.encode_batch([b"late"], [KIND_EVENT], [FLAG_BATCH_END], epoch - 1, tail + 1)

@@ -36,6 +36,7 @@ log = logging.getLogger("walstore.takeover")
 # After a majority has promised, wait this much longer for the others: a more advanced
 # log among them saves a catch-up later, but a dead peer must not hold up the takeover.
 GRACE_S = 0.2
+RETRY_DIAL_S = 0.1
 _request_ids = itertools.count(1)
 
 
@@ -106,11 +107,15 @@ async def take_over(
     addresses = {p.node_id: p for p in peers}
 
     async def ask(peer: PeerSpec) -> None:
-        try:
-            channel = await dial(peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch)
-        except (OSError, PeerClosed, ProtocolError, trio.TooSlowError) as exc:
-            log.info("takeover: %s unreachable: %r", peer.node_id, exc)
-            return
+        # A peer that is still starting (a cluster's first election) is retried until
+        # the takeover's deadline rather than counted out at the first refusal.
+        while True:
+            try:
+                channel = await dial(peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch)
+                break
+            except (OSError, PeerClosed, ProtocolError, trio.TooSlowError) as exc:
+                log.debug("takeover: %s unreachable: %r", peer.node_id, exc)
+                await trio.sleep(RETRY_DIAL_S)
         try:
             await channel.send(Prepare(epoch, node_id))
             answer = await channel.receive()
