@@ -63,7 +63,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m 'not slow and not chaos'
 
 chaos: test-deps
-	$(BIN)/python -m pytest -q -m chaos -p no:randomly
+	$(BIN)/python -m pytest -q -m 'chaos or fault'
 
 bench: test-deps
 	$(call apt_ensure,$(BENCH_PKGS))
