@@ -28,6 +28,7 @@ import trio.lowlevel
 from walstore.config import Config
 from walstore.errors import (
     DiskFullError,
+    LogStateError,
     OutcomeUnknown,
     StorageError,
     UnavailableError,
@@ -217,6 +218,7 @@ class Node:
             append_local=self._append_as_leader,
             on_term_end=self._on_term_end,
             http_address=f"{http_host}:{self.config.http_port}",
+            applied=self.applied,
         )
         self.peer_port = await nursery.start(self.replicator.run)
 
@@ -278,9 +280,12 @@ class Node:
     async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
         if self.replicator is not None and not self.replicator.writable:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
-        prepared = self.store.prepare(
-            events, timestamp_us=time.time_ns() // 1000, next_log_index=self.rlog.tail_index + 1
-        )
+        try:
+            prepared = self.store.prepare(
+                events, timestamp_us=time.time_ns() // 1000, next_log_index=self.rlog.tail_index + 1
+            )
+        except LogStateError as exc:  # the log holds entries not applied yet (a new term)
+            raise UnavailableError(f"catching up: {exc}", code="not_caught_up", retry_after_s=0.2) from exc
         if prepared.bodies:
             entries = [(KIND_EVENT, 0, body) for body in prepared.bodies]
             entries[-1] = (KIND_EVENT, FLAG_BATCH_END, entries[-1][2])
@@ -298,7 +303,10 @@ class Node:
                 self.commit.advance(pending.last_index)  # alone, durable is committed
             await self._wait_committed(pending.last_index)
         await self._wait_applied(prepared.wait_log_index)
-        return self.store.results(prepared)
+        try:
+            return self.store.results(prepared)
+        except LogStateError as exc:  # our records were replaced by another leader's
+            raise OutcomeUnknown(f"the batch's log entries were replaced: {exc}") from exc
 
     async def _wait_committed(self, index: int) -> None:
         if self.commit.value < index:

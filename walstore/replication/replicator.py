@@ -63,10 +63,12 @@ class Replicator:
         append_local: Callable[[list[NewEvent]], Awaitable[list[AppendResult]]],
         on_term_end: Callable[[], None],
         http_address: str,
+        applied: Watermark,
     ) -> None:
         self.config = config
         self.rlog = rlog
         self.commit = commit
+        self.applied = applied
         self.election = election
         self.metrics = metrics
         self.append_local = append_local
@@ -220,6 +222,8 @@ class Replicator:
                 nursery.start_soon(self.term.run)
                 while self.commit.value < pending.first_index:
                     await self.commit.wait_for(pending.first_index)
+                # Validation needs the whole log applied: wait for our EPOCH_START to be.
+                await self.applied.wait_for(pending.first_index)
                 self.writable = True
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
                 await self._lead_while_quorum(self.term)
