@@ -115,7 +115,7 @@ async def test_deposed_leader_frames_are_rejected(tmp_path: Path) -> None:
         first_epoch = first.replicator.epoch
         cluster.hub.expire_lease(first.config.node_id)
         with trio.fail_after(10):
-            while (leader := await cluster.leader()).replicator.epoch <= first_epoch:
+            while (leader := await cluster.leader()).replicator.epoch <= first_epoch:  # noqa: ASYNC110 - polls state across nodes
                 await trio.sleep(0.05)
         await leader.append([event()])
         follower = next(n for k, n in cluster.nodes.items() if k != leader.config.node_id)

@@ -122,8 +122,7 @@ def parse_peers(text: str) -> tuple[PeerSpec, ...]:
 def derived_peers(service: str, namespace: str, size: int, port: int) -> tuple[PeerSpec, ...]:
     """The StatefulSet's stable DNS names: pod ``{service}-{i}`` behind headless ``{service}``."""
     return tuple(
-        PeerSpec(f"{service}-{i}", f"{service}-{i}.{service}.{namespace}.svc.cluster.local", port)
-        for i in range(size)
+        PeerSpec(f"{service}-{i}", f"{service}-{i}.{service}.{namespace}.svc.cluster.local", port) for i in range(size)
     )
 
 

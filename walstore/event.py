@@ -124,8 +124,11 @@ def peek_event_keys(body: bytes | memoryview, index: int = 0) -> tuple[str, str,
     id_n, agg_n, _, _, _, version, _ = _unpack_prefix(body, index)
     mv = memoryview(body)
     p = PREFIX_BYTES
-    event_id = str(mv[p : p + id_n], "utf-8")
-    aggregate_id = str(mv[p + id_n : p + id_n + agg_n], "utf-8")
+    try:
+        event_id = str(mv[p : p + id_n], "utf-8")
+        aggregate_id = str(mv[p + id_n : p + id_n + agg_n], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptionError("<record body>", index, f"event id or aggregate id is not UTF-8: {exc}") from None
     return event_id, aggregate_id, version
 
 
@@ -133,12 +136,15 @@ def decode_event_body(body: bytes | memoryview, index: int) -> StoredEvent:
     id_n, agg_n, type_n, pay_n, meta_n, version, ts = _unpack_prefix(body, index)
     mv = memoryview(body)
     p = PREFIX_BYTES
-    event_id = str(mv[p : p + id_n], "utf-8")
-    p += id_n
-    aggregate_id = str(mv[p : p + agg_n], "utf-8")
-    p += agg_n
-    type_ = str(mv[p : p + type_n], "utf-8")
-    p += type_n
+    try:
+        event_id = str(mv[p : p + id_n], "utf-8")
+        p += id_n
+        aggregate_id = str(mv[p : p + agg_n], "utf-8")
+        p += agg_n
+        type_ = str(mv[p : p + type_n], "utf-8")
+        p += type_n
+    except UnicodeDecodeError as exc:
+        raise CorruptionError("<record body>", index, f"event text field is not UTF-8: {exc}") from None
     payload = bytes(mv[p : p + pay_n])
     p += pay_n
     metadata = bytes(mv[p : p + meta_n])
