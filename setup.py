@@ -33,6 +33,8 @@ setup(
             "mypy>=1.10",
             "kubernetes-validate>=1.30",
             "pyyaml>=6",
+            # the fuzz smoke test runs a few seconds of the atheris harness
+            "atheris>=2.3",
         ],
         "fuzz": ["atheris>=2.3"],
     },
