@@ -207,3 +207,28 @@ def test_sigterm_exits_zero_after_finishing_writes(server: Server) -> None:
     server.start()
     with WalstoreClient(server.url) as client:
         assert client.read("a")["version"] == 5
+
+
+def test_readme_curl_examples_work_as_written(server: Server) -> None:
+    """The README's curl commands, run by bash against a real server (only the port differs)."""
+    import json
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    commands = [b for b in blocks if "curl" in b and "localhost:8080/events" in b]
+    assert commands, "no curl examples found in the README"
+    assert shutil.which("curl"), "curl is needed to run the README's examples"
+    server.start()
+    outputs = []
+    for block in commands:
+        script = block.replace("localhost:8080", f"127.0.0.1:{server.port}")
+        # Each answer on a line of its own; the commands themselves run as written.
+        prelude = 'set -e\ncurl() { command curl -sS "$@"; echo; }\n'
+        result = subprocess.run(["bash", "-c", prelude + script], capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, (script, result.stderr)
+        outputs += [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    created, read, status, health = outputs[:4]
+    assert created["success"] is True and created["index"] == 1
+    assert read["events"][0]["payload"] == {"name": "John Doe", "email": "john@example.com"}
+    assert status["is_leader"] is True and health["status"] == "healthy"
