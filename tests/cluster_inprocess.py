@@ -35,7 +35,7 @@ class InProcessCluster:
         nursery: trio.Nursery,
         *,
         size: int = 3,
-        lease_ttl_s: float = 1.0,
+        lease_ttl_s: float = 2.0,  # 1 s leases lapse when a loaded CI machine stalls the loop
         append_timeout_s: float = 3.0,
     ) -> None:
         self.root = root
@@ -74,7 +74,7 @@ class InProcessCluster:
         scope = trio.CancelScope()
         stopped = trio.Event()
 
-        async def run(task_status: trio.TaskStatus[None]) -> None:
+        async def run(task_status: trio.TaskStatus[Node]) -> None:
             try:
                 with scope:
                     await node.run(task_status=task_status)

@@ -118,6 +118,7 @@ async def test_deposed_leader_frames_are_rejected(tmp_path: Path) -> None:
             while (leader := await cluster.leader()).replicator.epoch <= first_epoch:  # noqa: ASYNC110 - polls state across nodes
                 await trio.sleep(0.05)
         await leader.append([event()])
+        await wait_converged(cluster)  # nothing legitimate is still on its way to the follower
         follower = next(n for k, n in cluster.nodes.items() if k != leader.config.node_id)
         epoch = follower.rlog.promised_epoch
         assert epoch > 1

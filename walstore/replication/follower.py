@@ -64,6 +64,7 @@ class FollowerService:
         # One leader at a time writes into our log: APPENDs from two connections (an old
         # leader's and a new one's) must not interleave between check and submit.
         self._append_lock = trio.Lock()
+        self._confirmed: tuple[int, str] | None = None  # (epoch, leader) the election confirmed
 
     async def serve(self, channel: PeerChannel, first: Message) -> None:
         """Answer requests on ``channel`` until it closes; ``first`` was already read."""
@@ -106,14 +107,20 @@ class FollowerService:
         raise ProtocolError(f"a follower does not answer {type(message).__name__}")
 
     async def _accept_epoch(self, epoch: int, leader_id: str) -> bool:
-        """True when frames of ``epoch`` from ``leader_id`` may change our log."""
+        """True when frames of ``epoch`` from ``leader_id`` may change our log: the epoch is
+        not below our promise and the election confirms ``leader_id`` holds it. A peer's
+        own word is never enough, even for the epoch we promised: any node of the cluster
+        could claim it. The confirmed (epoch, leader) pair is remembered."""
         if epoch < self.rlog.promised_epoch:
             return False
-        if epoch > self.rlog.promised_epoch:
+        if self._confirmed != (epoch, leader_id):
             if not await self.verify_leader(epoch, leader_id):
                 log.warning("refusing epoch %d claimed by %s: the election does not confirm it", epoch, leader_id)
                 return False
-            await self.rlog.promise(epoch)
+            if epoch < self.rlog.promised_epoch:  # a newer promise was made while we asked
+                return False
+            self._confirmed = (epoch, leader_id)
+        await self.rlog.promise(epoch)
         self.on_leader_seen(epoch, leader_id)
         return True
 

@@ -217,9 +217,15 @@ class LeaderTerm:
                 raise ProtocolError(f"expected APPEND_ACK from {progress.peer.node_id}, got {type(message).__name__}")
             if not progress.in_flight:
                 raise ProtocolError(f"unexpected APPEND_ACK from {progress.peer.node_id}")
-            generation, _ = progress.in_flight.popleft()
+            generation, sent_last = progress.in_flight.popleft()
             progress.poke()
             progress.last_ack_at = trio.current_time()
+            if message.ok and message.match_index > sent_last:
+                # Acknowledging entries we never sent: a broken or hostile peer. Trusting it
+                # would let us "commit" what only our own disk holds.
+                raise ProtocolError(
+                    f"{progress.peer.node_id} acknowledged index {message.match_index}, beyond the {sent_last} sent"
+                )
             if message.ok:
                 if message.match_index > progress.match_index:
                     progress.match_index = message.match_index

@@ -110,6 +110,7 @@ class Replicator:
                     epoch=self._epoch,
                     handler=self._on_connection,
                     on_rejected=lambda reason: self.metrics.peer_connections_rejected_total.labels(reason).inc(),
+                    known_peers=frozenset(p.node_id for p in self.others),
                     task_status=task_status,
                 )
             )

@@ -14,6 +14,7 @@ node itself carries on.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -24,6 +25,12 @@ from walstore.protocol import CLOSED, NEED_DATA, Message, PeerConnection, Signal
 log = logging.getLogger("walstore.peer")
 
 RECEIVE_CHUNK_BYTES = 256 * 1024
+# An accepted connection that sends nothing for this long is closed: a leader sends a
+# heartbeat several times per lease TTL, and a follower's forwarding link redials on use.
+INBOUND_IDLE_TIMEOUT_S = 60.0
+# Peers are a handful of nodes, each with a few connections; strangers must not be able to
+# use up the file descriptors the HTTP server needs.
+MAX_INBOUND_CONNECTIONS = 128
 # A HELLO is a few dozen bytes: a peer that cannot send one in this time is not a peer.
 HANDSHAKE_TIMEOUT_S = 5.0
 
@@ -33,10 +40,13 @@ class PeerClosed(Exception):
 
 
 class PeerChannel:
-    def __init__(self, stream: trio.abc.Stream, conn: PeerConnection, remote: str) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, conn: PeerConnection, remote: str, *, idle_timeout_s: float = math.inf
+    ) -> None:
         self.stream = stream
         self.conn = conn
         self.remote = remote
+        self.idle_timeout_s = idle_timeout_s
         self._send_lock = trio.Lock()
 
     @property
@@ -60,7 +70,10 @@ class PeerChannel:
             event = self.conn.next_event()
             if event is NEED_DATA:
                 try:
-                    data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                    with trio.fail_after(self.idle_timeout_s):
+                        data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                except trio.TooSlowError:
+                    raise PeerClosed(f"{self.remote} sent nothing for {self.idle_timeout_s}s") from None
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise PeerClosed(f"receive from {self.remote}: {exc!r}") from exc
                 self.conn.receive_data(data)
@@ -104,20 +117,42 @@ async def serve_peers(
     epoch: Callable[[], int],
     handler: Handler,
     on_rejected: Callable[[str], None] = lambda reason: None,
+    known_peers: frozenset[str] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept peer connections; after the HELLO exchange each runs ``handler``."""
+    """Accept peer connections; after the HELLO exchange each runs ``handler``. Only node
+    ids in ``known_peers`` (when given) are served."""
+    open_connections = 0
 
     async def one(stream: trio.SocketStream) -> None:
+        nonlocal open_connections
+        if open_connections >= MAX_INBOUND_CONNECTIONS:
+            log.warning("refusing a peer connection: %d already open", open_connections)
+            on_rejected("too_many_connections")
+            await stream.aclose()
+            return
+        open_connections += 1
+        try:
+            await serve_one(stream)
+        finally:
+            open_connections -= 1
+
+    async def serve_one(stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             remote = f"{host}:{port}"
         except OSError:
             remote = "?"
-        channel = PeerChannel(stream, PeerConnection(cluster_id, node_id, "server"), remote)
+        channel = PeerChannel(
+            stream, PeerConnection(cluster_id, node_id, "server"), remote, idle_timeout_s=INBOUND_IDLE_TIMEOUT_S
+        )
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 await channel.receive()  # HELLO (anything else is a ProtocolError)
+                if known_peers is not None and channel.conn.peer_node_id not in known_peers:
+                    raise ProtocolError(
+                        f"unknown node id {channel.conn.peer_node_id!r}: not one of the cluster's peers"
+                    )
                 await channel.send(channel.conn.hello(epoch()))
             await handler(channel)
         except* ProtocolError as group:
@@ -147,7 +182,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _reason_label(reason: str) -> str:
     """A small fixed set of metric labels out of free-form reasons (bounded cardinality)."""
-    for key in ("cluster id", "version", "crc", "length", "magic", "unknown", "size", "closed"):
+    for key in ("cluster id", "version", "crc", "length", "magic", "unknown node", "unknown", "size", "closed"):
         if key in reason.lower():
             return key.replace(" ", "_")
     return "other"
