@@ -2,7 +2,8 @@
 
 The seed's variables keep their names and defaults (NODE_ID, HTTP_PORT, DATA_DIR,
 ETCD_ENDPOINTS, SERVICE_NAME, NAMESPACE). Additions: PEER_PORT, CLUSTER_SIZE, PEERS,
-CLUSTER_ID, HTTP_HOST, PEER_HOST, LEASE_TTL_S, SEGMENT_SIZE_BYTES, MAX_BODY_BYTES, LOG_LEVEL.
+CLUSTER_ID, HTTP_HOST, PEER_HOST, LEASE_TTL_S, SEGMENT_SIZE_BYTES, MAX_BODY_BYTES,
+HTTP_HEADER_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, HTTP_MAX_CONNECTIONS, LOG_LEVEL.
 
 With no peers (CLUSTER_SIZE=1 and PEERS empty) the node runs alone, leads itself and needs
 no etcd: the embedded default. With CLUSTER_SIZE=N>1 and no PEERS, the peers are the
@@ -38,6 +39,9 @@ ENV_VARS = (
     "LEASE_TTL_S",
     "SEGMENT_SIZE_BYTES",
     "MAX_BODY_BYTES",
+    "HTTP_HEADER_TIMEOUT_S",
+    "HTTP_IDLE_TIMEOUT_S",
+    "HTTP_MAX_CONNECTIONS",
     "LOG_LEVEL",
 )
 
@@ -73,6 +77,9 @@ class Config:
     lease_ttl_s: float = 2.0  # etcd lease: failover time vs. false step-downs on GC/IO stalls
     segment_size_bytes: int = 64 * 1024 * 1024  # fewer files vs. time to pre-allocate one
     max_body_bytes: int = 1024 * 1024  # one HTTP request body; larger -> 413
+    http_header_timeout_s: float = 10.0  # a request head must arrive within this (slowloris)
+    http_idle_timeout_s: float = 60.0  # keep-alive connections idle longer are closed
+    http_max_connections: int = 10_000  # beyond: 503 and close; keeps file descriptors for peers
     log_level: str = "INFO"
 
     @property
@@ -102,6 +109,10 @@ class Config:
             raise ConfigError("SEGMENT_SIZE_BYTES: between 1 MiB and 4 GiB")
         if not 1024 <= self.max_body_bytes <= 64 << 20:
             raise ConfigError("MAX_BODY_BYTES: between 1 KiB and 64 MiB")
+        if not 0.1 <= self.http_header_timeout_s <= 600 or not 0.1 <= self.http_idle_timeout_s <= 3600:
+            raise ConfigError("HTTP_HEADER_TIMEOUT_S: 0.1-600 s; HTTP_IDLE_TIMEOUT_S: 0.1-3600 s")
+        if not 1 <= self.http_max_connections <= 1_000_000:
+            raise ConfigError("HTTP_MAX_CONNECTIONS: between 1 and 1,000,000")
         if self.clustered and not self.etcd_endpoints:
             raise ConfigError("a cluster needs ETCD_ENDPOINTS")
         return self
@@ -169,6 +180,9 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Confi
         lease_ttl_s=_float(env, "LEASE_TTL_S", d.lease_ttl_s),
         segment_size_bytes=_int(env, "SEGMENT_SIZE_BYTES", d.segment_size_bytes),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes),
+        http_header_timeout_s=_float(env, "HTTP_HEADER_TIMEOUT_S", d.http_header_timeout_s),
+        http_idle_timeout_s=_float(env, "HTTP_IDLE_TIMEOUT_S", d.http_idle_timeout_s),
+        http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", d.http_max_connections),
         log_level=env.get("LOG_LEVEL", "").strip().upper() or d.log_level,
     )
     given = {k: v for k, v in overrides.items() if v is not None}

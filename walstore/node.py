@@ -81,7 +81,12 @@ class Node:
         self.metrics = metrics or Metrics()
         self._election = election
         self._fs = fs
-        self.http_limits = http_limits or HttpLimits(max_body_bytes=config.max_body_bytes)
+        self.http_limits = http_limits or HttpLimits(
+            max_body_bytes=config.max_body_bytes,
+            header_timeout_s=config.http_header_timeout_s,
+            idle_timeout_s=config.http_idle_timeout_s,
+            max_connections=config.http_max_connections,
+        )
         self.commit = Watermark()  # log index committed (durable on a majority)
         self.applied = Watermark()  # log index applied to the store
         self.applied_events = Watermark()  # API (event) index applied
