@@ -20,17 +20,16 @@ import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
 
 import trio
 import trio.lowlevel
 
 from walstore.config import Config
+from walstore.election.base import Election
 from walstore.errors import (
     DiskFullError,
     LogStateError,
     OutcomeUnknown,
-    StorageError,
     UnavailableError,
     ValidationError,
 )
@@ -39,6 +38,7 @@ from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.replicator import Replicator
 from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, PeerStatus
 from walstore.store import EventStore
 from walstore.wal.fs import FileSystem
@@ -71,7 +71,7 @@ class Node:
         config: Config,
         *,
         metrics: Metrics | None = None,
-        election: Any = None,
+        election: Election | None = None,
         fs: FileSystem | None = None,
         http_limits: HttpLimits | None = None,
         append_timeout_s: float = APPEND_TIMEOUT_S,
@@ -94,8 +94,7 @@ class Node:
         self.peer_port = 0
         self.started = trio.Event()
         self.stopping = False
-        self.fatal: BaseException | None = None
-        self.replicator: Any = None
+        self.replicator: Replicator | None = None
         self._solo_epoch = 0
         self._shutdown = trio.Event()
 
@@ -116,51 +115,52 @@ class Node:
             async with trio.open_nursery() as nursery:
                 await self._serve(nursery, election, task_status)
 
-    async def _serve(self, nursery: trio.Nursery, election: Any, task_status: trio.TaskStatus[Node]) -> None:
+    async def _serve(
+        self, nursery: trio.Nursery, election: Election | None, task_status: trio.TaskStatus[Node]
+    ) -> None:
         cfg = self.config
-        if True:
-            await nursery.start(self.writer.run)
-            if election is not None:
-                await self._start_cluster(election, nursery)
-            else:
-                await self._start_solo()
-            nursery.start_soon(self._apply_committed)
-            app = HttpApp(self, metrics=self.metrics)
-            http_done = trio.Event()
+        await nursery.start(self.writer.run)
+        if election is not None:
+            await self._start_cluster(election, nursery)
+        else:
+            await self._start_solo()
+        nursery.start_soon(self._apply_committed)
+        app = HttpApp(self, metrics=self.metrics)
+        http_done = trio.Event()
 
-            async def http(task_status: trio.TaskStatus[int]) -> None:
-                try:
-                    await serve_http(
-                        app,
-                        host=cfg.http_host,
-                        port=cfg.http_port,
-                        limits=self.http_limits,
-                        shutdown=self._shutdown,
-                        task_status=task_status,
-                    )
-                finally:
-                    http_done.set()
+        async def http(task_status: trio.TaskStatus[int]) -> None:
+            try:
+                await serve_http(
+                    app,
+                    host=cfg.http_host,
+                    port=cfg.http_port,
+                    limits=self.http_limits,
+                    shutdown=self._shutdown,
+                    task_status=task_status,
+                )
+            finally:
+                http_done.set()
 
-            self.http_port = await nursery.start(http)
-            self.started.set()
-            log.info(
-                "node %s serving HTTP on %s:%d%s; log %d..%d",
-                cfg.node_id,
-                cfg.http_host,
-                self.http_port,
-                f", peers on {cfg.peer_host}:{self.peer_port}" if cfg.clustered else " (single node, no etcd)",
-                self.wal.first_index,
-                self.wal.last_index,
-            )
-            task_status.started(self)
-            await self._shutdown.wait()
-            # The HTTP server stops accepting and returns once the requests in flight have
-            # their answers (bounded by its grace period); then the last batch syncs.
-            with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
-                await http_done.wait()
-            with trio.move_on_after(SHUTDOWN_GRACE_S):
-                await self.writer.wait_durable(self.rlog.tail_index)
-            nursery.cancel_scope.cancel()
+        self.http_port = await nursery.start(http)
+        self.started.set()
+        log.info(
+            "node %s serving HTTP on %s:%d%s; log %d..%d",
+            cfg.node_id,
+            cfg.http_host,
+            self.http_port,
+            f", peers on {cfg.peer_host}:{self.peer_port}" if cfg.clustered else " (single node, no etcd)",
+            self.wal.first_index,
+            self.wal.last_index,
+        )
+        task_status.started(self)
+        await self._shutdown.wait()
+        # The HTTP server stops accepting and returns once the requests in flight have
+        # their answers (bounded by its grace period); then the last batch syncs.
+        with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
+            await http_done.wait()
+        with trio.move_on_after(SHUTDOWN_GRACE_S):
+            await self.writer.wait_durable(self.rlog.tail_index)
+        nursery.cancel_scope.cancel()
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -198,7 +198,7 @@ class Node:
         self.metrics.is_leader.set(1)
         self.metrics.term.set(epoch)
 
-    def _make_election(self) -> Any:
+    def _make_election(self) -> Election:
         if self._election is not None:
             return self._election
         from walstore.election.etcd import EtcdElection
@@ -210,9 +210,7 @@ class Node:
             ttl_s=max(1, math.ceil(self.config.lease_ttl_s)),
         )
 
-    async def _start_cluster(self, election: Any, nursery: trio.Nursery) -> None:
-        from walstore.replication.replicator import Replicator
-
+    async def _start_cluster(self, election: Election, nursery: trio.Nursery) -> None:
         http_host = self.config.me.host if self.config.me else "localhost"
         self.replicator = Replicator(
             self.config,
@@ -388,7 +386,7 @@ class Node:
                 last_applied=store.last_applied_event_index,
                 role="leader",
                 ready=self.started.is_set() and not self.stopping,
-                healthy=self.fatal is None,
+                healthy=not self.stopping,
                 extra=extra,
             )
         r = self.replicator
@@ -417,21 +415,7 @@ class Node:
             last_applied=store.last_applied_event_index,
             role=r.role.value,
             ready=r.leader_id is not None and caught_up and not self.stopping,
-            healthy=self.fatal is None,
+            healthy=not self.stopping,
             peers=peers,
             extra=extra,
         )
-
-
-async def serve(config: Config) -> None:
-    """``walstore serve``: run one node until SIGTERM/SIGINT."""
-    node = Node(config)
-    try:
-        await node.run_until_signalled()
-    except StorageError:
-        raise
-    finally:
-        log.info("node %s stopped", config.node_id)
-
-
-__all__ = ["Node", "math", "serve"]
