@@ -20,6 +20,7 @@ import trio
 from walstore.config import Config, from_env
 from walstore.election.memory import MemoryElection, MemoryElectionHub
 from walstore.node import Node
+from walstore.wal.fs import FileSystem
 
 
 def free_port() -> int:
@@ -65,11 +66,13 @@ class InProcessCluster:
             }
         )
 
-    async def start(self, node_id: str) -> Node:
+    async def start(self, node_id: str, *, fs: FileSystem | None = None) -> Node:
+        """Start (or restart) a node; ``fs`` swaps its disk for a simulated one."""
         node = Node(
             self.config(node_id),
             election=MemoryElection(self.hub, node_id, ttl_s=self.lease_ttl_s),
             append_timeout_s=self.append_timeout_s,
+            fs=fs,
         )
         scope = trio.CancelScope()
         stopped = trio.Event()
@@ -85,9 +88,9 @@ class InProcessCluster:
         self.nodes[node_id], self._scopes[node_id], self._stopped[node_id] = node, scope, stopped
         return node
 
-    async def start_all(self) -> None:
+    async def start_all(self, fs: dict[str, FileSystem] | None = None) -> None:
         for node_id in self.peer_ports:
-            await self.start(node_id)
+            await self.start(node_id, fs=(fs or {}).get(node_id))
 
     async def stop(self, node_id: str) -> None:
         """Like kill -9 as far as the others can tell: the node's tasks are cancelled."""

@@ -17,6 +17,7 @@ from walstore.event import NewEvent
 from walstore.node import Node
 from walstore.protocol import Append, AppendAck, Prepare, Promise
 from walstore.replication.transport import dial
+from walstore.wal.simfs import SimulatedFileSystem
 from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT
 
 
@@ -193,3 +194,30 @@ async def test_writes_through_a_follower_are_forwarded_and_readable_there(tmp_pa
 
         with pytest.raises(ConflictError):
             await follower.append([event("f", 2, expected=0)])
+
+
+async def test_disk_full_on_the_leader_steps_it_down_without_reusing_indexes(tmp_path: Path) -> None:
+    """ENOSPC on the leader: its failed batch may already be on the followers, so it must
+    stop appending in that epoch at once (reusing those indexes with other content would
+    split the log), step down, and catch up as a follower once space returns."""
+    disks = {k: SimulatedFileSystem(seed=i) for i, k in enumerate(["n0", "n1", "n2"])}
+    async with in_process_cluster(tmp_path, append_timeout_s=2.0) as cluster:
+        await cluster.start_all(fs=disks)
+        old = await cluster.leader()
+        acked = [await old.append([event("d", i)]) for i in range(10)]
+        disks[old.config.node_id].fail_writes_after(3000)
+        outcomes = {"ok": 0, "unavailable": 0}
+        with trio.move_on_after(15):
+            for i in range(200):
+                try:
+                    acked.append(await (await cluster.leader()).append([event("d", 100 + i)]))
+                    outcomes["ok"] += 1
+                except (OutcomeUnknown, UnavailableError):
+                    outcomes["unavailable"] += 1
+        new = await cluster.leader()
+        assert new is not old and outcomes["ok"] > 0
+        disks[old.config.node_id].clear_faults()
+        await wait_converged(cluster, timeout_s=20)
+        for node in cluster.nodes.values():
+            for result in acked:
+                assert node.store.lookup(result[0].event_id) == result[0]

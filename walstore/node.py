@@ -38,7 +38,7 @@ from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
-from walstore.replication.replicator import Replicator
+from walstore.replication.replicator import Replicator, Role
 from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, PeerStatus
 from walstore.store import EventStore
 from walstore.wal.fs import FileSystem
@@ -233,8 +233,16 @@ class Node:
             await self.commit.wait_for(target)
             if self.commit.value < target:
                 continue  # interrupted: a term ended; keep waiting
-            if self.wal.last_index < target:  # committed on a majority before our own fsync
-                await self.writer.wait_durable(target)
+            if self.wal.last_index < target:
+                # Committed on a majority before our own fsync, or after our copy was lost
+                # (a leader whose disk filled up): wait for the entries to be here.
+                if self.rlog.tail_index < target:
+                    await self.rlog.wait_tail_moved()
+                    continue
+                try:
+                    await self.writer.wait_durable(target)
+                except (LogStateError, DiskFullError):
+                    continue  # rolled back or truncated meanwhile; look again
             await self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
             await trio.lowlevel.checkpoint()
 
@@ -256,9 +264,8 @@ class Node:
         the writer task before anyone else can prepare, so the tentative state and the
         log's tail move back together."""
         self.store.pending_clear()
-        self.rlog.tail_index = self.wal.last_index
-        self.rlog.tail_epoch = self.wal.last_epoch
-        if self.replicator is not None:
+        self.rlog.rolled_back()
+        if self.replicator is not None and self.replicator.role is not Role.FOLLOWER:
             # Followers may already hold the failed records: reusing their indexes in this
             # epoch would break log matching. Step down; the next leader sorts it out.
             log.error("disk full on the leader: stepping down")

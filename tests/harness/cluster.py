@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -124,6 +124,7 @@ class ProcessCluster:
         env_overrides: dict[str, str] | None = None,
         cluster_id: str | None = None,
         log_level: str = "INFO",
+        command_prefixes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         if not 1 <= n <= 15:
             raise ConfigError(f"a cluster has 1 to 15 nodes, got {n}")
@@ -141,10 +142,17 @@ class ProcessCluster:
         # Unique per cluster: a stray node of another test can never join this one.
         self.cluster_id = cluster_id or f"test-{uuid.uuid4().hex[:12]}"
         self.log_level = log_level
+        # node id -> argv put before ``python -m walstore serve`` (e.g. ``env LD_PRELOAD=...``
+        # for libfaketime). It must exec the node, not fork it: the pid we signal is its pid.
+        # Read at every (re)start, so a test may change it between restarts.
+        self.command_prefixes = {k: list(v) for k, v in (command_prefixes or {}).items()}
         self.etcd: EtcdCluster | None = None
         self.nodes: dict[str, NodeProcess] = {}
         self.links: dict[tuple[str, str], FaultProxy] = {}
         self.ids = [f"n{i}" for i in range(n)]
+        strangers = sorted(set(self.command_prefixes) - set(self.ids))
+        if strangers:
+            raise ConfigError(f"command_prefixes names nodes this cluster does not have: {strangers}")
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -241,7 +249,7 @@ class ProcessCluster:
             log.write(f"=== harness: start #{node.starts} of {node.node_id} ===\n".encode())
             log.flush()
             node.process = subprocess.Popen(
-                [sys.executable, "-m", "walstore", "serve"],
+                [*self.command_prefixes.get(node.node_id, []), sys.executable, "-m", "walstore", "serve"],
                 env=node.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

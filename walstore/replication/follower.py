@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from walstore import _native
-from walstore.errors import LogStateError, ProtocolError
+from walstore.errors import DiskFullError, LogStateError, ProtocolError
 from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Message, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
@@ -90,7 +90,7 @@ class FollowerService:
                         continue
                     try:
                         await self.rlog.writer.wait_durable(answer.durable_at)
-                    except LogStateError:  # truncated while we waited: same as above
+                    except (LogStateError, DiskFullError):  # truncated or rolled back meanwhile
                         await channel.send(self._nack(conflict_index=self.rlog.tail_index + 1).message)
                         continue
                 if answer.commit_to:
@@ -120,7 +120,13 @@ class FollowerService:
             if epoch < self.rlog.promised_epoch:  # a newer promise was made while we asked
                 return False
             self._confirmed = (epoch, leader_id)
-        await self.rlog.promise(epoch)
+        try:
+            await self.rlog.promise(epoch)
+        except DiskFullError as exc:
+            # A promise that is not on disk is no promise: refuse (the in-memory epoch
+            # has moved up, which only makes us refuse more). Retried on the next frame.
+            log.warning("cannot persist the promise of epoch %d: %s", epoch, exc)
+            return False
         self.on_leader_seen(epoch, leader_id)
         return True
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import trio
 
 from walstore.config import PeerSpec
-from walstore.errors import ProtocolError
+from walstore.errors import DiskFullError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck
 from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
@@ -112,7 +112,11 @@ class LeaderTerm:
                 self._local_added = trio.Event()
                 await self._local_added.wait()
                 continue
-            await self._local[0].wait_durable()
+            try:
+                await self._local[0].wait_durable()
+            except DiskFullError:
+                # Rolled back; the node steps down (Node._on_rollback). Stop counting.
+                return
             self._local.popleft()
             self._recompute_commit()
 
@@ -147,6 +151,7 @@ class LeaderTerm:
                 attempt += 1
                 continue
             attempt = 0
+            stopped = False
             progress.connected = True
             progress.generation += 1
             progress.in_flight.clear()
@@ -156,10 +161,17 @@ class LeaderTerm:
                     await self._send_appends(channel, progress)
             except* (PeerClosed, ProtocolError, trio.TooSlowError) as group:
                 log.info("replication link to %s lost: %s", progress.peer.node_id, group.exceptions[0])
+            except* StorageError as group:
+                # Our own log was rolled back under the stream (disk full): this term is
+                # ending (the node steps down); stop streaming rather than crash.
+                log.warning("replication to %s stopped: %s", progress.peer.node_id, group.exceptions[0])
+                stopped = True
             finally:
                 progress.connected = False
                 self.on_progress(progress)
                 await channel.aclose()
+            if stopped:
+                return
             await trio.sleep(RECONNECT_BACKOFF_S[0])
 
     async def _send_appends(self, channel: PeerChannel, progress: FollowerProgress) -> None:

@@ -27,6 +27,7 @@ class ReplicaLog:
         self.promised_epoch = max(wal.promised_epoch, wal.last_epoch)
         self.tail_index = wal.last_index
         self.tail_epoch = wal.last_epoch
+        self._tail_moved = trio.Event()
         self._meta_lock = trio.Lock()
 
     # -- promises ----------------------------------------------------------------------
@@ -69,14 +70,14 @@ class ReplicaLog:
 
     def submit(self, entries: list[tuple[int, int, bytes]], epoch: int) -> PendingAppend:
         pending = self.writer.submit(entries, epoch)
-        self.tail_index, self.tail_epoch = pending.last_index, epoch
+        self._set_tail(pending.last_index, epoch)
         return pending
 
     def submit_raw(self, data: bytes, last_index: int, last_epoch: int) -> PendingAppend:
         pending = self.writer.submit_raw(data)
         if pending.last_index != last_index:
             raise LogStateError(f"raw append ended at {pending.last_index}, expected {last_index}")
-        self.tail_index, self.tail_epoch = last_index, last_epoch
+        self._set_tail(last_index, last_epoch)
         return pending
 
     async def drain(self) -> None:
@@ -91,5 +92,17 @@ class ReplicaLog:
         await self.drain()
         log.warning("truncating the log after index %d (was %d)", index, self.tail_index)
         await self.writer.truncate_suffix(index)
-        self.tail_index = self.wal.last_index
-        self.tail_epoch = self.wal.last_epoch
+        self._set_tail(self.wal.last_index, self.wal.last_epoch)
+
+    def rolled_back(self) -> None:
+        """The writer dropped failed batches (disk full): the tail is what is on disk."""
+        self._set_tail(self.wal.last_index, self.wal.last_epoch)
+
+    def _set_tail(self, index: int, epoch: int) -> None:
+        self.tail_index, self.tail_epoch = index, epoch
+        self._tail_moved.set()
+        self._tail_moved = trio.Event()
+
+    async def wait_tail_moved(self) -> None:
+        """Until the next submission, truncation or rollback."""
+        await self._tail_moved.wait()

@@ -156,6 +156,9 @@ class Replicator:
             self.step_down()
 
     def step_down(self) -> None:
+        # Synchronously: no append may be submitted in this epoch from here on (after a
+        # disk-full rollback, new appends would reuse indexes followers already hold).
+        self.writable = False
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 

@@ -261,6 +261,8 @@ class GroupCommitWriter:
             self._submitted_epoch = self._log.last_epoch
             if self._on_rollback is not None:
                 self._on_rollback(batch[0].first_index)
+            # Wake wait_durable() callers: what they wait for may no longer be submitted.
+            self._notify_durable()
             return
         except LogStateError as e:
             # A bug above us (the log rejected our own numbering): fail loudly, not silently.
