@@ -17,8 +17,8 @@ from walstore.event import NewEvent
 from walstore.node import Node
 from walstore.protocol import Append, AppendAck, Prepare, Promise
 from walstore.replication.transport import dial
-from walstore.wal.simfs import SimulatedFileSystem
 from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT
+from walstore.wal.simfs import SimulatedFileSystem
 
 
 def event(aggregate: str = "agg", n: int = 0, expected: int | None = None, pad: int = 0) -> NewEvent:
