@@ -313,6 +313,10 @@ class Node:
                 self.commit.advance(pending.last_index)  # alone, durable is committed
             await self._wait_committed(pending.last_index)
         await self._wait_applied(prepared.wait_log_index)
+        if prepared.bodies and self.replicator is not None and not self.replicator.still_leading():
+            # Checked again right before answering: a pause (GC, SIGSTOP) may have outlived
+            # the lease since the commit was seen.
+            raise OutcomeUnknown("leadership lost before the answer; the write is committed")
         try:
             return self.store.results(prepared)
         except LogStateError as exc:  # our records were replaced by another leader's

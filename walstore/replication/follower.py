@@ -76,7 +76,11 @@ class FollowerService:
                 while True:
                     if message is None:
                         message = await channel.receive()
-                    await send.send(await self.handle(message, channel.peer_id))
+                    answer = await self.handle(message, channel.peer_id)
+                    try:
+                        await send.send(answer)
+                    except trio.BrokenResourceError:
+                        return  # the answering task ended (the link broke): it says why
                     message = None
 
     async def _answer_in_order(self, channel: PeerChannel, answers: trio.MemoryReceiveChannel[_Answer]) -> None:

@@ -49,6 +49,7 @@ class FollowerProgress:
     generation: int = 0  # bumped whenever next_index is reset; older answers are ignored
     in_flight: deque[tuple[int, int]] = field(default_factory=deque)  # (generation, last index sent)
     wake: trio.Event = field(default_factory=trio.Event)  # new data, an answer, or a reset
+    sent_commit: int = 0  # the commit index the follower last heard from us
 
     def poke(self) -> None:
         self.wake.set()
@@ -131,8 +132,10 @@ class LeaderTerm:
     def _recompute_commit(self) -> None:
         matches = sorted([self.rlog.durable_index, *(p.match_index for p in self.progress.values())], reverse=True)
         majority_holds = matches[self.cluster_size // 2]
-        if majority_holds >= self.start_index:
+        if majority_holds >= self.start_index and majority_holds > self.commit.value:
             self.commit.advance(majority_holds)
+            for progress in self.progress.values():
+                progress.poke()  # tell the followers soon (see _send_appends)
 
     async def _follow(self, progress: FollowerProgress) -> None:
         attempt = 0
@@ -182,9 +185,11 @@ class LeaderTerm:
                 continue
             first = progress.next_index
             entries, last = await self._entries_from(first)
-            if not entries:
+            if not entries and self.commit.value <= progress.sent_commit:
                 # Nothing new: after a quiet interval a heartbeat (an empty APPEND) carries
-                # the commit index and proves to the follower that we still lead.
+                # the commit index and proves to the follower that we still lead. A commit
+                # the follower has not heard of goes out at once (it answers reads and
+                # forwarded writes only once it has applied them).
                 with trio.move_on_after(self.heartbeat_s):
                     await progress.wake.wait()
                 if progress.wake.is_set():
@@ -195,6 +200,7 @@ class LeaderTerm:
                 await self.rlog.drain()
                 prev_epoch = self.rlog.epoch_at(prev) or 0
             message = Append(self.epoch, prev, prev_epoch, self.commit.value, entries)
+            progress.sent_commit = self.commit.value
             progress.in_flight.append((progress.generation, last if entries else prev))
             progress.next_index = (last if entries else prev) + 1
             await channel.send(message)
