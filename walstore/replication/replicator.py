@@ -25,7 +25,7 @@ import trio
 
 from walstore.config import Config, PeerSpec
 from walstore.election.base import Candidate, Election, LeaderInfo, Leadership
-from walstore.errors import UnavailableError
+from walstore.errors import UnavailableError, WalstoreError
 from walstore.event import AppendResult, NewEvent
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
@@ -34,7 +34,7 @@ from walstore.replication.forward import Forwarder, serve_forwards
 from walstore.replication.leader import FollowerProgress, LeaderTerm
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.takeover import Superseded, take_over
-from walstore.replication.transport import PeerChannel, serve_peers
+from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
 from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START
 from walstore.wal.writer import PendingAppend
 from walstore.watermark import Watermark
@@ -201,8 +201,11 @@ class Replicator:
                         commit=self.commit,
                         timeout_s=self.config.lease_ttl_s,
                     )
-                except (Superseded, UnavailableError) as exc:
-                    log.warning("takeover of epoch %d failed: %s", epoch, exc)
+                except (Superseded, WalstoreError, PeerClosed, OSError, trio.TooSlowError) as exc:
+                    # No majority, a newer promise, or the peer we fetch from failed:
+                    # resign and campaign again (the log is intact; FsyncError is fatal
+                    # elsewhere, in the writer task).
+                    log.warning("takeover of epoch %d failed: %r", epoch, exc)
                     scope.cancel()
                     return
                 body = orjson.dumps({"epoch": epoch, "leader": self.config.node_id})
