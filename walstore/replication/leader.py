@@ -158,9 +158,12 @@ class LeaderTerm:
             progress.connected = True
             progress.generation += 1
             progress.in_flight.clear()
+            if progress.match_index:
+                # Frames in flight on the old link may be lost: resume after what was acked.
+                progress.next_index = progress.match_index + 1
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receive_acks, channel, progress, nursery.cancel_scope)
+                    nursery.start_soon(self._receive_acks, channel, progress)
                     await self._send_appends(channel, progress)
             except* (PeerClosed, ProtocolError, trio.TooSlowError) as group:
                 log.info("replication link to %s lost: %s", progress.peer.node_id, group.exceptions[0])
@@ -228,7 +231,7 @@ class LeaderTerm:
             return b"", first - 1
         return data, _last_index_of(data)
 
-    async def _receive_acks(self, channel: PeerChannel, progress: FollowerProgress, scope: trio.CancelScope) -> None:
+    async def _receive_acks(self, channel: PeerChannel, progress: FollowerProgress) -> None:
         while True:
             message = await channel.receive()
             if not isinstance(message, AppendAck):
