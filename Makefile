@@ -8,9 +8,10 @@ STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT     := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 # Debian packages: the compiler and headers build the cffi extension; the rest are the
-# real parts the tests start (etcd), the fault tools (strace, fiu, faketime) and load tools.
+# real parts the tests start (etcd, PostgreSQL for the bench smoke test), the fault tools
+# (strace, fiu, faketime; unshare/nsenter and ip for namespaces) and load tools (wrk, curl).
 BUILD_PKGS := gcc libc6-dev python3-dev python3-venv
-TEST_PKGS  := etcd-server strace fiu-utils faketime wrk
+TEST_PKGS  := etcd-server strace fiu-utils faketime wrk curl postgresql-15 util-linux iproute2
 BENCH_PKGS := postgresql-15 wrk etcd-server
 HTTP_PORT ?= 8080
 DATA_DIR  ?= ./data/wal
