@@ -11,7 +11,7 @@ thread is still writing. Short leases (0.5-1 s) keep these tests to a few second
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,7 +20,14 @@ import trio
 from walstore.config import Config, from_env
 from walstore.election.memory import MemoryElection, MemoryElectionHub
 from walstore.node import Node
+from walstore.replication.replicator import Replicator
 from walstore.wal.fs import FileSystem
+
+
+def replicator(node: Node) -> Replicator:
+    """The node's replicator, which every node in these clusters has once started."""
+    assert node.replicator is not None, f"{node.config.node_id} has no replicator"
+    return node.replicator
 
 
 def free_port() -> int:
@@ -88,7 +95,7 @@ class InProcessCluster:
         self.nodes[node_id], self._scopes[node_id], self._stopped[node_id] = node, scope, stopped
         return node
 
-    async def start_all(self, fs: dict[str, FileSystem] | None = None) -> None:
+    async def start_all(self, fs: Mapping[str, FileSystem] | None = None) -> None:
         for node_id in self.peer_ports:
             await self.start(node_id, fs=(fs or {}).get(node_id))
 

@@ -32,7 +32,7 @@ import trio
 from crc32c import crc32c
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster_inprocess import InProcessCluster, in_process_cluster
+from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
 from walstore import _native
 from walstore.errors import OutcomeUnknown, ProtocolError, UnavailableError
 from walstore.event import NewEvent, encode_event_body
@@ -148,7 +148,7 @@ async def snapshot(cluster: InProcessCluster, target: Node, reason: str | None) 
     assert truth is not None and truth.node_id == leader.config.node_id
     return Snapshot(
         leader=leader,
-        leadership=leader.replicator.leadership,
+        leadership=replicator(leader).leadership,
         epoch=truth.epoch,
         granted=len(cluster.hub.history),
         promised={k: n.rlog.promised_epoch for k, n in cluster.nodes.items()},
@@ -163,8 +163,8 @@ async def assert_unharmed(cluster: InProcessCluster, before: Snapshot, target: N
     truth = cluster.hub.leader()
     assert truth is not None and (truth.node_id, truth.epoch) == (before.leader.config.node_id, before.epoch)
     assert len(cluster.hub.history) == before.granted, "the election granted a new term"
-    assert before.leader.replicator.leadership is before.leadership, "the leader stepped down"
-    assert before.leader.replicator.writable
+    assert replicator(before.leader).leadership is before.leadership, "the leader stepped down"
+    assert replicator(before.leader).writable
     assert {k: n.rlog.promised_epoch for k, n in cluster.nodes.items()} == before.promised
     assert {k: n.rlog.tail_index for k, n in cluster.nodes.items()} == before.tails
     assert {k: log_bytes(n) for k, n in cluster.nodes.items()} == before.logs
@@ -526,7 +526,7 @@ async def test_replayed_append_is_idempotent_and_an_old_one_changes_nothing(tmp_
             await channel.aclose()
         assert follower.rlog.promised_epoch == new_epoch
         assert log_bytes(follower) == kept
-        assert cluster.nodes[other].replicator.writable
+        assert replicator(cluster.nodes[other]).writable
 
 
 async def test_claimed_higher_epoch_from_a_non_leader_changes_nothing(tmp_path: Path) -> None:
@@ -631,7 +631,7 @@ async def test_follower_impostor_claiming_a_higher_epoch_does_not_depose_the_lea
         await leader.append([event()])
         truth = cluster.hub.leader()
         granted = len(cluster.hub.history)
-        leadership = leader.replicator.leadership
+        leadership = replicator(leader).leadership
         seen = trio.Event()
 
         def higher_epoch(append: Append) -> AppendAck:
@@ -646,7 +646,7 @@ async def test_follower_impostor_claiming_a_higher_epoch_does_not_depose_the_lea
                 await leader.append([event(n=i)])
             nursery.cancel_scope.cancel()
         assert cluster.hub.leader() == truth and len(cluster.hub.history) == granted
-        assert leader.replicator.leadership is leadership and leader.replicator.writable
+        assert replicator(leader).leadership is leadership and replicator(leader).writable
 
 
 async def test_follower_impostor_acking_entries_never_sent_cannot_commit_them(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import trio
 
-from tests.cluster_inprocess import InProcessCluster, in_process_cluster
+from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
 from walstore import _native
 from walstore.errors import OutcomeUnknown, UnavailableError
 from walstore.event import NewEvent
@@ -113,10 +113,10 @@ async def test_deposed_leader_frames_are_rejected(tmp_path: Path) -> None:
         await cluster.start_all()
         first = await cluster.leader()
         # Depose the first leader so that an older epoch exists to replay frames from.
-        first_epoch = first.replicator.epoch
+        first_epoch = replicator(first).epoch
         cluster.hub.expire_lease(first.config.node_id)
         with trio.fail_after(10):
-            while (leader := await cluster.leader()).replicator.epoch <= first_epoch:  # noqa: ASYNC110 - polls state across nodes
+            while replicator(leader := await cluster.leader()).epoch <= first_epoch:  # noqa: ASYNC110 - polls state across nodes
                 await trio.sleep(0.05)
         await leader.append([event()])
         await wait_converged(cluster)  # nothing legitimate is still on its way to the follower
@@ -157,7 +157,7 @@ async def test_claimed_higher_epoch_without_election_changes_nothing(tmp_path: P
             await channel.aclose()
         assert isinstance(promise, Promise) and not promise.ok
         assert follower.rlog.promised_epoch == epoch
-        assert leader.replicator.writable
+        assert replicator(leader).writable
         result = await leader.append([event()])
         assert result[0].index >= 1
 
