@@ -48,7 +48,7 @@ import orjson
 import pytest
 from chaos_report import record_row
 from harness.checker import KEY_FIELD, Report, check
-from harness.cluster import HOST, ProcessCluster, events_from_dump
+from harness.cluster import HOST, ProcessCluster, events_from_dump, stop_clusters
 from harness.history import LoadClient, classify
 
 from walstore.errors import ConfigError
@@ -368,13 +368,7 @@ def disk_clusters(tmp_path: Path) -> Iterator[Factory]:
     try:
         yield make
     finally:
-        errors: list[BaseException] = []
-        for cluster in clusters:
-            print(cluster.log_tails())
-            try:
-                cluster.stop_all()
-            except Exception as exc:
-                errors.append(exc)
+        errors = stop_clusters(clusters)
         for mount_point in mounts:
             unmount(mount_point)
         if errors:

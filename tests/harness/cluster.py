@@ -622,15 +622,22 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., ProcessCluster]]:
     try:
         yield make
     finally:
-        errors: list[BaseException] = []
-        for cluster in clusters:
-            print(cluster.log_tails())
-            try:
-                cluster.stop_all()
-            except Exception as exc:  # stop the other clusters first, then report it
-                errors.append(exc)
+        errors = stop_clusters(clusters)
         if errors:
             raise errors[0]
+
+
+def stop_clusters(clusters: list[ProcessCluster]) -> list[BaseException]:
+    """Teardown for fixtures: print each cluster's log tails (pytest shows them with a
+    failing test) and stop every cluster, collecting errors instead of stopping early."""
+    errors: list[BaseException] = []
+    for cluster in clusters:
+        print(cluster.log_tails())
+        try:
+            cluster.stop_all()
+        except Exception as exc:  # stop the other clusters first, then report it
+            errors.append(exc)
+    return errors
 
 
 @pytest.fixture

@@ -87,14 +87,11 @@ class FollowerService:
         async with answers:
             async for answer in answers:
                 if answer.durable_at:
-                    if answer.durable_at > self.rlog.tail_index:
-                        # Another leader's APPEND truncated these entries after this answer
-                        # was queued: they are gone, so acknowledging them would be a lie.
-                        await channel.send(self._nack(conflict_index=self.rlog.tail_index + 1).message)
-                        continue
                     try:
                         await self.rlog.writer.wait_durable(answer.durable_at)
-                    except (LogStateError, DiskFullError):  # truncated or rolled back meanwhile
+                    except (LogStateError, DiskFullError):
+                        # Truncated by another leader's APPEND, or rolled back (disk full),
+                        # after this answer was queued: acknowledging them would be a lie.
                         await channel.send(self._nack(conflict_index=self.rlog.tail_index + 1).message)
                         continue
                 if answer.commit_to:

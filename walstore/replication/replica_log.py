@@ -25,8 +25,6 @@ class ReplicaLog:
         self.wal = wal
         self.writer = writer
         self.promised_epoch = max(wal.promised_epoch, wal.last_epoch)
-        self.tail_index = wal.last_index
-        self.tail_epoch = wal.last_epoch
         self._tail_moved = trio.Event()
         self._meta_lock = trio.Lock()
 
@@ -43,6 +41,15 @@ class ReplicaLog:
             await trio.to_thread.run_sync(self.wal.set_promised_epoch, self.promised_epoch)
 
     # -- reading -----------------------------------------------------------------------
+
+    @property
+    def tail_index(self) -> int:
+        """The last entry submitted (durable or not): the writer's reserved tail."""
+        return self.writer.submitted_index
+
+    @property
+    def tail_epoch(self) -> int:
+        return self.writer.submitted_epoch
 
     def epoch_history(self) -> tuple[tuple[int, int], ...]:
         return tuple(self.wal.epoch_history)
@@ -70,14 +77,14 @@ class ReplicaLog:
 
     def submit(self, entries: list[tuple[int, int, bytes]], epoch: int) -> PendingAppend:
         pending = self.writer.submit(entries, epoch)
-        self._set_tail(pending.last_index, epoch)
+        self._tail_changed()
         return pending
 
     def submit_raw(self, data: bytes, last_index: int, last_epoch: int) -> PendingAppend:
         pending = self.writer.submit_raw(data)
-        if pending.last_index != last_index:
+        if pending.last_index != last_index or pending.last_epoch != last_epoch:
             raise LogStateError(f"raw append ended at {pending.last_index}, expected {last_index}")
-        self._set_tail(last_index, last_epoch)
+        self._tail_changed()
         return pending
 
     async def drain(self) -> None:
@@ -92,14 +99,13 @@ class ReplicaLog:
         await self.drain()
         log.warning("truncating the log after index %d (was %d)", index, self.tail_index)
         await self.writer.truncate_suffix(index)
-        self._set_tail(self.wal.last_index, self.wal.last_epoch)
+        self._tail_changed()
 
     def rolled_back(self) -> None:
-        """The writer dropped failed batches (disk full): the tail is what is on disk."""
-        self._set_tail(self.wal.last_index, self.wal.last_epoch)
+        """The writer dropped failed batches (disk full) and moved its tail back."""
+        self._tail_changed()
 
-    def _set_tail(self, index: int, epoch: int) -> None:
-        self.tail_index, self.tail_epoch = index, epoch
+    def _tail_changed(self) -> None:
         self._tail_moved.set()
         self._tail_moved = trio.Event()
 

@@ -116,6 +116,11 @@ class GroupCommitWriter:
         return self._submitted_index
 
     @property
+    def submitted_epoch(self) -> int:
+        """Epoch of the record at submitted_index (0 for an empty log)."""
+        return self._submitted_epoch
+
+    @property
     def durable_index(self) -> int:
         """Highest index known to be fdatasync'd."""
         return self._durable_index
