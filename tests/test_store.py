@@ -486,6 +486,30 @@ def test_pending_clear_forgets_the_overlay(store: EventStore, log: MemLog) -> No
         store.results(p)  # its record was replaced and its id now means something else
 
 
+def test_results_of_a_batch_applied_as_written_read_nothing_back(store: EventStore, log: MemLog) -> None:
+    append(store, log, ev("1", "a"))
+    p = store.prepare([ev("2", "a"), ev("3", "b")], timestamp_us=TS)
+    store.pending_added(log.write(p.bodies), p)
+    log.apply_all(store)
+    reads = log.reads
+    assert store.results(p) == [AppendResult("2", 2, 2), AppendResult("3", 3, 1)]
+    assert log.reads == reads  # confirmed when applied: no decode on the append path
+
+
+def test_results_answer_event_indexes_across_system_records(store: EventStore, log: MemLog) -> None:
+    log.append(KIND_EPOCH_START)
+    log.apply_all(store)
+    p = store.prepare([ev("1", "a")], timestamp_us=TS, next_log_index=2)
+    store.pending_added(log.write(p.bodies), p)
+    log.append(KIND_NOOP)
+    p2 = store.prepare([ev("2", "a")], timestamp_us=TS)
+    store.pending_added(log.write(p2.bodies), p2)
+    log.apply_all(store)
+    assert store.results(p) == [AppendResult("1", 1, 1)]
+    assert store.results(p2) == [AppendResult("2", 2, 2)]
+    assert store.lookup("2") == AppendResult("2", 2, 2)
+
+
 def test_pending_that_commits_after_clear_still_resolves(store: EventStore, log: MemLog) -> None:
     p = store.prepare([ev("1", "a")], timestamp_us=TS)
     store.pending_added(log.write(p.bodies), p)

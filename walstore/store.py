@@ -133,13 +133,15 @@ class Prepared:
     ``results(prepared)``. A batch of repeats only has no bodies and skips the write.
     """
 
-    __slots__ = ("_first_log_index", "_planned", "_token", "bodies")
+    __slots__ = ("_first_log_index", "_planned", "_token", "_wait", "bodies")
 
     def __init__(self, bodies: list[bytes], planned: list[_Planned], token: int) -> None:
         self.bodies = bodies
         self._planned = planned
         self._token = token
         self._first_log_index = 0
+        # Repeats of pending events wait for their original; set again by pending_added.
+        self._wait = max((p.log_index for p in planned), default=0)
 
     @property
     def added(self) -> bool:
@@ -149,12 +151,9 @@ class Prepared:
     def wait_log_index(self) -> int:
         """The log index to wait for before ``results``: the last new record, or the
         pending original of a repeat (0 = nothing to wait for)."""
-        wait = max((p.log_index for p in self._planned), default=0)
-        if self.bodies:
-            if not self.added:
-                raise LogStateError("wait_log_index of a prepared batch before pending_added")
-            wait = max(wait, self._first_log_index + len(self.bodies) - 1)
-        return wait
+        if self.bodies and not self.added:
+            raise LogStateError("wait_log_index of a prepared batch before pending_added")
+        return self._wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +162,7 @@ class _Pending:
     version: int
     event: NewEvent
     id_utf8: bytes
+    plan: _Planned  # answered when this record is applied as written
 
 
 def _same_content(a: NewEvent, b: NewEvent) -> bool:
@@ -700,11 +700,12 @@ class EventStore:
             if plan.offset < 0:
                 continue
             plan.log_index = first_log_index + plan.offset
-            pending = _Pending(plan.log_index, plan.version, plan.event, plan.id_utf8)
+            pending = _Pending(plan.log_index, plan.version, plan.event, plan.id_utf8, plan)
             self._pending_ids[plan.event.id] = pending
             self._pending_by_log[plan.log_index] = pending
             self._pending_versions[plan.event.aggregate_id] = plan.version
         self._pending_last = first_log_index + len(prepared.bodies) - 1
+        prepared._wait = max(prepared._wait, self._pending_last)
 
     def pending_clear(self) -> None:
         """Leadership lost: pending appends may still commit, or never; either way the
@@ -726,6 +727,9 @@ class EventStore:
             self._drop_pending()  # our append there was replaced: the log diverged
             return
         del self._pending_ids[pending.event.id]
+        # Applied exactly as written: the answer is known now, so ``results`` need not
+        # read the record back (a decode and CRC check per event on the append path).
+        pending.plan.result = AppendResult(pending.event.id, log_index - len(self._sys), version)
         aggregate_id = pending.event.aggregate_id
         if self._pending_versions.get(aggregate_id) == version:
             del self._pending_versions[aggregate_id]
