@@ -1,8 +1,11 @@
 """A monotonically increasing integer that trio tasks can wait on.
 
 Commit index, durable index, last applied: each is a watermark that only moves up, and
-many requests wait for "at least N". One sorted list of waiters beats a trio.Event per
-index: advancing wakes exactly the waiters whose target has been reached.
+many requests wait for "at least N". One heap of waiting tasks beats a trio.Event per
+index: advancing wakes exactly the waiters whose target has been reached. Waiters park
+with ``trio.lowlevel.wait_task_rescheduled`` rather than on a ``trio.Event`` each: every
+append waits on a watermark, and an Event (an attrs object plus a parking lot) costs a
+few microseconds more per wait than rescheduling the task directly.
 """
 
 from __future__ import annotations
@@ -11,32 +14,39 @@ import heapq
 import itertools
 
 import trio
+import trio.lowlevel
 
 
 class Watermark:
     def __init__(self, value: int = 0) -> None:
         self._value = value
-        self._waiters: list[tuple[int, int, trio.Event]] = []
+        self._waiters: list[tuple[int, int, trio.lowlevel.Task]] = []
         self._seq = itertools.count()
 
     @property
     def value(self) -> int:
         return self._value
 
+    @property
+    def waiting(self) -> int:
+        """How many tasks wait right now."""
+        return len(self._waiters)
+
     def advance(self, value: int) -> None:
         """Move up to ``value`` (a lower value is ignored: watermarks never go back)."""
         if value <= self._value:
             return
         self._value = value
-        while self._waiters and self._waiters[0][0] <= value:
-            heapq.heappop(self._waiters)[2].set()
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= value:
+            trio.lowlevel.reschedule(heapq.heappop(waiters)[2])
 
     def interrupt(self) -> None:
         """Wake every waiter without moving: each re-checks ``value`` and decides (a
         leadership ended, so commits it waited for may never come)."""
         waiters, self._waiters = self._waiters, []
-        for _, _, event in waiters:
-            event.set()
+        for _, _, task in waiters:
+            trio.lowlevel.reschedule(task)
 
     def reset(self, value: int) -> None:
         """Set a lower value after a log truncation (followers only); waiters keep waiting."""
@@ -46,11 +56,14 @@ class Watermark:
         """Return once ``value >= target``, or early after ``interrupt()``."""
         if self._value >= target:
             return
-        entry = (target, next(self._seq), trio.Event())
+        entry = (target, next(self._seq), trio.lowlevel.current_task())
         heapq.heappush(self._waiters, entry)
-        try:
-            await entry[2].wait()
-        finally:
-            if not entry[2].is_set():  # cancelled (a timed-out read): don't leak the waiter
-                self._waiters.remove(entry)
-                heapq.heapify(self._waiters)
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            # Only called while we are still parked, i.e. still in the heap (trio never
+            # aborts a task that was already rescheduled): a timed-out wait leaves no entry.
+            self._waiters.remove(entry)
+            heapq.heapify(self._waiters)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
