@@ -90,3 +90,29 @@ async def test_reset_moves_down_and_waiters_keep_waiting() -> None:
         assert mark.waiting == 1
         mark.advance(4)
     assert mark.waiting == 0
+
+
+async def test_expire_wakes_only_the_overdue() -> None:
+    mark = Watermark()
+    woke: list[float] = []
+
+    async def wait(deadline: float) -> None:
+        await mark.wait_for(10, deadline)
+        woke.append(deadline)
+
+    async with trio.open_nursery() as nursery:
+        for deadline in (5.0, 1.0, 3.0):
+            nursery.start_soon(wait, deadline)
+        nursery.start_soon(mark.wait_for, 2)  # no deadline
+        await trio.testing.wait_all_tasks_blocked()
+        mark.expire(0.5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == [] and mark.waiting == 4
+        mark.expire(3.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(woke) == [1.0, 3.0] and mark.value == 0
+        mark.advance(2)  # the heap still works after expire rebuilt it
+        await trio.testing.wait_all_tasks_blocked()
+        assert mark.waiting == 1
+        mark.expire(float("inf"))
+    assert sorted(woke) == [1.0, 3.0, 5.0] and mark.waiting == 0

@@ -125,6 +125,7 @@ class Node:
         else:
             await self._start_solo()
         nursery.start_soon(self._apply_committed)
+        nursery.start_soon(self._expire_waits)
         app = HttpApp(self, metrics=self.metrics)
         http_done = trio.Event()
 
@@ -248,6 +249,16 @@ class Node:
             await self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
             await trio.lowlevel.checkpoint()
 
+    async def _expire_waits(self) -> None:
+        """The append timeout, for every waiting append at once (see ``watermark``): a
+        wait may end up to one tick late, a twentieth of the timeout."""
+        tick = min(1.0, max(0.01, self.append_timeout_s / 20))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            self.commit.expire(now)
+            self.applied.expire(now)
+
     async def _commit_durable(self, target: int) -> bool:
         """Single node: durable is committed. The applier moves the commit index itself as
         rounds become durable, so an append waits once (until applied) instead of three
@@ -340,24 +351,21 @@ class Node:
     async def _wait_applied_solo(self, pending: PendingAppend, index: int) -> None:
         """Single node: wait until our batch is applied (the applier commits what is
         durable); a disk-full rollback wakes us (``_on_rollback``) to answer 503."""
-        # A bare CancelScope: trio.move_on_after's context-manager wrapper costs a few us
-        # per request for nothing.
-        with trio.CancelScope(deadline=trio.current_time() + self.append_timeout_s):
-            while self.applied.value < index:
-                if pending.done:
-                    try:
-                        await pending.wait_durable()  # returns at once; raises what failed it
-                    except DiskFullError as exc:
-                        raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
-                await self.applied.wait_for(index)
+        deadline = trio.current_time() + self.append_timeout_s
+        while self.applied.value < index and trio.current_time() < deadline:
+            if pending.done:
+                try:
+                    await pending.wait_durable()  # returns at once; raises what failed it
+                except DiskFullError as exc:
+                    raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
+            await self.applied.wait_for(index, deadline)
         if self.applied.value < index:
             raise OutcomeUnknown(f"index {index} not applied in time")
 
     async def _wait_committed(self, index: int) -> None:
         if self.commit.value < index:
             # Wakes on commit, on timeout, or when the term ends (``commit.interrupt``).
-            with trio.CancelScope(deadline=trio.current_time() + self.append_timeout_s):
-                await self.commit.wait_for(index)
+            await self.commit.wait_for(index, trio.current_time() + self.append_timeout_s)
         if self.commit.value < index:
             raise OutcomeUnknown(f"index {index} not committed (leadership changed or timed out); it may still appear")
         if self.replicator is not None and not self.replicator.still_leading():
@@ -366,8 +374,9 @@ class Node:
 
     async def _wait_applied(self, index: int) -> None:
         if self.applied.value < index:
-            with trio.CancelScope(deadline=trio.current_time() + self.append_timeout_s):
-                await self.applied.wait_for(index)
+            deadline = trio.current_time() + self.append_timeout_s
+            while self.applied.value < index and trio.current_time() < deadline:
+                await self.applied.wait_for(index, deadline)
         if self.applied.value < index:
             raise OutcomeUnknown(f"index {index} not applied in time")
 
