@@ -52,6 +52,16 @@ def test_minimal_event_gets_defaults_and_canonical_payload() -> None:
     assert uuid.UUID(event.id).version == 4
 
 
+def test_generated_ids_are_distinct_canonical_uuid4_strings() -> None:
+    # 600 ids span three refills of the generator's random pool
+    ids = [parse_append_request(body(), JSON).id for _ in range(600)]
+    assert len(set(ids)) == len(ids)
+    for event_id in ids:
+        parsed = uuid.UUID(event_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == event_id  # lowercase, dashed: the canonical form
+
+
 def test_full_event_keeps_every_field() -> None:
     event = parse_append_request(
         body(id="evt-1", metadata={"z": 1, "source": "api"}, expected_version=0), content_type=JSON

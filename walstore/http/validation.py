@@ -50,7 +50,7 @@ the ``parameter``; unknown parameters are ignored (cache busters such as ``_=123
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote, unquote_plus
@@ -79,6 +79,33 @@ DEFAULT_READ_LIMIT: Final = 1000
 _EVENT_FIELDS: Final = frozenset(("id", "type", "aggregate_id", "payload", "metadata", "expected_version"))
 _BATCH_FIELDS: Final = frozenset(("events",))
 _EMPTY_OBJECT: Final = b"{}"
+
+
+class _UuidSource:
+    """Random (version 4) UUID strings, from os.urandom taken 4 KiB at a time.
+
+    ``str(uuid.uuid4())`` costs ~4 us (a getrandom call, a UUID object, its formatting)
+    for every event sent without an id; this costs ~1 us. The bits are the same
+    kernel randomness, only fetched in bulk."""
+
+    _BATCH = 256
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._next = 0
+
+    def new(self) -> str:
+        if self._next == len(self._pool):
+            self._pool = os.urandom(16 * self._BATCH)
+            self._next = 0
+        start = self._next
+        self._next = start + 16
+        h = self._pool[start : start + 16].hex()
+        # version nibble 4; variant bits 10xx
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+_uuids = _UuidSource()
 _JSON_MEDIA_TYPE: Final = "application/json"
 _MISSING: Final = object()
 
@@ -230,7 +257,7 @@ def _event_from_object(obj: dict[str, object], index: int | None) -> NewEvent:
         )
 
     raw_id = obj.get("id")
-    event_id = str(uuid.uuid4()) if raw_id is None else _check_name(raw_id, "id", MAX_ID_BYTES, index)
+    event_id = _uuids.new() if raw_id is None else _check_name(raw_id, "id", MAX_ID_BYTES, index)
 
     expected = obj.get("expected_version")
     # bool is a subclass of int: `type() is int` keeps `true` out.
