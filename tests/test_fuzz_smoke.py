@@ -56,3 +56,31 @@ APPEND = encode_message(Append(1, 0, 0, 0, b"records"))
 )
 def test_frames_target_accepts_hand_picked_inputs(data: bytes) -> None:
     load("frames")(data)  # raises only if the protocol breaks its contract
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x80POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x81POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+        b"\x82POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n",  # over the 256-byte body limit
+        b"\x00GET / HTTP/2.0\r\n\r\n",
+        b"\x83" + b"A" * 2000,  # a head that never ends
+        b"\x00\xff\xfe\r\n\r\n",
+    ],
+)
+def test_http_parser_target_accepts_hand_picked_inputs(data: bytes) -> None:
+    load("http_parser")(data)  # raises only if the parser breaks its contract
+
+
+def test_http_parser_target_catches_a_parser_that_breaks_its_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    from walstore.http import parser
+
+    def broken_feed(self: parser.RequestParser, data: bytes) -> None:
+        raise IndexError("a parser bug")
+
+    monkeypatch.setattr(parser.RequestParser, "feed", broken_feed)
+    with pytest.raises(IndexError):
+        load("http_parser")(b"\x00GET / HTTP/1.1\r\n\r\n")

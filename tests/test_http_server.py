@@ -17,7 +17,17 @@ from fakes import FakeEventService, HttpTestClient, encode_request, start_server
 
 from walstore.errors import ConfigError
 from walstore.http.app import HttpApp
-from walstore.http.server import HttpLimits, HttpServer, Request, Response, serve_http
+from walstore.http.server import (
+    WATCHDOG_MAX_TICK_S,
+    WATCHDOG_MIN_TICK_S,
+    HttpLimits,
+    HttpServer,
+    Request,
+    Response,
+    SendChunk,
+    serve_http,
+    watchdog_tick_s,
+)
 
 EVENT = orjson.dumps({"type": "T", "aggregate_id": "a", "payload": {"n": 1}})
 
@@ -147,6 +157,35 @@ async def test_expect_100_continue(nursery: trio.Nursery) -> None:
     assert (await client.read_response()).status == 201
 
 
+async def test_no_100_continue_when_the_body_came_with_the_head(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    client = await connect(port)
+    await client.send_raw(
+        b"POST /events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nexpect: 100-continue\r\n\r\n%s" % (len(EVENT), EVENT)
+    )
+    assert (await client.read_response()).status == 201  # the first answer, not a 100
+
+
+async def test_chunked_request_with_trailers(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    client = await connect(port)
+    head = b"POST /events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    await client.send_raw(head + b"%x;ext=1\r\n%s\r\n0\r\nx-checksum: 1\r\n\r\n" % (len(EVENT), EVENT))
+    assert (await client.read_response()).status == 201
+    assert (await client.request("GET", "/health/live")).status == 200  # the framing ended where it should
+
+
+async def test_head_request_gets_the_head_only(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    client = await connect(port)
+    await client.send_raw(encode_request("HEAD", "/health/live") + encode_request("GET", "/health/live"))
+    head = await client.read_response(head_only=True)
+    assert head.status == 200
+    assert int(head.header("content-length") or 0) > 0
+    assert (await client.read_response()).status == 200  # no body bytes came between the two
+
+
 async def test_client_vanishing_mid_body_leaves_the_server_serving(nursery: trio.Nursery) -> None:
     _, port = await start_server(nursery)
     client = await connect(port)
@@ -204,6 +243,18 @@ async def test_malformed_http_is_answered_then_closed(
     assert response.json()["error"]["code"] == code
     assert await client.read_until_closed() == b""
     assert (await (await connect(port)).request("GET", "/health/live")).status == 200
+
+
+async def test_malformed_pipelined_request_after_a_good_one(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    client = await connect(port)
+    await client.send_raw(encode_request("GET", "/health/live") + b"GET / HTTP/1.1\r\nno colon\r\n\r\n")
+    assert (await client.read_response()).status == 200
+    response = await client.read_response()
+    assert response.status == 400
+    assert response.json()["error"]["code"] == "bad_http_request"
+    assert "malformed HTTP request" in response.json()["error"]["message"]
+    assert await client.read_until_closed() == b""
 
 
 async def test_random_garbage_never_stops_the_server(nursery: trio.Nursery) -> None:
@@ -299,6 +350,78 @@ async def test_handler_over_request_timeout_is_504(nursery: trio.Nursery) -> Non
     assert response.header("retry-after") == "1"
     assert response.json()["error"]["code"] == "request_timeout"
     assert (await client.request("GET", "/health/live")).status == 200  # keep-alive survives
+
+
+class _Firehose:
+    """Streams chunks for as long as the client takes them; ``ended`` is set when the
+    stream is stopped."""
+
+    def __init__(self) -> None:
+        self.ended = trio.Event()
+
+    async def handle(self, request: Request) -> Response:
+        async def stream(send: SendChunk) -> None:
+            try:
+                while True:
+                    await send(b"x" * 65536)
+            finally:
+                self.ended.set()
+
+        return Response(200, stream=stream)
+
+
+async def test_client_not_reading_is_closed_after_write_timeout(nursery: trio.Nursery) -> None:
+    app = _Firehose()
+    server = HttpServer(app, limits=HttpLimits(write_timeout_s=0.3))
+    port = await nursery.start(partial(server.serve, host="127.0.0.1", port=0))
+    client = await connect(port)
+    started = trio.current_time()
+    await client.send_raw(encode_request("GET", "/firehose"))
+    with trio.fail_after(5):
+        await app.ended.wait()  # the socket buffers filled, a write blocked past its timeout
+    assert trio.current_time() - started >= 0.25
+    with trio.fail_after(5):
+        received = await client.read_until_closed()
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert not received.endswith(b"0\r\n\r\n")  # cut off, not a clean end of the stream
+    assert server.open_connections == 0
+
+
+class _AnswersAsItsDeadlinePasses:
+    """Marks every connection's deadline as passed (what the watchdog does) just before it
+    returns: the answer it gives must still be the one the client gets."""
+
+    def __init__(self) -> None:
+        self.server: HttpServer | None = None
+
+    async def handle(self, request: Request) -> Response:
+        assert self.server is not None
+        for connection in list(self.server._connections):
+            connection.expire()
+        return Response(200, b'{"answered": true}')
+
+
+async def test_handler_returning_as_its_deadline_passes_still_answers(nursery: trio.Nursery) -> None:
+    app = _AnswersAsItsDeadlinePasses()
+    server = app.server = HttpServer(app, limits=HttpLimits())
+    port = await nursery.start(partial(server.serve, host="127.0.0.1", port=0))
+    client = await connect(port)
+    for _ in range(3):  # and keep-alive goes on
+        response = await client.request("GET", "/x")
+        assert (response.status, response.json()) == (200, {"answered": True})
+
+
+@pytest.mark.parametrize(
+    ("limits", "tick"),
+    [
+        (HttpLimits(), 1.0),
+        (HttpLimits(request_timeout_s=2.0), 0.2),
+        (HttpLimits(header_timeout_s=0.01), WATCHDOG_MIN_TICK_S),
+        (HttpLimits(write_timeout_s=1000.0), WATCHDOG_MAX_TICK_S),
+    ],
+)
+def test_watchdog_tick_is_a_tenth_of_the_shortest_timeout_within_bounds(limits: HttpLimits, tick: float) -> None:
+    assert watchdog_tick_s(limits) == pytest.approx(tick)
 
 
 class _Crashing:

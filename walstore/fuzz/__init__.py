@@ -10,6 +10,8 @@ breaks its contract; the contract of each boundary is one error family (STYLE.md
             every record the C scanner accepts the Python decoder accepts too.
     http    any body -> walstore.http.validation: only RequestError; what it accepts
             is within the event limits.
+    http_parser  any bytes -> walstore.http.parser.RequestParser: only HttpParseError,
+            fed whole or in pieces (the first byte picks the split); no body over the limit.
 
 The first input byte picks a mode (see each target), so one corpus reaches both the
 raw-bytes paths and the paths behind a valid CRC, which random bytes alone never pass.
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 Target = Callable[[bytes], None]
 
-TARGET_NAMES = ("frames", "wal", "http")
+TARGET_NAMES = ("frames", "wal", "http", "http_parser")
 
 
 def _chunks(data: bytes, seed: int) -> list[bytes]:
@@ -178,10 +180,39 @@ def _http_target() -> Target:
     return target
 
 
+def _http_parser_target() -> Target:
+    from walstore.http.parser import HttpParseError, RequestParser
+
+    def target(data: bytes) -> None:
+        if not data:
+            return
+        parser = RequestParser(max_header_bytes=512, max_body_bytes=256)
+        in_body = False
+        try:
+            for piece in _chunks(data[1:], data[0]) if data[0] & 0x80 else [data[1:]]:
+                parser.feed(piece)
+                while True:
+                    if not in_body:
+                        if parser.next_head() is None:
+                            break
+                        in_body = True
+                    body = parser.next_body()
+                    if body is None:
+                        break
+                    assert len(body) <= 256, len(body)
+                    in_body = False
+            parser.feed_eof()
+        except HttpParseError as error:
+            assert error.status in (400, 413, 431, 501, 505), error.status
+
+    return target
+
+
 _LOADERS: dict[str, Callable[[], Target]] = {
     "frames": _frames_target,
     "wal": _wal_target,
     "http": _http_target,
+    "http_parser": _http_parser_target,
 }
 
 

@@ -1,4 +1,5 @@
-"""The HTTP/1.1 API: ``server`` (h11 on trio), ``validation`` (pure), ``app`` (routes).
+"""The HTTP/1.1 API: ``parser`` (sans-IO requests), ``server`` (the parser on trio sockets),
+``validation`` (pure), ``app`` (routes).
 
 The node builds ``HttpApp(service, metrics=...)`` and runs ``serve_http(app, host=...,
 port=..., limits=HttpLimits(...), shutdown=event)`` in its nursery.
