@@ -9,16 +9,24 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
 from walstore import _native
+from walstore.config import PeerSpec
 from walstore.errors import OutcomeUnknown, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
-from walstore.protocol import Append, AppendAck, Prepare, Promise
-from walstore.replication.transport import dial
+from walstore.protocol import Append, AppendAck, Heartbeat, Message, PeerConnection, Prepare, Promise
+from walstore.replication.follower import FollowerService
+from walstore.replication.leader import LeaderTerm
+from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.transport import PeerChannel, dial, serve_peers
+from walstore.wal.log import WriteAheadLog
 from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT
 from walstore.wal.simfs import SimulatedFileSystem
+from walstore.wal.writer import GroupCommitWriter
+from walstore.watermark import Watermark
 
 
 def event(aggregate: str = "agg", n: int = 0, expected: int | None = None, pad: int = 0) -> NewEvent:
@@ -221,3 +229,184 @@ async def test_disk_full_on_the_leader_steps_it_down_without_reusing_indexes(tmp
         for node in cluster.nodes.values():
             for result in acked:
                 assert node.store.lookup(result[0].event_id) == result[0]
+
+
+# -- HEARTBEAT: the commit index alone, unanswered -----------------------------------------
+
+EPOCH = 7
+
+
+async def _local_log(tmp_path: Path, nursery: trio.Nursery) -> ReplicaLog:
+    wal = WriteAheadLog.open(tmp_path / "wal")
+    writer = GroupCommitWriter(wal)
+    await nursery.start(writer.run)
+    return ReplicaLog(wal, writer)
+
+
+def _records(first: int, count: int, epoch: int = EPOCH) -> bytes:
+    flags = [0] * (count - 1) + [FLAG_BATCH_END]
+    return _native.encode_batch([b"r%d" % i for i in range(count)], [KIND_EVENT] * count, flags, epoch, first)
+
+
+async def _linked_pair(ours: str, theirs: str) -> tuple[PeerChannel, PeerChannel]:
+    """Two PeerChannels over an in-memory stream pair, HELLOs exchanged: (dialler, acceptor)."""
+    a, b = trio.testing.memory_stream_pair()
+    client = PeerChannel(a, PeerConnection("event-store", ours, "client"), "mem-client")
+    server = PeerChannel(b, PeerConnection("event-store", theirs, "server"), "mem-server")
+    await client.send(client.conn.hello(EPOCH))
+    await server.receive()
+    await server.send(server.conn.hello(0))
+    await client.receive()
+    return client, server
+
+
+async def test_heartbeat_moves_a_followers_commit_only_up_to_what_its_link_matched(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        rlog = await _local_log(tmp_path, nursery)
+        commit = Watermark()
+
+        async def verify(epoch: int, leader_id: str) -> bool:
+            return (epoch, leader_id) == (EPOCH, "leader")
+
+        service = FollowerService(rlog, commit, verify_leader=verify, on_leader_seen=lambda e, n: None)
+        leader, follower = await _linked_pair("leader", "follower")
+
+        async def serve() -> None:
+            await service.serve(follower, await follower.receive())
+
+        nursery.start_soon(serve)
+
+        async def append(prev: int, prev_epoch: int, leader_commit: int, entries: bytes = b"") -> AppendAck:
+            # Answers leave in request order, so once this APPEND is answered every
+            # HEARTBEAT sent before it has been dealt with.
+            await leader.send(Append(EPOCH, prev, prev_epoch, leader_commit, entries))
+            ack = await leader.receive()
+            assert isinstance(ack, AppendAck)
+            return ack
+
+        # Nothing matched on this link yet: a HEARTBEAT changes nothing (and is not answered).
+        await leader.send(Heartbeat(EPOCH, 1000, 0))
+        ack = await append(0, 0, 0, _records(1, 3))
+        assert ack.ok and ack.match_index == 3 and commit.value == 0
+        await leader.send(Heartbeat(EPOCH, 2, 0))
+        assert (await append(3, EPOCH, 0)).ok
+        assert commit.value == 2
+        # Never past what the link matched, whatever the leader claims.
+        await leader.send(Heartbeat(EPOCH, 1000, 0))
+        assert (await append(3, EPOCH, 0)).ok
+        assert commit.value == 3
+        # Another epoch than the matched one: ignored.
+        assert (await append(3, EPOCH, 3, _records(4, 2))).match_index == 5
+        # An empty APPEND at 3 proves our log equal to the leader's only up to 3, though
+        # we hold 5: a HEARTBEAT after it moves the commit no further than 3.
+        assert (await append(3, EPOCH, 3)).match_index == 3
+        await leader.send(Heartbeat(EPOCH, 5, 0))
+        assert (await append(3, EPOCH, 3)).ok
+        assert commit.value == 3
+        assert (await append(5, EPOCH, 3)).match_index == 5
+        await leader.send(Heartbeat(EPOCH + 1, 5, 0))
+        assert (await append(5, EPOCH, 3)).ok
+        assert commit.value == 3
+        # A refused APPEND forgets what the link matched.
+        assert (await append(5, EPOCH, 3, _records(6, 2))).match_index == 7
+        assert not (await append(99, EPOCH, 3)).ok
+        await leader.send(Heartbeat(EPOCH, 7, 0))
+        assert (await append(7, EPOCH, 5)).ok
+        assert commit.value == 5
+        await leader.send(Heartbeat(EPOCH, 7, 0))
+        assert (await append(7, EPOCH, 5)).ok
+        assert commit.value == 7
+        nursery.cancel_scope.cancel()
+
+
+async def test_heartbeat_from_an_unconfirmed_peer_changes_nothing(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        rlog = await _local_log(tmp_path, nursery)
+        commit = Watermark()
+
+        async def nobody(epoch: int, leader_id: str) -> bool:
+            return False
+
+        service = FollowerService(rlog, commit, verify_leader=nobody, on_leader_seen=lambda e, n: None)
+        peer, follower = await _linked_pair("stranger", "follower")
+
+        async def serve() -> None:
+            await service.serve(follower, await follower.receive())
+
+        nursery.start_soon(serve)
+        await peer.send(Heartbeat(EPOCH, 1000, 0))
+        await peer.send(Append(EPOCH, 0, 0, 1000, _records(1, 2)))
+        ack = await peer.receive()
+        await peer.send(Heartbeat(EPOCH, 1000, 0))
+        await peer.send(Append(EPOCH, 0, 0, 1000, b""))
+        second = await peer.receive()
+        assert isinstance(ack, AppendAck) and not ack.ok
+        assert isinstance(second, AppendAck) and not second.ok
+        assert commit.value == 0 and rlog.tail_index == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_leader_ships_cached_batches_and_sends_the_commit_in_an_unanswered_heartbeat(tmp_path: Path) -> None:
+    """A fake follower that acknowledges every APPEND: the leader streams submitted batches
+    from its tail cache (several per frame when they queued up), then tells the new commit
+    index in a HEARTBEAT, and carries on without an answer to it."""
+    received: list[Message] = []
+    frames: trio.MemorySendChannel[Message]
+    frames, frames_out = trio.open_memory_channel[Message](100)
+
+    async def fake_follower(channel: PeerChannel) -> None:
+        while True:
+            message = await channel.receive()
+            received.append(message)
+            await frames.send(message)
+            if isinstance(message, Append):
+                last = _native.scan(bytes(message.entries), 0, message.prev_index + 1).next_index - 1
+                await channel.send(AppendAck(message.epoch, True, last, last, 0, 0))
+
+    async with trio.open_nursery() as nursery:
+        rlog = await _local_log(tmp_path, nursery)
+        port = await nursery.start(
+            lambda task_status: serve_peers(
+                "127.0.0.1",
+                0,
+                cluster_id="event-store",
+                node_id="follower",
+                epoch=lambda: 0,
+                handler=fake_follower,
+                task_status=task_status,
+            )
+        )
+        commit = Watermark()
+        first = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"one")], EPOCH)
+        second = rlog.submit([(KIND_EVENT, 0, b"two"), (KIND_EVENT, FLAG_BATCH_END, b"three")], EPOCH)
+        term = LeaderTerm(
+            epoch=EPOCH,
+            start_index=1,
+            node_id="leader",
+            cluster_id="event-store",
+            rlog=rlog,
+            followers=[PeerSpec("follower", "127.0.0.1", port)],
+            commit=commit,
+            heartbeat_s=3600,  # no idle heartbeat gets in the way
+            on_higher_epoch=lambda epoch, peer: None,
+        )
+        term.progress["follower"].next_index = 1
+        term.appended(first)
+        term.appended(second)
+        nursery.start_soon(term.run)
+        with trio.fail_after(10):
+            append = await frames_out.receive()
+            assert isinstance(append, Append) and append.prev_index == 0
+            assert bytes(append.entries) == first.data + second.data
+            beat = await frames_out.receive()
+            assert isinstance(beat, Heartbeat) and beat.epoch == EPOCH and beat.leader_commit == 3
+            assert commit.value == 3
+            third = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"four")], EPOCH)
+            term.appended(third)
+            following = await frames_out.receive()
+            assert isinstance(following, Append) and following.prev_index == 3 and following.leader_commit == 3
+            assert bytes(following.entries) == third.data
+            assert isinstance(await frames_out.receive(), Heartbeat)
+        assert commit.value == 4
+        assert [type(m).__name__ for m in received] == ["Append", "Heartbeat", "Append", "Heartbeat"]
+        nursery.cancel_scope.cancel()

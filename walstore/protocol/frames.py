@@ -140,8 +140,9 @@ class FrameDecoder:
             # instead of waiting for a whole header that may never come.
             self._check_lead(bytes(buf[pos : pos + min(available, len(MAGIC) + 1)]))
             return None
-        _, _, frame_type, flags, reserved, length, crc = _HEADER.unpack_from(buf, pos)
-        self._check_lead(bytes(buf[pos : pos + len(MAGIC) + 1]))
+        magic, version, frame_type, flags, reserved, length, crc = _HEADER.unpack_from(buf, pos)
+        if magic != MAGIC or version != FRAME_VERSION:
+            self._check_lead(bytes(buf[pos : pos + len(MAGIC) + 1]))
         if reserved != _RESERVED:
             raise ProtocolError(f"reserved header bytes are not zero: {reserved.hex()}")
         if length > self.max_payload_bytes:

@@ -428,13 +428,12 @@ _DECODERS: dict[int, Callable[[_Reader], Message]] = {
     )
 }
 assert set(_DECODERS) == set(FrameType), "every FrameType needs a message class"
+_NAMES = {int(t): t.name for t in FrameType}  # FrameType(x).name costs two Python calls
 
 
 def frame_type_name(frame_type: int) -> str:
-    try:
-        return FrameType(frame_type).name
-    except ValueError:
-        return f"unknown type {frame_type:#04x}"
+    name = _NAMES.get(frame_type)
+    return name if name is not None else f"unknown type {frame_type:#04x}"
 
 
 def check_known(frame_type: int, flags: int) -> None:
@@ -448,7 +447,7 @@ def check_known(frame_type: int, flags: int) -> None:
 def decode_message(frame: Frame) -> Message:
     """The message in one frame (whose CRC the frame decoder already checked)."""
     check_known(frame.type, frame.flags)
-    reader = _Reader(FrameType(frame.type).name, frame.payload)
+    reader = _Reader(_NAMES[frame.type], frame.payload)
     message = _DECODERS[frame.type](reader)
     reader.done()
     return message

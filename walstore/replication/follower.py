@@ -14,6 +14,11 @@ Rules (DESIGN.md "Replication and leadership"):
 * An APPEND is acknowledged (match index) only after fdatasync. Answers leave in the
   order the requests came, but the next APPEND is checked and submitted while the previous
   one is still syncing (one ordered queue of answers, one task that awaits durability).
+* A HEARTBEAT (commit index only, no answer) moves our commit index up to what this link
+  has *matched*: the last index an accepted APPEND of the same confirmed leader and epoch
+  proved equal to the leader's log. Entries up to there are the leader's, and the leader
+  committed them; anything else about a HEARTBEAT (another epoch, an unconfirmed sender,
+  nothing matched yet) makes it a no-op. A peer that is not the leader changes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import trio
 
 from walstore import _native
 from walstore.errors import DiskFullError, LogStateError, ProtocolError
-from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Message, Prepare, Promise
+from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Heartbeat, Message, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel
@@ -43,9 +48,18 @@ VerifyLeader = Callable[[int, str], Awaitable[bool]]
 
 @dataclass(slots=True)
 class _Answer:
-    message: Message
+    message: Message | None  # None: nothing to send (a HEARTBEAT's commit index)
     durable_at: int = 0  # send only once the local log is durable up to here
     commit_to: int = 0  # then the commit index may move up to here
+
+
+@dataclass(slots=True)
+class _Link:
+    """What one leader connection has proved: our log equals the leader's of ``epoch``
+    up to ``matched`` (set by every accepted APPEND, cleared by every refused one)."""
+
+    epoch: int = 0
+    matched: int = 0
 
 
 class FollowerService:
@@ -69,6 +83,7 @@ class FollowerService:
     async def serve(self, channel: PeerChannel, first: Message) -> None:
         """Answer requests on ``channel`` until it closes; ``first`` was already read."""
         send, receive = trio.open_memory_channel[_Answer](MAX_QUEUED_ANSWERS)
+        link = _Link()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._answer_in_order, channel, receive)
             async with send:
@@ -76,7 +91,14 @@ class FollowerService:
                 while True:
                     if message is None:
                         message = await channel.receive()
-                    answer = await self.handle(message, channel.peer_id)
+                    if isinstance(message, Heartbeat):
+                        commit_to = self._on_heartbeat(message, channel.peer_id, link)
+                        message = None
+                        if not commit_to:
+                            continue
+                        answer = _Answer(None, durable_at=commit_to, commit_to=commit_to)
+                    else:
+                        answer = await self.handle(message, channel.peer_id, link)
                     try:
                         await send.send(answer)
                     except trio.BrokenResourceError:
@@ -92,15 +114,26 @@ class FollowerService:
                     except (LogStateError, DiskFullError):
                         # Truncated by another leader's APPEND, or rolled back (disk full),
                         # after this answer was queued: acknowledging them would be a lie.
-                        await channel.send(self._nack(conflict_index=self.rlog.tail_index + 1).message)
+                        if answer.message is not None:
+                            await channel.send(self._nack_message(conflict_index=self.rlog.tail_index + 1))
                         continue
+                if answer.message is not None:
+                    # The answer first: advancing the commit index wakes the applier,
+                    # which would otherwise run before the leader hears from us.
+                    await channel.send(answer.message)
                 if answer.commit_to:
                     self.commit.advance(answer.commit_to)
-                await channel.send(answer.message)
 
-    async def handle(self, message: Message, peer_id: str) -> _Answer:
+    async def handle(self, message: Message, peer_id: str, link: _Link | None = None) -> _Answer:
         if isinstance(message, Append):
-            return await self._on_append(message, peer_id)
+            answer = await self._on_append(message, peer_id)
+            if link is not None:
+                ack = answer.message
+                if isinstance(ack, AppendAck) and ack.ok:
+                    link.epoch, link.matched = message.epoch, ack.match_index
+                else:
+                    link.epoch, link.matched = 0, 0
+            return answer
         if isinstance(message, Prepare):
             return _Answer(await self._on_prepare(message, peer_id))
         if isinstance(message, Fetch):
@@ -155,10 +188,19 @@ class FollowerService:
         data = self.rlog.read_raw(msg.from_index, min(msg.max_bytes, MAX_FETCH_ENTRIES_BYTES))
         return FetchResult(msg.request_id, msg.epoch, True, self.rlog.wal.last_index, data)
 
-    def _nack(self, conflict_index: int = 0, conflict_epoch: int = 0) -> _Answer:
+    def _on_heartbeat(self, msg: Heartbeat, peer_id: str, link: _Link) -> int:
+        """The index our commit may move up to (0: none). Never awaits, never answers."""
+        if msg.epoch != link.epoch or msg.epoch < self.rlog.promised_epoch or self._confirmed != (msg.epoch, peer_id):
+            return 0
+        commit_to = min(msg.leader_commit, link.matched, self.rlog.tail_index)
+        return commit_to if commit_to > self.commit.value else 0
+
+    def _nack_message(self, conflict_index: int = 0, conflict_epoch: int = 0) -> AppendAck:
         r = self.rlog
-        ack = AppendAck(r.promised_epoch, False, 0, r.tail_index, conflict_index, conflict_epoch)
-        return _Answer(ack)
+        return AppendAck(r.promised_epoch, False, 0, r.tail_index, conflict_index, conflict_epoch)
+
+    def _nack(self, conflict_index: int = 0, conflict_epoch: int = 0) -> _Answer:
+        return _Answer(self._nack_message(conflict_index, conflict_epoch))
 
     async def _on_append(self, msg: Append, peer_id: str) -> _Answer:
         async with self._append_lock:

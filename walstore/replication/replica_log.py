@@ -25,7 +25,9 @@ class ReplicaLog:
         self.wal = wal
         self.writer = writer
         self.promised_epoch = max(wal.promised_epoch, wal.last_epoch)
-        self._tail_moved = trio.Event()
+        # Created by the first waiter and set by the next change: every client append moves
+        # the tail, and almost never is anyone waiting, so no Event per submit.
+        self._tail_moved: trio.Event | None = None
         self._meta_lock = trio.Lock()
 
     # -- promises ----------------------------------------------------------------------
@@ -106,9 +108,13 @@ class ReplicaLog:
         self._tail_changed()
 
     def _tail_changed(self) -> None:
-        self._tail_moved.set()
-        self._tail_moved = trio.Event()
+        event = self._tail_moved
+        if event is not None:
+            self._tail_moved = None
+            event.set()
 
     async def wait_tail_moved(self) -> None:
         """Until the next submission, truncation or rollback."""
+        if self._tail_moved is None:
+            self._tail_moved = trio.Event()
         await self._tail_moved.wait()
