@@ -185,6 +185,40 @@ def test_encode_batch_rejects_oversized_body_before_c() -> None:
     assert info.value.errno == errno.EMSGSIZE
 
 
+@FAST
+@given(
+    st.lists(st.tuples(st.binary(max_size=70), st.integers(1, 3), st.integers(0, 1)), min_size=1, max_size=40),
+    st.integers(1, 2**64 - 1),
+    st.integers(1, 2**40),
+)
+def test_encode_records_is_encode_batch_without_the_copy(
+    records: list[tuple[bytes, int, int]], epoch: int, first: int
+) -> None:
+    bodies = [r[0] for r in records]
+    kinds = bytes(r[1] for r in records)
+    flags = bytes(r[2] for r in records)
+    out = native.encode_records(bodies, kinds, flags, epoch, first)
+    assert isinstance(out, bytearray)
+    assert out == native.encode_batch(bodies, kinds, flags, epoch, first)
+    assert out == ref_batch(bodies, list(kinds), list(flags), epoch, first)
+
+
+@pytest.mark.parametrize(
+    ("bodies", "kinds", "flags", "code"),
+    [
+        ([b"x", b"y"], b"\x01", b"\x00\x00", errno.EINVAL),  # one kind short
+        ([b"x"], b"\x01", b"", errno.EINVAL),
+        ([b"x", b"y"], b"\x01\x05", b"\x00\x00", errno.EINVAL),  # the sizing call refuses it
+        ([b"x", bytes(native.MAX_RECORD_BODY_BYTES + 1)], b"\x01\x01", b"\x00\x00", errno.EMSGSIZE),
+        ([bytes(native.MAX_RECORD_BODY_BYTES + 1)], b"\x01", b"\x00", errno.EMSGSIZE),
+    ],
+)
+def test_encode_records_rejects_bad_arguments(bodies: list[bytes], kinds: bytes, flags: bytes, code: int) -> None:
+    with pytest.raises(NativeError) as info:
+        native.encode_records(bodies, kinds, flags, 1, 1)
+    assert info.value.errno == code
+
+
 def test_record_size_and_constants() -> None:
     assert [native.record_size(n) for n in (0, 1, 7, 8, 9, 16)] == [32, 40, 40, 40, 48, 48]
     assert native.RECORD_HEADER_BYTES == 32

@@ -18,6 +18,9 @@ def test_wal_bench_smoke(tmp_path: Path) -> None:
     assert all(rate > 0 for rate, _, _ in result.writers.values())
     # more writers, more appends per fsync: group commit at work
     assert result.writers[256][2] > result.writers[1][2]
+    # the time is accounted for: loop time per append and thread time per round, both > 0
+    assert set(result.writer_costs) == set(WRITER_COUNTS)
+    assert all(loop_us > 0 and thread_ms > 0 for loop_us, thread_ms in result.writer_costs.values())
     assert result.replay_records == 3000 and result.replay_warm_records_s > 0
     text = "\n".join(lines)
     assert "raw ceiling" in text and "replay" in text and result.filesystem in text

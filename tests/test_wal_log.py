@@ -117,6 +117,38 @@ def test_oversized_body_is_refused() -> None:
         log.append(big)
 
 
+@pytest.mark.parametrize(
+    ("entries", "epoch", "first"),
+    [
+        ([(KIND_EVENT, 0, b"")], 1, 1),
+        ([(KIND_EVENT, 0, bytes(200)), (KIND_EPOCH_START, FLAG_BATCH_END, b"x" * 9)], 7, 40),
+        ([(KIND_EVENT, 0, bytes(201))], 1, 1),  # over the body limit
+        ([(0, 0, b"x")], 1, 1),
+        ([(4, 0, b"x")], 1, 1),
+        ([(KIND_EVENT, 2, b"x")], 1, 1),
+        ([(KIND_EVENT, 0, b"x")], 0, 1),
+        ([(KIND_EVENT, 0, b"x")], 1 << 64, 1),
+        ([(KIND_EVENT, 0, b"x")] * 2, 1, (1 << 64) - 1),  # the last index would overflow
+        ([], 1, 1),
+    ],
+)
+def test_encoded_size_checks_what_encode_checks(entries: list[tuple[int, int, bytes]], epoch: int, first: int) -> None:
+    """The group-commit writer checks with encoded_size at submit and encodes later, so
+    the two must agree: same size, and a LogStateError for exactly the same inputs."""
+    log, _ = open_sim()
+    try:
+        data = log.encode(entries, epoch, first)
+    except LogStateError:
+        with pytest.raises(LogStateError):
+            log.encoded_size(entries, epoch, first)
+    else:
+        if not entries:  # encode of nothing is b"", but a batch needs an entry
+            with pytest.raises(LogStateError):
+                log.encoded_size(entries, epoch, first)
+        else:
+            assert log.encoded_size(entries, epoch, first) == len(data)
+
+
 def test_rotation_and_reads_across_segments_then_reopen() -> None:
     log, fs = open_sim()
     expected: list[bytes] = []

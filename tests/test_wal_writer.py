@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from walstore.errors import DiskFullError, FsyncError, LogStateError, StorageError
 from walstore.wal.log import WalOptions, WriteAheadLog
-from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT
+from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT
 from walstore.wal.simfs import SimulatedFileSystem
 from walstore.wal.writer import GroupCommitWriter, PendingAppend
 
@@ -220,3 +222,185 @@ async def test_a_round_is_bounded_and_the_rest_goes_next() -> None:
         nursery.cancel_scope.cancel()
     assert writer.rounds >= 6  # 30 x 232 bytes in rounds of at most ~1000
     assert log.last_index == 30
+
+
+# -- rounds are encoded at write time, in one native call per run of batches ----------------------
+
+
+async def test_a_round_is_encoded_byte_for_byte_as_each_batch_alone() -> None:
+    """Single events, multi-entry batches, an epoch change, raw bytes and batches whose
+    ``data`` a leader already took: the round on disk is exactly their per-batch encodings."""
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+    other, _ = open_log()  # encodes each batch alone, as PendingAppend.data does
+    pendings = [
+        writer.submit([ev("one")], 1),
+        writer.submit([ev("two-a"), (KIND_EVENT, FLAG_BATCH_END, b"two-b"), ev("two-c")], 1),
+        writer.submit([(KIND_EPOCH_START, 0, b"{}")], 2),
+        writer.submit([ev("")], 2),  # an empty body: header only
+        writer.submit([ev("x" * 13)], 2),
+    ]
+    shipped = pendings[1].data  # taken before the round, as a leader does right after submit
+    pendings.append(writer.submit_raw(other.encode([ev("raw")], 2, writer.submitted_index + 1)))
+    pendings.append(writer.submit([ev("last")], 3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await pendings[-1].wait_durable()
+        nursery.cancel_scope.cancel()
+    assert writer.rounds == 1 and all(p.done for p in pendings)
+    expected = [
+        other.encode([ev("one")], 1, 1),
+        other.encode([ev("two-a"), (KIND_EVENT, FLAG_BATCH_END, b"two-b"), ev("two-c")], 1, 2),
+        other.encode([(KIND_EPOCH_START, 0, b"{}")], 2, 5),
+        other.encode([ev("")], 2, 6),
+        other.encode([ev("x" * 13)], 2, 7),
+        other.encode([ev("raw")], 2, 8),
+        other.encode([ev("last")], 3, 9),
+    ]
+    assert [p.data for p in pendings] == expected and shipped == expected[1]
+    assert [p.nbytes for p in pendings] == [len(e) for e in expected]
+    assert log.read_raw(1, 1 << 20) == b"".join(expected)
+    # BATCH_END on the last record of each submit, and where the caller put it (3)
+    assert [r.index for r in log.read(1) if r.batch_end] == [1, 3, 4, 5, 6, 7, 8, 9]
+    assert log.epoch_history == [(1, 1), (2, 5), (3, 9)]
+
+
+@given(
+    batches=st.lists(
+        st.tuples(
+            st.lists(
+                st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([0, 1]), st.binary(max_size=40)),
+                min_size=1,
+                max_size=4,
+            ),
+            st.integers(0, 1),  # epoch step
+            st.booleans(),  # take .data before the round
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_round_encoding_matches_per_batch_encoding(
+    batches: list[tuple[list[tuple[int, int, bytes]], int, bool]],
+) -> None:
+    async def main() -> None:
+        log, _ = open_log()
+        writer = GroupCommitWriter(log)
+        epoch, expected, pendings = 1, [], []
+        for entries, step, take in batches:
+            epoch += step
+            pending = writer.submit(entries, epoch)
+            expected.append(log.encode(entries, epoch, pending.first_index))
+            if take:
+                assert pending.data == expected[-1]
+            pendings.append(pending)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await pendings[-1].wait_durable()
+            nursery.cancel_scope.cancel()
+        assert log.read_raw(1, 1 << 20) == b"".join(expected)
+        assert [p.data for p in pendings] == expected
+
+    trio.run(main)
+
+
+async def test_bad_entries_fail_their_submit_and_queue_nothing() -> None:
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+    good = writer.submit([ev("ok")], 1)
+    bad: list[tuple[list[tuple[int, int, bytes]], int]] = [
+        ([(KIND_EVENT, 0, bytes(OPTS.max_record_body_bytes + 1))], 1),  # over the body limit
+        ([ev("fine"), (KIND_EVENT, 0, bytes(OPTS.max_record_body_bytes + 1))], 1),
+        ([(0, 0, b"kind 0")], 1),
+        ([(4, 0, b"unknown kind")], 1),
+        ([(KIND_EVENT, 2, b"unknown flag")], 1),
+        ([ev("epoch too big")], 1 << 64),
+    ]
+    for entries, epoch in bad:
+        with pytest.raises(LogStateError, match=r"^submit: "):
+            writer.submit(entries, epoch)
+    assert writer.submitted_index == 1 and writer.batches == 1
+    empty, _ = open_log()
+    with pytest.raises(LogStateError):
+        GroupCommitWriter(empty).submit([ev("epoch 0")], 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await good.wait_durable()
+        nursery.cancel_scope.cancel()
+    assert [r.body for r in log.read(1)] == [b"ok"]
+
+
+async def test_a_failed_fdatasync_reports_no_append_of_its_round_durable() -> None:
+    log, fs = open_log()
+    writer = GroupCommitWriter(log)
+    outcomes: dict[int, BaseException | None] = {}
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await writer.submit([ev("before")], 1).wait_durable()
+            fs.fail_next_fdatasync()
+
+            async def client(i: int) -> None:
+                pending = writer.submit([ev(f"r{i}")], 1)
+                try:
+                    await pending.wait_durable()
+                except FsyncError as e:
+                    outcomes[i] = e
+                else:
+                    outcomes[i] = None
+                assert pending.done
+
+            for i in range(40):
+                nursery.start_soon(client, i)
+    assert raised.group_contains(FsyncError)
+    assert len(outcomes) == 40 and all(isinstance(e, FsyncError) for e in outcomes.values())
+    assert writer.durable_index == 1
+    fs.crash()
+    log, _ = open_log(fs)
+    assert log.last_index == 1
+
+
+async def test_two_waiters_on_one_append_and_a_cancelled_one() -> None:
+    """A leader and its client both wait on the same append; a waiter that gives up
+    (cancelled) leaves the others and the append unaffected."""
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+    pending = writer.submit([ev("shared")], 1)
+    woke: list[str] = []
+
+    async def wait(name: str) -> None:
+        await pending.wait_durable()
+        woke.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "a")
+        nursery.start_soon(wait, "b")
+        with trio.CancelScope() as gave_up:
+            nursery.start_soon(lambda: _cancel_soon(gave_up))
+            await pending.wait_durable()
+        assert gave_up.cancelled_caught and not pending.done
+        await nursery.start(writer.run)
+        await pending.wait_durable()  # a third waiter after the cancelled one
+        await pending.wait_durable()  # done already: returns at once (still a checkpoint)
+        nursery.cancel_scope.cancel()
+    assert sorted(woke) == ["a", "b"] and writer.durable_index == 1
+
+
+async def _cancel_soon(scope: trio.CancelScope) -> None:
+    await trio.lowlevel.checkpoint()
+    scope.cancel()
+
+
+async def test_changing_the_entries_list_after_submit_changes_nothing() -> None:
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+    entries = [ev("checked")]
+    pending = writer.submit(entries, 1)
+    entries[0] = (KIND_EVENT, 0, bytes(OPTS.max_record_body_bytes + 1))  # would not encode
+    entries.append(ev("extra"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await pending.wait_durable()
+        nursery.cancel_scope.cancel()
+    assert [r.body for r in log.read(1)] == [b"checked"]

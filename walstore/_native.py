@@ -174,23 +174,52 @@ def encode_batch(
         raise NativeError(_errno.EINVAL, f"encode_batch: {n} bodies but {len(kinds)} kinds")
     try:
         kind_bytes = bytes(kinds)
-        flag_bytes = bytes(flags) if flags is not None else None
+        flag_bytes = bytes(flags) if flags is not None else bytes(n)
     except ValueError as exc:
         raise NativeError(_errno.EINVAL, f"encode_batch: kind or flag out of range ({exc})") from exc
+    return bytes(encode_records(bodies, kind_bytes, flag_bytes, epoch, first_index))
+
+
+def encode_records(
+    bodies: Sequence[bytes], kinds: bytes | bytearray, flags: bytes | bytearray, epoch: int, first_index: int
+) -> bytearray:
+    """encode_batch's core: one byte of kind and of flags per body, the result not copied
+    into bytes (a group-commit round is ~100 KB). A one-record call (~6 us) is nearly all
+    fixed cost; a 256-record round took ~80 us, ~0.3 us a record (measured): encode rounds."""
+    n = len(bodies)
+    if len(kinds) != n or len(flags) != n:
+        raise NativeError(_errno.EINVAL, f"encode_records: {n} bodies, {len(kinds)} kinds, {len(flags)} flags")
+    joined = bodies[0] if n == 1 else b"".join(bodies)
     lens = array("I")
-    for body in bodies:
-        if len(body) > MAX_RECORD_BODY_BYTES:
-            raise NativeError(_errno.EMSGSIZE, f"encode_batch: body of {len(body)} bytes")
-        lens.append(len(body))
-    joined = b"".join(bodies)
-    total = RECORD_HEADER_BYTES * n + sum((length + 7) & ~7 for length in lens)
-    out = bytearray(total)
+    try:
+        lens.extend(map(len, bodies))
+    except OverflowError:
+        raise NativeError(_errno.EMSGSIZE, "encode_records: a body over 4 GiB") from None
+    if n and max(lens) > MAX_RECORD_BODY_BYTES:  # before allocating anything that big
+        raise NativeError(_errno.EMSGSIZE, f"encode_records: body of {max(lens)} bytes")
+    joined_ptr = _ffi.from_buffer("uint8_t[]", joined)
+    lens_ptr = _ffi.from_buffer("uint32_t[]", lens)
+    kinds_ptr = _ffi.from_buffer("uint8_t[]", kinds)
+    flags_ptr = _ffi.from_buffer("uint8_t[]", flags)
     out_len = _ffi.new("size_t *")
+    what = f"encode_records(epoch={epoch}, first_index={first_index}, n={n})"
+    if n == 1:
+        total = record_size(lens[0])
+    else:
+        # A sizing call (validates everything, writes nothing): cheaper than summing the
+        # padded sizes in Python once a round holds more than a few records.
+        rc = _lib.ws_encode_batch(
+            joined_ptr, lens_ptr, kinds_ptr, flags_ptr, n, epoch, first_index, _ffi.NULL, 0, out_len
+        )
+        if rc < 0 and rc != -_errno.ENOBUFS:
+            _raise_errno(rc, what)
+        total = int(out_len[0])
+    out = bytearray(total)
     rc = _lib.ws_encode_batch(
-        _ffi.from_buffer("uint8_t[]", joined),
-        _ffi.from_buffer("uint32_t[]", lens),
-        _ffi.from_buffer("uint8_t[]", kind_bytes),
-        _ffi.from_buffer("uint8_t[]", flag_bytes) if flag_bytes is not None else _ffi.NULL,
+        joined_ptr,
+        lens_ptr,
+        kinds_ptr,
+        flags_ptr,
         n,
         epoch,
         first_index,
@@ -199,8 +228,8 @@ def encode_batch(
         out_len,
     )
     if rc < 0:
-        _raise_errno(rc, f"encode_batch(epoch={epoch}, first_index={first_index}, n={n})")
-    return bytes(out)
+        _raise_errno(rc, what)
+    return out
 
 
 def scan(

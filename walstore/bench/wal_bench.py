@@ -8,9 +8,12 @@ because /tmp is often tmpfs, where fdatasync costs nothing and proves nothing):
    space like the WAL's segments;
 2. the WAL: 300-byte event bodies appended through ``GroupCommitWriter`` by 1, 16 and 256
    concurrent trio tasks, each waiting for durability before its next append (as HTTP
-   clients do): appends/s, MB/s of records written, records per fdatasync; then 256 tasks
-   appending 64-event batches, which divides the event loop's per-append cost (tens of
-   microseconds of Python per submit/wake-up, the limit of the single-event case) by 64;
+   clients do): appends/s, MB/s of records written, records per fdatasync, and where the
+   time went: event-loop time per append and worker-thread time (encode, write,
+   fdatasync) per round. The rounds are serial: every writer waits on the one in flight,
+   so the loop's per-append cost (~10 us here, about half of it trio's own task switch)
+   times 256 plus one round's thread time bounds the rate. Then 256 tasks appending
+   64-event batches, which divides that per-append cost by 64;
 3. replay: ``WriteAheadLog.open`` of a log of N records (default 1,000,000), with the
    segment files in the page cache and after evicting them (POSIX_FADV_DONTNEED on those
    files only; nothing system-wide is dropped).
@@ -48,6 +51,8 @@ class WalBenchResult:
     raw_4k_sync_ops: float = 0.0
     raw_seq_mb_s: float = 0.0
     writers: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # n -> (appends/s, MB/s, per fsync)
+    # n -> (event-loop microseconds per append, worker-thread milliseconds per round)
+    writer_costs: dict[int, tuple[float, float]] = field(default_factory=dict)
     batched_mb_s: float = 0.0
     replay_records: int = 0
     replay_warm_records_s: float = 0.0
@@ -98,9 +103,11 @@ def _event_body(i: int) -> bytes:
     return (head + b"x" * EVENT_BODY_BYTES)[: EVENT_BODY_BYTES - 2] + b'"}'
 
 
-async def _group_commit(directory: Path, writers: int, seconds: float, per_batch: int = 1) -> tuple[int, float, int]:
-    """(events, elapsed, rounds) with `writers` tasks appending batches of `per_batch`
-    events and awaiting their durability before the next."""
+async def _group_commit(
+    directory: Path, writers: int, seconds: float, per_batch: int = 1
+) -> tuple[int, float, int, float]:
+    """(events, elapsed, rounds, seconds in the worker thread) with `writers` tasks
+    appending batches of `per_batch` events and awaiting their durability before the next."""
     log = WriteAheadLog.open(directory)
     writer = GroupCommitWriter(log)
     count = 0
@@ -123,7 +130,7 @@ async def _group_commit(directory: Path, writers: int, seconds: float, per_batch
                     clients.start_soon(client)
             elapsed = time.perf_counter() - start
             nursery.cancel_scope.cancel()
-        return count, elapsed, writer.rounds
+        return count, elapsed, writer.rounds, writer.round_seconds
     finally:
         log.close()
 
@@ -182,20 +189,24 @@ def run_wal_bench(
 
         rec_bytes = record_size(EVENT_BODY_BYTES)
         for n in WRITER_COUNTS:
-            appends, elapsed, rounds = trio.run(_group_commit, tmp / f"wal-{n}", n, seconds)
+            appends, elapsed, rounds, in_thread = trio.run(_group_commit, tmp / f"wal-{n}", n, seconds)
             rate = appends / elapsed
             mb_s = rate * rec_bytes / MIB
             per_sync = appends / max(rounds, 1)
             result.writers[n] = (rate, mb_s, per_sync)
+            loop_us = (elapsed - in_thread) / max(appends, 1) * 1e6
+            thread_ms = in_thread / max(rounds, 1) * 1e3
+            result.writer_costs[n] = (loop_us, thread_ms)
             out(
                 f"wal {n:3d} writer(s), {EVENT_BODY_BYTES} B events: {rate:10.0f} appends/s {mb_s:8.1f} MB/s "
                 f"{per_sync:6.1f} appends/fsync | {rate / result.raw_4k_sync_ops:5.2f}x raw fsync rate, "
-                f"{mb_s / result.raw_seq_mb_s:5.1%} of raw MB/s"
+                f"{mb_s / result.raw_seq_mb_s:5.1%} of raw MB/s | loop {loop_us:5.1f} us/append, "
+                f"thread {thread_ms:5.2f} ms/round"
             )
             shutil.rmtree(tmp / f"wal-{n}")
         # The same path with the event loop's per-append cost divided by 64: how close the
         # WAL's own I/O (one pwritev + one fdatasync per round) gets to the raw bandwidth.
-        events, elapsed, rounds = trio.run(_group_commit, tmp / "wal-batches", 256, seconds, BATCH_EVENTS)
+        events, elapsed, rounds, _ = trio.run(_group_commit, tmp / "wal-batches", 256, seconds, BATCH_EVENTS)
         mb_s = events / elapsed * rec_bytes / MIB
         result.batched_mb_s = mb_s
         out(

