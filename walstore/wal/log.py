@@ -40,6 +40,7 @@ from walstore.errors import ConfigError, FsyncError, LogStateError, NativeError,
 from walstore.wal.fs import FileSystem, RealFileSystem
 from walstore.wal.meta import WalMeta, load_meta, save_meta
 from walstore.wal.record import (
+    _HEADER,
     FLAG_BATCH_END,
     KIND_NAMES,
     MAX_RECORD_BODY_BYTES,
@@ -53,6 +54,10 @@ from walstore.wal.recovery import cut_log, epoch_changes, epoch_history, repair,
 from walstore.wal.segment import SEGMENT_HEADER_BYTES, SegmentState, create_segment, write_zeros
 
 _ZEROS = memoryview(bytes(1 << 20))
+# Reads of at least this many records verify them with one native scan per segment (~4.5 us
+# a record, measured) instead of record by record (~9.5 us); the scan's fixed cost (~20 us)
+# makes it slower below this.
+_SCAN_READ_MIN_RECORDS = 8
 _U64 = 1 << 64
 _KINDS = frozenset(KIND_NAMES)
 
@@ -457,6 +462,8 @@ class WriteAheadLog:
         if not self.first_index <= first <= self._last_index + 1:
             raise LogStateError(f"read from {first}: the log holds [{self.first_index}, {self._last_index}]")
         last = self._last_index if last is None else min(last, self._last_index)
+        if max_bytes is None and last - first >= _SCAN_READ_MIN_RECORDS:
+            return self._read_scanned(first, last)
         records: list[Record] = []
         total = 0
         index = first
@@ -469,6 +476,35 @@ class WriteAheadLog:
                 records.append(rec)
                 total += rec.size
                 index += 1
+        return records
+
+    def _read_scanned(self, first: int, last: int) -> list[Record]:
+        """``read`` without a byte budget: each segment's stretch is verified by ONE native
+        scan (CRC, lengths, kinds, indexes, padding), then only sliced here. The applier
+        reads every appended record back, a group-commit round at a time, so this is on
+        the append path."""
+        records: list[Record] = []
+        max_body = self._options.max_record_body_bytes
+        unpack = _HEADER.unpack_from
+        index = first
+        while index <= last:
+            seg = self._segment_of(index)
+            stop_index = min(last, seg.last_index)
+            count = stop_index - index + 1
+            start = seg.offset_of(index)
+            end = seg.record_end(stop_index)
+            view = seg.file.view()
+            res = _native.scan(view[:end], start, index, max_body, count)
+            if res.count != count or res.end_offset != end:
+                # Damaged since it was opened: name the record, file and offset exactly.
+                bad = index + res.count
+                self._decode(seg, seg.offset_of(bad), bad)
+                raise LogStateError(f"{seg.path} offset {res.end_offset}: record {bad} is damaged ({res.reason})")
+            for offset in res.offsets[:count]:
+                body_len, _, kind, flags, _, _, epoch, idx = unpack(view, offset)
+                body = bytes(view[offset + RECORD_HEADER_BYTES : offset + RECORD_HEADER_BYTES + body_len])
+                records.append(Record(kind, flags, epoch, idx, body, offset, record_size(body_len)))
+            index = stop_index + 1
         return records
 
     def read_raw(self, first: int, max_bytes: int) -> bytes:
