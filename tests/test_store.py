@@ -496,6 +496,35 @@ def test_results_of_a_batch_applied_as_written_read_nothing_back(store: EventSto
     assert log.reads == reads  # confirmed when applied: no decode on the append path
 
 
+def test_apply_own_applies_pending_events_from_memory_up_to_a_gap(store: EventStore, log: MemLog, mask: int) -> None:
+    append(store, log, ev("1", "a"))
+    p1 = store.prepare([ev("2", "a"), ev("3", "b")], timestamp_us=TS)
+    store.pending_added(log.write(p1.bodies), p1)
+    log.append(KIND_NOOP)  # not ours: apply_own must stop in front of it
+    p2 = store.prepare([ev("4", "a")], timestamp_us=TS)
+    store.pending_added(log.write(p2.bodies), p2)
+    reads = log.reads
+    assert store.apply_own(2) == 1  # only up to what the caller says is committed
+    assert store.apply_own(10) == 1  # then index 3; index 4 is the NOOP
+    assert store.last_applied_log_index == 3
+    if mask:  # with every hash colliding, verifying an id hit reads the earlier record
+        assert log.reads == reads
+    assert store.apply_own(10) == 0
+    log.apply_all(store)  # the NOOP and then "4", read from the log
+    assert store.results(p1) == [AppendResult("2", 2, 2), AppendResult("3", 3, 1)]
+    assert store.results(p2) == [AppendResult("4", 4, 3)]
+    assert store.read_aggregate("a").version == 3
+    assert [e.id for e in store.read_log(1).events] == ["1", "2", "3", "4"]
+
+
+def test_apply_own_has_nothing_after_the_overlay_is_dropped(store: EventStore, log: MemLog) -> None:
+    p = store.prepare([ev("1", "a")], timestamp_us=TS)
+    store.pending_added(log.write(p.bodies), p)
+    store.pending_clear()  # leadership lost: the log decides what is at index 1
+    assert store.apply_own(1) == 0
+    assert store.last_applied_log_index == 0
+
+
 def test_results_answer_event_indexes_across_system_records(store: EventStore, log: MemLog) -> None:
     log.append(KIND_EPOCH_START)
     log.apply_all(store)

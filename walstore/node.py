@@ -275,9 +275,12 @@ class Node:
         return True
 
     async def _apply_now(self, upto: int) -> None:
-        first = self.store.last_applied_log_index + 1
-        if upto >= first:
-            self.store.rebuild(self.wal.read(first, upto))
+        store = self.store
+        if upto > store.last_applied_log_index:
+            store.apply_own(upto)  # a leader's own appends: from memory, not read back
+            first = store.last_applied_log_index + 1
+            if upto >= first:
+                store.rebuild(self.wal.read(first, upto))
         self.applied.advance(self.store.last_applied_log_index)
         self.applied_events.advance(self.store.last_applied_event_index)
         self.metrics.commit_index.set(self.commit.value)
