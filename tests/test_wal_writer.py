@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from walstore import _native
 from walstore.errors import DiskFullError, FsyncError, LogStateError, StorageError
 from walstore.wal.log import WalOptions, WriteAheadLog
 from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT
 from walstore.wal.simfs import SimulatedFileSystem
-from walstore.wal.writer import GroupCommitWriter, PendingAppend
+from walstore.wal.writer import GroupCommitWriter, PendingAppend, encode_pending
 
 D = Path("/wal")
 OPTS = WalOptions(segment_size_bytes=4096, max_record_body_bytes=256)
@@ -404,3 +406,46 @@ async def test_changing_the_entries_list_after_submit_changes_nothing() -> None:
         await pending.wait_durable()
         nursery.cancel_scope.cancel()
     assert [r.body for r in log.read(1)] == [b"checked"]
+
+
+async def test_encode_pending_ships_the_bytes_each_batch_would_and_the_round_reuses_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+    other, _ = open_log()
+    pendings = [
+        writer.submit([ev("a")], 1),
+        writer.submit([ev("b"), ev("c")], 1),
+        writer.submit([ev("d")], 1),
+        writer.submit([(KIND_EPOCH_START, 0, b"{}")], 2),  # an epoch change splits the stretch
+        writer.submit([ev("e")], 2),
+        writer.submit([ev("f")], 2),
+    ]
+    already = pendings[2].data  # shipped earlier: it splits the stretch too, and is kept
+    expected = [
+        other.encode([ev("a")], 1, 1),
+        other.encode([ev("b"), ev("c")], 1, 2),
+        other.encode([ev("d")], 1, 4),
+        other.encode([(KIND_EPOCH_START, 0, b"{}")], 2, 5),
+        other.encode([ev("e")], 2, 6),
+        other.encode([ev("f")], 2, 7),
+    ]
+    calls: list[int] = []
+    real = _native.encode_records
+
+    def counting(bodies: list[bytes], *args: Any) -> bytearray:
+        calls.append(len(bodies))
+        return real(bodies, *args)
+
+    monkeypatch.setattr(_native, "encode_records", counting)
+    assert encode_pending(pendings) == b"".join(expected)
+    assert calls == [3, 3]  # a+b+c in epoch 1, then the epoch start+e+f: a call per stretch
+    assert [p.data for p in pendings] == expected
+    assert pendings[2].data is already
+    assert encode_pending(pendings[4:5]) == expected[4]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await pendings[-1].wait_durable()
+        nursery.cancel_scope.cancel()
+    assert log.read_raw(1, 100_000) == b"".join(expected)

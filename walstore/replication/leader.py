@@ -34,7 +34,7 @@ from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.wal.record import peek_header
-from walstore.wal.writer import PendingAppend
+from walstore.wal.writer import PendingAppend, encode_pending
 from walstore.watermark import Watermark
 
 log = logging.getLogger("walstore.leader")
@@ -261,15 +261,16 @@ class LeaderTerm:
             return b"", first - 1
         pending = self._cache_by_first.get(first)
         if pending is not None:
-            parts = [pending.data]
+            batches = [pending]
             size, last = pending.nbytes, pending.last_index
             while (batch := self._cache_by_first.get(last + 1)) is not None:
                 if size + batch.nbytes > MAX_APPEND_BYTES:
                     break
-                parts.append(batch.data)
+                batches.append(batch)
                 size += batch.nbytes
                 last = batch.last_index
-            return (parts[0] if len(parts) == 1 else b"".join(parts)), last
+            # one native encode for the batches not shipped yet, not one per batch
+            return encode_pending(batches), last
         if first > self.rlog.wal.last_index:
             await self.rlog.writer.wait_durable(first)
         data = self.rlog.read_raw(first, MAX_APPEND_BYTES)

@@ -483,7 +483,43 @@ class GroupCommitWriter:
 _Run = tuple[list[bytes], bytearray, bytearray, int, int]
 
 
-def _round_parts(batch: list[PendingAppend]) -> list[bytes | _Run]:
+def encode_pending(batches: Sequence[PendingAppend]) -> bytes:
+    """The records of consecutive batches as one byte string (what a leader ships).
+
+    Batches not encoded yet are encoded a stretch at a time (consecutive, one epoch: one
+    native call) and keep their bytes, so the round that writes them does not encode them
+    again. Reading ``data`` batch by batch instead costs a native call (~6 us) per batch,
+    and a leader under load ships frames of tens of single-event batches."""
+    i, n = 0, len(batches)
+    while i < n:
+        first = batches[i]
+        j = i + 1
+        if first._data is None:
+            while (
+                j < n
+                and batches[j]._data is None
+                and batches[j].last_epoch == first.last_epoch
+                and batches[j].first_index == batches[j - 1].last_index + 1
+            ):
+                j += 1
+        if j - i > 1:
+            stretch = batches[i:j]
+            (run,) = _round_parts(stretch)
+            assert not isinstance(run, bytes)
+            try:
+                encoded = _native.encode_records(*run)
+            except (NativeError, ValueError, OverflowError) as e:
+                raise LogStateError(f"cannot encode batches from index {first.first_index}: {e}") from None
+            view = memoryview(encoded)
+            pos = 0
+            for p in stretch:
+                p._data = bytes(view[pos : pos + p.nbytes])
+                pos += p.nbytes
+        i = j
+    return batches[0].data if n == 1 else b"".join(p.data for p in batches)
+
+
+def _round_parts(batch: Sequence[PendingAppend]) -> list[bytes | _Run]:
     """The round as already-encoded bytes (raw appends, batches a leader encoded to ship)
     and runs of not-yet-encoded batches of one epoch, each run one native call. A round
     of single-event submits is one run: one ~60 us call instead of 256 x ~6 us."""
