@@ -148,19 +148,12 @@ class PendingAppend:
             assert isinstance(state, StorageError)
             raise state
 
-    def _finish_more(self) -> None:
-        assert self._more is not None
-        for task in self._more:
-            _reschedule(task)
-        self._more = None
-
     def _abort_first(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._waiter = None
         return _ABORTED
 
     def _finish(self, error: StorageError | None) -> None:
-        """Record the outcome and wake every waiter (GroupCommitWriter._write_round inlines
-        this for the common, successful case)."""
+        """Record the outcome and wake every waiter."""
         if self._state is not _RUNNING:
             return
         self._state = error
@@ -168,7 +161,9 @@ class PendingAppend:
             _reschedule(self._waiter)
             self._waiter = None
         if self._more is not None:
-            self._finish_more()
+            for task in self._more:
+                _reschedule(task)
+            self._more = None
 
 
 # PendingAppend._state while the batch is neither durable nor failed.
@@ -419,16 +414,8 @@ class GroupCommitWriter:
         self.rounds += 1
         self.round_seconds += elapsed
         self._durable_index = batch[-1].last_index
-        # PendingAppend._finish(None) inlined: it runs once per append, and a method call is
-        # a good part of its cost.
         for p in batch:
-            if p._state is _RUNNING:
-                p._state = None
-                if p._waiter is not None:
-                    _reschedule(p._waiter)
-                    p._waiter = None
-                if p._more is not None:
-                    p._finish_more()
+            p._finish(None)
         if self._metrics is not None:
             self._metrics.wal_fsync_seconds.observe(elapsed)
             self._metrics.wal_fsync_batch_events.observe(batch[-1].last_index - batch[0].first_index + 1)
