@@ -45,6 +45,8 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from walstore.errors import RequestError
+
 # A chunk-size line with extensions: real clients send none; 4 KiB is generous and keeps a
 # client from making us buffer an endless line.
 MAX_CHUNK_LINE_BYTES: Final = 4096
@@ -90,17 +92,20 @@ _CHUNK_END: Final = 4  # chunked: the CRLF after chunk data
 _TRAILERS: Final = 5  # chunked: trailer lines up to a blank line
 
 
-class HttpParseError(Exception):
+class HttpParseError(RequestError):
     """The request is malformed or over a limit: answer ``status`` and close.
 
     ``code`` is the JSON error code of the answer; ``limit`` the byte limit exceeded
-    (413, 431)."""
+    (413, 431). A RequestError like every other client error, with the status per
+    instance: one parser raises 400, 413, 431, 501 and 505."""
 
     def __init__(self, status: int, code: str, message: str, *, limit: int | None = None) -> None:
-        super().__init__(message)
+        if limit is None:
+            super().__init__(message, code=code)
+        else:
+            super().__init__(message, code=code, limit=limit)
+        self.http_status = status
         self.status = status
-        self.code = code
-        self.message = message
         self.limit = limit
 
 
