@@ -241,6 +241,10 @@ class LeaderTerm:
                     with trio.move_on_after(self.heartbeat_s):
                         await progress.wake.wait()
                     if progress.wake.is_set():
+                        # Woken by a submit: let the WAL writer (woken by the same submit)
+                        # start the leader's own fdatasync first, then ship; the leader's
+                        # own write is the longer path to a commit.
+                        await trio.lowlevel.checkpoint()
                         continue
             prev = first - 1
             prev_epoch = self.rlog.epoch_at(prev)
