@@ -10,7 +10,6 @@ thread is still writing. Short leases (0.5-1 s) keep these tests to a few second
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import trio
 
 from walstore.config import Config, from_env
+from walstore.election.etcd_process import free_ports
 from walstore.election.memory import MemoryElection, MemoryElectionHub
 from walstore.node import Node
 from walstore.replication.replicator import Replicator
@@ -28,12 +28,6 @@ def replicator(node: Node) -> Replicator:
     """The node's replicator, which every node in these clusters has once started."""
     assert node.replicator is not None, f"{node.config.node_id} has no replicator"
     return node.replicator
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class InProcessCluster:
@@ -51,8 +45,9 @@ class InProcessCluster:
         self.hub = MemoryElectionHub()
         self.lease_ttl_s = lease_ttl_s
         self.append_timeout_s = append_timeout_s
-        self.peer_ports = {f"n{i}": free_port() for i in range(size)}
-        self.http_ports = {k: free_port() for k in self.peer_ports}
+        ports = free_ports(2 * size)  # one call: all distinct
+        self.peer_ports = {f"n{i}": ports[2 * i] for i in range(size)}
+        self.http_ports = {f"n{i}": ports[2 * i + 1] for i in range(size)}
         self.nodes: dict[str, Node] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._stopped: dict[str, trio.Event] = {}

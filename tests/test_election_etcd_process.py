@@ -3,12 +3,14 @@ share: free ports, readiness, the port-race retry, member faults, and clean stop
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from walstore.election import etcd_process
 from walstore.election.etcd_process import HOST, EtcdCluster, find_etcd_binary, free_ports
 from walstore.errors import ConfigError, ElectionError
 
@@ -34,6 +36,21 @@ def test_free_ports_are_distinct_and_bindable() -> None:
     ports = free_ports(8)
     assert len(set(ports)) == 8
     assert all(port_is_free(p) for p in ports)
+
+
+def test_free_ports_avoid_the_range_outgoing_connections_take_source_ports_from() -> None:
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(10_000 <= p < first_ephemeral for p in free_ports(20))
+
+
+def test_free_ports_skip_a_port_that_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind((HOST, 0))
+        taken = squatter.getsockname()[1]
+        other = free_ports(1)[0]
+        # the taken port first in line, then one that is free
+        monkeypatch.setattr(random, "sample", lambda pool, k: [taken, other])
+        assert etcd_process.free_ports(1) == [other]
 
 
 def test_one_member_starts_answers_and_stops(tmp_path: Path) -> None:

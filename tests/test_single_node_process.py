@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,9 @@ from pathlib import Path
 import pytest
 
 from walstore.client import ClientError, WalstoreClient
+from walstore.election.etcd_process import free_ports
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -40,7 +34,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True, segment_size: int = 1 << 20) -> None:
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         env = dict(
             os.environ,
             NODE_ID="solo",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -66,13 +67,46 @@ def find_etcd_binary(explicit: str | None = None) -> str:
     return candidate
 
 
+# Ports below the kernel's ephemeral range are tried first, from here up.
+_LOWEST_CHOSEN_PORT = 10_000
+_DEFAULT_EPHEMERAL_FIRST = 32_768  # Linux's default ip_local_port_range starts here
+
+
+def _ephemeral_first() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _DEFAULT_EPHEMERAL_FIRST
+
+
 def free_ports(count: int, host: str = HOST) -> list[int]:
-    """``count`` distinct ports that were free a moment ago. All sockets are held open until
-    every port is chosen, so the list has no duplicates; another process can still take one
-    before it is used, which callers handle by retrying (see ``PORT_RACE_ATTEMPTS``)."""
+    """``count`` distinct ports that were free a moment ago.
+
+    Chosen at random below the kernel's ephemeral range when there is room: ``bind(0)``
+    hands out ports from that range, and so does every outgoing ``connect`` for its source
+    port, so a port found there can be taken by any client connection before our server
+    binds it (a test saw "Address already in use" that way). Below the range only a server
+    binding that very port can take it. Each port is checked by binding it, and all
+    sockets are held open until every port is chosen, so the list has no duplicates;
+    another process can still take one before it is used, which callers that start
+    servers handle by retrying (see ``PORT_RACE_ATTEMPTS``)."""
+    first_ephemeral = _ephemeral_first()
+    pool = range(_LOWEST_CHOSEN_PORT, first_ephemeral)
+    candidates = random.sample(pool, min(len(pool), 20 * count)) if len(pool) >= 4 * count else []
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        for port in candidates:
+            if len(ports) == count:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()  # taken (or lingering in TIME_WAIT): try another
+                continue
+            stack.enter_context(sock)
+            ports.append(port)
+        while len(ports) < count:  # no room below the ephemeral range: the kernel's pick
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind((host, 0))
             ports.append(int(sock.getsockname()[1]))
