@@ -454,3 +454,20 @@ def test_damage_after_open_is_named_by_a_range_read() -> None:
     assert err.value.offset == rec.offset
     assert [r.index for r in log.read(1, damaged - 1)] == list(range(1, damaged))
     assert [r.index for r in log.read(damaged + 1)] == list(range(damaged + 1, log.last_index + 1))
+
+
+def test_body_reads_check_the_crc_and_name_damage_like_record() -> None:
+    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
+    for _ in range(6):
+        add(log, 5)
+    assert [log.body(i) for i in range(1, log.last_index + 1)] == [r.body for r in log.read(1)]
+    damaged = 12
+    rec = log.record(damaged)
+    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    fs.damage(path, rec.offset + 32 + 3, bytes([rec.body[3] ^ 0x10]))
+    with pytest.raises(CorruptionError) as err:
+        log.body(damaged)
+    assert err.value.offset == rec.offset
+    assert log.body(damaged + 1) == log.record(damaged + 1).body  # its neighbours still read
+    with pytest.raises(LogStateError):
+        log.body(log.last_index + 1)

@@ -62,7 +62,7 @@ class _LogBodies:
         self.wal = wal
 
     def body(self, log_index: int) -> bytes:
-        return self.wal.record(log_index).body
+        return self.wal.body(log_index)
 
 
 class Node:
