@@ -32,6 +32,7 @@ this alone: a new leader's higher epoch fences the old one at the followers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -287,3 +288,81 @@ class LeaderObserver:
                 yield current
                 continue
             await changed.wait()
+
+
+class ElectionBase:
+    """What both backends share: the ``async with`` life cycle (a nursery that runs the
+    backend's leader observation), ``current_leader``/``watch_leader`` from one
+    ``LeaderObserver``, and one campaign at a time with the same checks before it.
+    A backend provides ``_campaign``, ``_observe_forever``, ``resign`` and ``aclose``."""
+
+    def __init__(self, ttl_s: float, safety_margin_s: float | None) -> None:
+        self.ttl_s = ttl_s
+        self.safety_margin_s = default_safety_margin_s(ttl_s) if safety_margin_s is None else safety_margin_s
+        check_lease_settings(ttl_s, self.safety_margin_s)
+        self._observer = LeaderObserver()
+        self._leadership: Leadership | None = None
+        self._campaigning = False
+        self._closed = False
+        self._stack = contextlib.AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> Self:
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._entered()
+        self._nursery.start_soon(self._observe_forever)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.aclose()
+        finally:
+            await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def campaign(self, candidate: Candidate) -> Leadership:
+        self._check_can_campaign(candidate)
+        self._campaigning = True
+        try:
+            return await self._campaign(candidate)
+        finally:
+            self._campaigning = False
+
+    def _check_can_campaign(self, candidate: Candidate) -> None:
+        if self._closed:
+            raise ElectionError("election is closed")
+        if self._nursery is None:
+            raise ElectionError("use the election with `async with` before campaigning")
+        self._check_candidate(candidate)
+        if self._campaigning:
+            raise ElectionError("a campaign is already running on this election")
+        if self._leadership is not None and not self._leadership.lost.is_set():
+            raise ElectionError(f"{self._leadership.info.node_id} already leads (epoch {self._leadership.epoch})")
+
+    def current_leader(self) -> LeaderInfo | None:
+        return self._observer.leader
+
+    def watch_leader(self) -> AsyncIterator[LeaderInfo | None]:
+        return self._observer.watch()
+
+    def _entered(self) -> None:
+        """Runs once the nursery is open, before observation starts."""
+
+    def _check_candidate(self, candidate: Candidate) -> None:
+        """Refuse a candidate this election object cannot campaign for."""
+
+    async def _campaign(self, candidate: Candidate) -> Leadership:
+        raise NotImplementedError
+
+    async def _observe_forever(self) -> None:
+        raise NotImplementedError
+
+    async def resign(self, leadership: Leadership) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError

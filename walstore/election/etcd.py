@@ -42,10 +42,9 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -53,11 +52,9 @@ from walstore.election.base import (
     DEFAULT_LEASE_TTL_S,
     KEEP_ALIVES_PER_TTL,
     Candidate,
+    ElectionBase,
     LeaderInfo,
-    LeaderObserver,
     Leadership,
-    check_lease_settings,
-    default_safety_margin_s,
     election_key,
 )
 from walstore.errors import ConfigError, ElectionError
@@ -321,7 +318,7 @@ class _WatchStream:
 # ---- the election ---------------------------------------------------------------------
 
 
-class EtcdElection:
+class EtcdElection(ElectionBase):
     """``Election`` on etcd. Use with ``async with EtcdElection(endpoints, cluster_id)``.
 
     ``ttl_s`` is whole seconds (etcd leases are); ``safety_margin_s`` defaults to a quarter
@@ -342,65 +339,23 @@ class EtcdElection:
             raise ConfigError(f"etcd lease TTL must be a whole number of seconds >= 1, got {ttl_s!r}")
         if not rpc_timeout_s > 0:
             raise ConfigError(f"rpc_timeout_s must be positive, got {rpc_timeout_s!r}")
+        super().__init__(ttl_s, safety_margin_s)
+        self._lease_ttl_s = ttl_s  # etcd leases are whole seconds
         self.key = election_key(cluster_id)
-        self.ttl_s = ttl_s
-        self.safety_margin_s = default_safety_margin_s(ttl_s) if safety_margin_s is None else safety_margin_s
-        check_lease_settings(ttl_s, self.safety_margin_s)
         self._endpoints = _Endpoints(parse_endpoints(endpoints), rpc_timeout_s)
         self._limiter = trio.CapacityLimiter(rpc_threads)
         # Watch reads block for as long as nothing changes: keep them off the RPC slots.
         self._watch_limiter = trio.CapacityLimiter(2)
-        self._observer = LeaderObserver()
         self._observed_revision = 0
         self._key_present = False
-        self._leadership: Leadership | None = None
         self._lease_id: int | None = None
-        self._campaigning = False
         self._keep_alive_suspended = False
-        self._closed = False
-        self._stack = contextlib.AsyncExitStack()
-        self._nursery: trio.Nursery | None = None
 
     @property
     def endpoints(self) -> list[str]:
         return [self._endpoints.name(i) for i in range(len(self._endpoints.endpoints))]
 
-    async def __aenter__(self) -> Self:
-        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
-        self._nursery.start_soon(self._observe_forever)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self.aclose()
-        finally:
-            await self._stack.__aexit__(exc_type, exc, tb)
-
     # ---- Election ----------------------------------------------------------------------
-
-    async def campaign(self, candidate: Candidate) -> Leadership:
-        self._check_can_campaign(candidate)
-        self._campaigning = True
-        try:
-            return await self._campaign(candidate)
-        finally:
-            self._campaigning = False
-
-    def _check_can_campaign(self, candidate: Candidate) -> None:
-        if self._closed:
-            raise ElectionError("election is closed")
-        if self._nursery is None:
-            raise ElectionError("use the election with `async with` before campaigning")
-        if self._campaigning:
-            raise ElectionError("a campaign is already running on this election")
-        if self._leadership is not None and not self._leadership.lost.is_set():
-            raise ElectionError(f"{self._leadership.info.node_id} already leads (epoch {self._leadership.epoch})")
-        del candidate  # any node id: one etcd election object per node
 
     async def _campaign(self, candidate: Candidate) -> Leadership:
         value = candidate.to_json()
@@ -411,7 +366,7 @@ class EtcdElection:
             lease_id: int | None = None
             sent_at = trio.current_time()
             try:
-                _, (lease_id, granted_s) = await self._rpc("lease grant", functools.partial(_grant, self.ttl_s))
+                _, (lease_id, granted_s) = await self._rpc("lease grant", functools.partial(_grant, self._lease_ttl_s))
                 _, result = await self._rpc(
                     "campaign transaction",
                     functools.partial(_campaign_txn, self.key, value, lease_id),
@@ -450,7 +405,7 @@ class EtcdElection:
         self, candidate: Candidate, lease_id: int, granted_s: int, sent_at: float,
         result: _TxnResult,
     ) -> Leadership:  # fmt: skip
-        ttl_s = min(self.ttl_s, granted_s)
+        ttl_s = min(self._lease_ttl_s, granted_s)
         leadership = Leadership(candidate.with_epoch(result.kv.create_revision), sent_at + ttl_s - self.safety_margin_s)
         self._leadership, self._lease_id = leadership, lease_id
         self._observe(result.kv, result.revision)
@@ -464,12 +419,6 @@ class EtcdElection:
         if leadership is self._leadership and self._lease_id is not None:
             lease_id, self._lease_id = self._lease_id, None
             await self._revoke_now(lease_id)
-
-    def current_leader(self) -> LeaderInfo | None:
-        return self._observer.leader
-
-    def watch_leader(self) -> AsyncIterator[LeaderInfo | None]:
-        return self._observer.watch()
 
     async def aclose(self) -> None:
         if self._closed:

@@ -28,10 +28,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
 import trio
 
@@ -39,11 +37,9 @@ from walstore.election.base import (
     DEFAULT_LEASE_TTL_S,
     KEEP_ALIVES_PER_TTL,
     Candidate,
+    ElectionBase,
     LeaderInfo,
-    LeaderObserver,
     Leadership,
-    check_lease_settings,
-    default_safety_margin_s,
 )
 from walstore.errors import ElectionError
 
@@ -198,7 +194,7 @@ class MemoryElectionHub:
         self._changed = trio.Event()
 
 
-class MemoryElection:
+class MemoryElection(ElectionBase):
     """One node's ``Election`` on a ``MemoryElectionHub``; use it with ``async with``."""
 
     def __init__(
@@ -209,48 +205,17 @@ class MemoryElection:
         ttl_s: float = DEFAULT_LEASE_TTL_S,
         safety_margin_s: float | None = None,
     ) -> None:
+        super().__init__(ttl_s, safety_margin_s)
         self.hub = hub
         self.node_id = node_id
-        self.ttl_s = ttl_s
-        self.safety_margin_s = default_safety_margin_s(ttl_s) if safety_margin_s is None else safety_margin_s
-        check_lease_settings(ttl_s, self.safety_margin_s)
-        self._observer = LeaderObserver()
-        self._leadership: Leadership | None = None
         self._lease: _Lease | None = None
-        self._closed = False
-        self._campaign_running = False
-        self._stack = contextlib.AsyncExitStack()
-        self._nursery: trio.Nursery | None = None
 
-    async def __aenter__(self) -> Self:
-        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+    def _entered(self) -> None:
         self._observe_now()
-        self._nursery.start_soon(self._observe_forever)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self.aclose()
-        finally:
-            await self._stack.__aexit__(exc_type, exc, tb)
-
-    async def campaign(self, candidate: Candidate) -> Leadership:
-        self._check_can_campaign(candidate)
+    async def _campaign(self, candidate: Candidate) -> Leadership:
         nursery = self._nursery
-        if nursery is None:
-            raise ElectionError("use the election with `async with` before campaigning")
-        self._campaign_running = True
-        try:
-            return await self._campaign(candidate, nursery)
-        finally:
-            self._campaign_running = False
-
-    async def _campaign(self, candidate: Candidate, nursery: trio.Nursery) -> Leadership:
+        assert nursery is not None  # checked by _check_can_campaign
         with self.hub.campaigning(self.node_id):
             while True:
                 await trio.lowlevel.checkpoint()
@@ -269,15 +234,9 @@ class MemoryElection:
         nursery.start_soon(self._keep_alive, lease, leadership, sent_at)
         return leadership
 
-    def _check_can_campaign(self, candidate: Candidate) -> None:
-        if self._closed:
-            raise ElectionError("election is closed")
+    def _check_candidate(self, candidate: Candidate) -> None:
         if candidate.node_id != self.node_id:
             raise ElectionError(f"candidate {candidate.node_id!r} cannot campaign in {self.node_id!r}'s election")
-        if self._campaign_running:
-            raise ElectionError("a campaign is already running on this election")
-        if self._leadership is not None and not self._leadership.lost.is_set():
-            raise ElectionError(f"{self.node_id} already leads (epoch {self._leadership.epoch})")
 
     async def _keep_alive(self, lease: _Lease, leadership: Leadership, sent_at: float) -> None:
         interval = self.ttl_s / KEEP_ALIVES_PER_TTL
@@ -305,12 +264,6 @@ class MemoryElection:
             self.hub.revoke(self._lease)
             self._leadership = self._lease = None
             self._observe_now()
-
-    def current_leader(self) -> LeaderInfo | None:
-        return self._observer.leader
-
-    def watch_leader(self) -> AsyncIterator[LeaderInfo | None]:
-        return self._observer.watch()
 
     async def aclose(self) -> None:
         if self._closed:
