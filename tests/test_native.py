@@ -662,3 +662,15 @@ def test_u64map_small_and_empty() -> None:
     m.put(0, 5)
     assert m.get(0) == 5 and len(m) == 1 and 0 in m
     assert m.nbytes >= 16 * 16
+
+
+def test_a_failed_pwritev_sync_gives_the_callers_buffers_back() -> None:
+    # The error of a failed write is kept (the log is poisoned) with its traceback, which
+    # holds the failed call's frame: that frame must not keep the caller's memoryviews
+    # exported, or collecting them at exit fails ("memoryview has 1 exported buffer") and
+    # the interpreter crashed.
+    view = memoryview(bytearray(b"x" * 64))[8:16]
+    with pytest.raises((NativeError, FsyncError)) as failed:
+        native.pwritev_sync(-1, 0, [view], True)
+    assert failed.value.__traceback__ is not None
+    view.release()  # BufferError while an export of it is alive

@@ -328,17 +328,26 @@ def pwritev_sync(
     """
     what = path if path is not None else f"fd {fd}"
     keep = [_ffi.from_buffer("uint8_t[]", b) for b in bufs]
-    ptrs = _ffi.new("uint8_t *[]", keep) if keep else _ffi.NULL
-    lens = _ffi.new("size_t[]", [len(k) for k in keep]) if keep else _ffi.NULL
-    step = _ffi.new("int *")
-    rc = _lib.ws_pwritev_sync(fd, offset, ptrs, lens, len(keep), 1 if sync else 0, step)
+    size = sum(len(k) for k in keep)
+    try:
+        ptrs = _ffi.new("uint8_t *[]", keep) if keep else _ffi.NULL
+        lens = _ffi.new("size_t[]", [len(k) for k in keep]) if keep else _ffi.NULL
+        step = _ffi.new("int *")
+        rc = _lib.ws_pwritev_sync(fd, offset, ptrs, lens, len(keep), 1 if sync else 0, step)
+    finally:
+        # Give the buffers back now, not when this frame dies: a failed write's error is
+        # kept for good (the log is poisoned) and its traceback keeps this frame, so the
+        # exports would outlive everything and pin the caller's memoryviews into garbage
+        # cycles, which crashed the interpreter at exit (SIGSEGV while collecting them).
+        for k in keep:
+            _ffi.release(k)
     if rc == 0:
         return
     err = -rc
     if step[0] == _lib.WS_STEP_SYNC:
         raise FsyncError(err, what)
     if err in (_errno.ENOSPC, _errno.EDQUOT):
-        raise DiskFullError(f"no space to write {sum(len(k) for k in keep)} bytes at {what}:{offset}")
+        raise DiskFullError(f"no space to write {size} bytes at {what}:{offset}")
     raise NativeError(err, f"pwritev {what} at offset {offset}")
 
 
