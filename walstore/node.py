@@ -328,6 +328,7 @@ class Node:
             )
         except LogStateError as exc:  # the log holds entries not applied yet (a new term)
             raise UnavailableError(f"catching up: {exc}", code="not_caught_up", retry_after_s=0.2) from exc
+        own: PendingAppend | None = None
         if prepared.bodies:
             entries = [(KIND_EVENT, 0, body) for body in prepared.bodies]
             entries[-1] = (KIND_EVENT, FLAG_BATCH_END, entries[-1][2])
@@ -338,10 +339,10 @@ class Node:
             self.store.pending_added(pending.first_index, prepared)
             self.metrics.events_appended_total.inc(len(entries))
             if self.replicator is None:
-                await self._wait_applied_solo(pending, prepared.wait_log_index)
+                own = pending  # alone, durable is committed: the applier commits it
             else:
                 await self._wait_committed(pending.last_index)
-        await self._wait_applied(prepared.wait_log_index)
+        await self._wait_applied(prepared.wait_log_index, own)
         if prepared.bodies and self.replicator is not None and not self.replicator.still_leading():
             # Checked again right before answering: a pause (GC, SIGSTOP) may have outlived
             # the lease since the commit was seen.
@@ -350,20 +351,6 @@ class Node:
             return self.store.results(prepared)
         except LogStateError as exc:  # our records were replaced by another leader's
             raise OutcomeUnknown(f"the batch's log entries were replaced: {exc}") from exc
-
-    async def _wait_applied_solo(self, pending: PendingAppend, index: int) -> None:
-        """Single node: wait until our batch is applied (the applier commits what is
-        durable); a disk-full rollback wakes us (``_on_rollback``) to answer 503."""
-        deadline = trio.current_time() + self.append_timeout_s
-        while self.applied.value < index and trio.current_time() < deadline:
-            if pending.done:
-                try:
-                    await pending.wait_durable()  # returns at once; raises what failed it
-                except DiskFullError as exc:
-                    raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
-            await self.applied.wait_for(index, deadline)
-        if self.applied.value < index:
-            raise OutcomeUnknown(f"index {index} not applied in time")
 
     async def _wait_committed(self, index: int) -> None:
         if self.commit.value < index:
@@ -375,11 +362,20 @@ class Node:
             # Committed entries are safe, but a leader that lost its lease acks nothing.
             raise OutcomeUnknown("leadership lost before the answer; the write is committed or will be discarded")
 
-    async def _wait_applied(self, index: int) -> None:
-        if self.applied.value < index:
-            deadline = trio.current_time() + self.append_timeout_s
-            while self.applied.value < index and trio.current_time() < deadline:
-                await self.applied.wait_for(index, deadline)
+    async def _wait_applied(self, index: int, own: PendingAppend | None = None) -> None:
+        """Until ``index`` is applied; OutcomeUnknown after the append timeout. ``own`` is
+        a single node's batch: a disk-full rollback of it wakes this wait
+        (``_on_rollback``) and is answered 503, as nothing of it was written."""
+        if self.applied.value >= index:
+            return
+        deadline = trio.current_time() + self.append_timeout_s
+        while self.applied.value < index and trio.current_time() < deadline:
+            if own is not None and own.done:
+                try:
+                    await own.wait_durable()  # returns at once; raises what failed it
+                except DiskFullError as exc:
+                    raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
+            await self.applied.wait_for(index, deadline)
         if self.applied.value < index:
             raise OutcomeUnknown(f"index {index} not applied in time")
 
