@@ -449,3 +449,92 @@ async def test_encode_pending_ships_the_bytes_each_batch_would_and_the_round_reu
         await pendings[-1].wait_durable()
         nursery.cancel_scope.cancel()
     assert log.read_raw(1, 100_000) == b"".join(expected)
+
+
+# -- the writer thread ----------------------------------------------------------------------------
+
+
+def _hold_first_round(
+    writer: GroupCommitWriter, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, Any, list[tuple[int, int]]]:
+    """Make the writer thread stop inside its first round until ``release`` is set;
+    ``inside`` is set once it is there; ``rounds`` records (records in the round, the
+    durable index the event loop had published) as each round starts."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    sizes: list[tuple[int, int]] = []
+    real = writer._encode_and_append
+
+    def held(parts: list[Any]) -> int:
+        sizes.append((sum(len(p[0]) if isinstance(p, tuple) else 1 for p in parts), writer.durable_index))
+        if len(sizes) == 1:
+            inside.set()
+            release.wait(10)
+        return real(parts)
+
+    monkeypatch.setattr(writer, "_encode_and_append", held)
+    return inside, release, sizes
+
+
+async def test_batches_submitted_during_a_round_are_the_next_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+    inside, release, sizes = _hold_first_round(writer, monkeypatch)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        first = writer.submit([ev("first")], 1)
+        await trio.to_thread.run_sync(inside.wait, 10)
+        later = [writer.submit([ev(f"later{i}")], 1) for i in range(20)]
+        release.set()
+        await later[-1].wait_durable()
+        assert first.done and all(p.done for p in later)
+        nursery.cancel_scope.cancel()
+    # one round for all 20, started only once the loop had taken the first round's outcome
+    assert sizes == [(1, 0), (20, 1)] and writer.rounds == 2
+
+
+async def test_cancelling_the_writer_mid_round_finishes_and_accounts_that_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The round being written when run() is cancelled completes and counts as durable;
+    what was still queued fails (never written)."""
+    log, fs = open_log()
+    writer = GroupCommitWriter(log)
+    inside, release, _ = _hold_first_round(writer, monkeypatch)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        in_round = writer.submit([ev("in the round")], 1)
+        await trio.to_thread.run_sync(inside.wait, 10)
+        queued = writer.submit([ev("queued")], 1)
+        nursery.cancel_scope.cancel()
+        trio.lowlevel.current_trio_token().run_sync_soon(release.set)  # once run() waits for it
+    assert in_round.done and writer.durable_index == 1
+    await in_round.wait_durable()  # succeeded
+    with pytest.raises(StorageError):
+        await queued.wait_durable()
+    fs.crash()
+    log, _ = open_log(fs)
+    assert [r.body for r in log.read(1)] == [b"in the round"]
+
+
+async def test_a_crash_in_the_writer_thread_stops_the_writer_and_fails_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log, _ = open_log()
+    writer = GroupCommitWriter(log)
+
+    def broken(parts: list[Any]) -> int:
+        raise RuntimeError("a bug in the round")
+
+    monkeypatch.setattr(writer, "_encode_and_append", broken)
+    pending = writer.submit([ev("doomed")], 1)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            with pytest.raises(StorageError):
+                await pending.wait_durable()
+    assert raised.group_contains(RuntimeError, match="a bug in the round")
+    assert writer.durable_index == 0
+    with pytest.raises(StorageError):
+        writer.submit([ev("later")], 1)
