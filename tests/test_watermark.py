@@ -116,3 +116,22 @@ async def test_expire_wakes_only_the_overdue() -> None:
         assert mark.waiting == 1
         mark.expire(float("inf"))
     assert sorted(woke) == [1.0, 3.0, 5.0] and mark.waiting == 0
+
+
+async def test_on_advance_runs_once_per_advance_before_woken_waiters_run() -> None:
+    mark = Watermark()
+    calls: list[tuple[int, bool]] = []
+    woke: list[int] = []
+    mark.on_advance = lambda value: calls.append((value, bool(woke)))
+
+    async def waiter() -> None:
+        await mark.wait_for(2)
+        woke.append(mark.value)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        mark.advance(1)
+        mark.advance(1)  # not an advance: no call
+        mark.advance(3)
+    assert calls == [(1, False), (3, False)] and woke == [3]

@@ -124,6 +124,7 @@ class Node:
             await self._start_cluster(election, nursery)
         else:
             await self._start_solo()
+        self.commit.on_advance = self._apply_ready
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
         app = HttpApp(self, metrics=self.metrics)
@@ -189,7 +190,7 @@ class Node:
     async def _start_solo(self) -> None:
         # Rebuild from the whole log: alone, everything durable is committed.
         self.commit.advance(self.wal.last_index)
-        await self._apply_now(self.wal.last_index)
+        self._apply_now(self.wal.last_index)
         epoch = max(self.rlog.promised_epoch, self.wal.last_epoch) + 1
         await self.rlog.promise(epoch)
         pending = self.rlog.submit([(KIND_EPOCH_START, FLAG_BATCH_END, b'{"solo":true}')], epoch)
@@ -246,8 +247,16 @@ class Node:
                     await self.writer.wait_durable(target)
                 except (LogStateError, DiskFullError):
                     continue  # rolled back or truncated meanwhile; look again
-            await self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
+            self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
             await trio.lowlevel.checkpoint()
+
+    def _apply_ready(self, commit: int) -> None:
+        """``commit.on_advance``: apply at once what is committed and already in our log
+        (at most a chunk; the applier task does the rest and waits for what is not here)."""
+        first = self.store.last_applied_log_index + 1
+        upto = min(commit, self.wal.last_index, first + APPLY_CHUNK_RECORDS - 1)
+        if upto >= first:
+            self._apply_now(upto)
 
     async def _expire_waits(self) -> None:
         """The append timeout, for every waiting append at once (see ``watermark``): a
@@ -274,7 +283,7 @@ class Node:
         self.commit.advance(self.writer.durable_index)
         return True
 
-    async def _apply_now(self, upto: int) -> None:
+    def _apply_now(self, upto: int) -> None:
         store = self.store
         if upto > store.last_applied_log_index:
             store.apply_own(upto)  # a leader's own appends: from memory, not read back
@@ -288,7 +297,9 @@ class Node:
 
     def _on_term_end(self) -> None:
         self.store.pending_clear()
-        self.commit.interrupt()  # appends waiting for a commit of this term: outcome unknown
+        # Appends waiting for a commit of this term: outcome unknown (they wait on applied).
+        self.commit.interrupt()
+        self.applied.interrupt()
 
     def _on_rollback(self, first_failed_index: int) -> None:
         """The writer dropped every batch from ``first_failed_index`` (disk full): runs in
@@ -353,14 +364,17 @@ class Node:
             raise OutcomeUnknown(f"the batch's log entries were replaced: {exc}") from exc
 
     async def _wait_committed(self, index: int) -> None:
-        if self.commit.value < index:
-            # Wakes on commit, on timeout, or when the term ends (``commit.interrupt``).
-            await self.commit.wait_for(index, trio.current_time() + self.append_timeout_s)
-        if self.commit.value < index:
+        """Until ``index`` is committed, waiting on ``applied``: a commit is applied the
+        moment it is seen (``_apply_ready``), so the append wakes once, not once for the
+        commit and again a scheduler pass later for the applier (each ~0.5-0.9 ms on a
+        leader at 16 connections). The caller still waits for it to be applied and checks
+        the lease right before answering."""
+        if self.applied.value >= index:
+            return
+        # Wakes once applied, on timeout, or when the term ends (``_on_term_end`` interrupts).
+        await self.applied.wait_for(index, trio.current_time() + self.append_timeout_s)
+        if self.applied.value < index and self.commit.value < index:
             raise OutcomeUnknown(f"index {index} not committed (leadership changed or timed out); it may still appear")
-        if self.replicator is not None and not self.replicator.still_leading():
-            # Committed entries are safe, but a leader that lost its lease acks nothing.
-            raise OutcomeUnknown("leadership lost before the answer; the write is committed or will be discarded")
 
     async def _wait_applied(self, index: int, own: PendingAppend | None = None) -> None:
         """Until ``index`` is applied; OutcomeUnknown after the append timeout. ``own`` is

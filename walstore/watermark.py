@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 
 import trio
 import trio.lowlevel
@@ -30,6 +31,9 @@ class Watermark:
         # (target, arrival, task, deadline); a heap on target
         self._waiters: list[tuple[int, int, trio.lowlevel.Task, float]] = []
         self._seq = itertools.count()
+        # Called with the new value after every advance, before any woken task runs: the
+        # node applies a new commit right there, so its waiters wake once, on ``applied``.
+        self.on_advance: Callable[[int], None] | None = None
 
     @property
     def value(self) -> int:
@@ -48,6 +52,8 @@ class Watermark:
         waiters = self._waiters
         while waiters and waiters[0][0] <= value:
             trio.lowlevel.reschedule(heapq.heappop(waiters)[2])
+        if self.on_advance is not None:
+            self.on_advance(value)
 
     def interrupt(self) -> None:
         """Wake every waiter without moving: each re-checks ``value`` and decides (a
