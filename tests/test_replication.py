@@ -410,3 +410,109 @@ async def test_leader_ships_cached_batches_and_sends_the_commit_in_an_unanswered
         assert commit.value == 4
         assert [type(m).__name__ for m in received] == ["Append", "Heartbeat", "Append", "Heartbeat"]
         nursery.cancel_scope.cancel()
+
+
+async def _held_follower_term(
+    tmp_path: Path, nursery: trio.Nursery, release: trio.Event, received: list[Append]
+) -> tuple[ReplicaLog, LeaderTerm, trio.MemoryReceiveChannel[Append]]:
+    """A leader term whose one (fake) follower reads every frame but answers nothing until
+    ``release`` is set, then acknowledges every APPEND it got, in order."""
+    frames, frames_out = trio.open_memory_channel[Append](1000)
+
+    async def fake_follower(channel: PeerChannel) -> None:
+        unanswered, to_answer = trio.open_memory_channel[Append](1000)
+
+        async def answer() -> None:
+            await release.wait()
+            async for message in to_answer:
+                last = _native.scan(bytes(message.entries), 0, message.prev_index + 1).next_index - 1
+                await channel.send(AppendAck(message.epoch, True, max(last, message.prev_index), last, 0, 0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            while True:
+                message = await channel.receive()
+                if isinstance(message, Append):
+                    received.append(message)
+                    await frames.send(message)
+                    await unanswered.send(message)
+
+    rlog = await _local_log(tmp_path, nursery)
+    port = await nursery.start(
+        lambda task_status: serve_peers(
+            "127.0.0.1",
+            0,
+            cluster_id="event-store",
+            node_id="follower",
+            epoch=lambda: 0,
+            handler=fake_follower,
+            task_status=task_status,
+        )
+    )
+    term = LeaderTerm(
+        epoch=EPOCH,
+        start_index=1,
+        node_id="leader",
+        cluster_id="event-store",
+        rlog=rlog,
+        followers=[PeerSpec("follower", "127.0.0.1", port)],
+        commit=Watermark(),
+        heartbeat_s=3600,
+        on_higher_epoch=lambda epoch, peer: None,
+    )
+    term.progress["follower"].next_index = 1
+    return rlog, term, frames_out
+
+
+async def test_batches_submitted_while_a_frame_is_unanswered_go_out_as_one_frame(tmp_path: Path) -> None:
+    """Under client load one frame is in flight: what arrives meanwhile waits for its answer
+    and then travels together (fewer frames, wake-ups and answers on both sides)."""
+    release = trio.Event()
+    received: list[Append] = []
+    async with trio.open_nursery() as nursery:
+        rlog, term, frames_out = await _held_follower_term(tmp_path, nursery, release, received)
+        first = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"first")], EPOCH)
+        term.appended(first)
+        nursery.start_soon(term.run)
+        with trio.fail_after(10):
+            assert bytes((await frames_out.receive()).entries) == first.data
+            later = []
+            for i in range(5):
+                pending = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"later-%d" % i)], EPOCH)
+                term.appended(pending)
+                later.append(pending)
+                await trio.sleep(0.01)  # the sender runs between submits: it must still wait
+            assert len(received) == 1  # nothing more while the first is unanswered
+            release.set()
+            second = await frames_out.receive()
+        assert second.prev_index == 1 and bytes(second.entries) == b"".join(p.data for p in later)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_far_behind_gets_frames_pipelined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catching up (at least PIPELINE_MIN_ENTRIES waiting), several frames leave before the
+    first answer, up to WINDOW."""
+    from walstore.replication import leader as leader_module
+
+    monkeypatch.setattr(leader_module, "MAX_APPEND_BYTES", 4096)  # many frames for the backlog
+    release = trio.Event()
+    received: list[Append] = []
+    async with trio.open_nursery() as nursery:
+        rlog, term, frames_out = await _held_follower_term(tmp_path, nursery, release, received)
+        backlog = 3 * leader_module.PIPELINE_MIN_ENTRIES  # > WINDOW frames of ~100 entries beyond it
+        for i in range(backlog):
+            term.appended(rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"b%d" % i)], EPOCH))
+        nursery.start_soon(term.run)
+        with trio.fail_after(10):
+            for _ in range(leader_module.WINDOW):
+                await frames_out.receive()
+            await trio.sleep(0.2)
+            assert len(received) == leader_module.WINDOW  # the window is full: no more yet
+            release.set()
+            while (
+                received[-1].prev_index
+                + _native.scan(bytes(received[-1].entries), 0, received[-1].prev_index + 1).count
+                < backlog
+            ):
+                await frames_out.receive()
+        nursery.cancel_scope.cancel()
