@@ -518,16 +518,17 @@ async def test_cancelling_the_writer_mid_round_finishes_and_accounts_that_round(
     assert [r.body for r in log.read(1)] == [b"in the round"]
 
 
+@pytest.mark.parametrize("where", ["_encode_and_append", "_take_round"])  # in a round, and around one
 async def test_a_crash_in_the_writer_thread_stops_the_writer_and_fails_waiters(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     log, _ = open_log()
     writer = GroupCommitWriter(log)
 
-    def broken(parts: list[Any]) -> int:
+    def broken(*args: Any) -> int:
         raise RuntimeError("a bug in the round")
 
-    monkeypatch.setattr(writer, "_encode_and_append", broken)
+    monkeypatch.setattr(writer, where, broken)
     pending = writer.submit([ev("doomed")], 1)
     with pytest.raises(BaseExceptionGroup) as raised:
         async with trio.open_nursery() as nursery:

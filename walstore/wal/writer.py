@@ -373,6 +373,7 @@ class GroupCommitWriter:
         ended = trio.Event()
         with self._lock:
             self._stopping = False
+            self._unseen = False
         thread = threading.Thread(
             target=self._thread_main,
             args=(trio.lowlevel.current_trio_token().run_sync_soon, ended.set),
@@ -411,45 +412,50 @@ class GroupCommitWriter:
         bigger, and a DiskFullError's rollback runs before anything else is written. Stops
         when asked (after the job in hand) or after a fatal error."""
         try:
-            while True:
-                with self._lock:
-                    if self._stopping:
-                        return
-                    job: list[PendingAppend] | _Truncate | None = None
-                    if self._queue and not self._unseen:
-                        head = self._queue[0]
-                        if isinstance(head, _Truncate):
-                            del self._queue[0]
-                            job = head
-                        else:
-                            job = self._take_round()
-                        self._unseen = True
-                    else:
-                        self._sleeping = True
-                if job is None:
-                    self._wake.acquire()
-                    continue
-                if isinstance(job, _Truncate):
-                    try:
-                        self._log.truncate_suffix(job.after_index)
-                    except BaseException as e:
-                        post(self._truncate_done, job, e)
-                        return
-                    post(self._truncate_done, job, None)
-                    continue
-                started = time.perf_counter()
-                try:
-                    nbytes = self._encode_and_append(_round_parts(job))
-                except DiskFullError as e:
-                    post(self._round_done, job, 0, 0.0, e)  # the loop rolls the tail back
-                    continue
-                except BaseException as e:
-                    post(self._round_done, job, 0, 0.0, e)
-                    return
-                post(self._round_done, job, nbytes, time.perf_counter() - started, None)
+            self._thread_loop(post)
+        except BaseException as e:  # a bug outside a job: still a fatal outcome, not a silent stop
+            post(self._thread_crashed, e)
         finally:
             # The loop outlives this thread: run() waits for this before it returns.
             post(ended)
+
+    def _thread_loop(self, post: Callable[..., object]) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                job: list[PendingAppend] | _Truncate | None = None
+                if self._queue and not self._unseen:
+                    head = self._queue[0]
+                    if isinstance(head, _Truncate):
+                        del self._queue[0]
+                        job = head
+                    else:
+                        job = self._take_round()
+                    self._unseen = True
+                else:
+                    self._sleeping = True
+            if job is None:
+                self._wake.acquire()
+                continue
+            if isinstance(job, _Truncate):
+                try:
+                    self._log.truncate_suffix(job.after_index)
+                except BaseException as e:
+                    post(self._truncate_done, job, e)
+                    return
+                post(self._truncate_done, job, None)
+                continue
+            started = time.perf_counter()
+            try:
+                nbytes = self._encode_and_append(_round_parts(job))
+            except DiskFullError as e:
+                post(self._round_done, job, 0, 0.0, e)  # the loop rolls the tail back
+                continue
+            except BaseException as e:
+                post(self._round_done, job, 0, 0.0, e)
+                return
+            post(self._round_done, job, nbytes, time.perf_counter() - started, None)
 
     def _take_round(self) -> list[PendingAppend]:
         """(Under _lock.) The queued appends up to the first truncation, at most
@@ -532,6 +538,9 @@ class GroupCommitWriter:
         request.error = failure
         request.done.set()
         self._stop_for(error, failure)
+
+    def _thread_crashed(self, error: BaseException) -> None:
+        self._stop_for(error, StorageError(f"the write-ahead log writer failed: {error!r}"))
 
     def _stop_for(self, error: BaseException, failure: StorageError) -> None:
         """A fatal outcome: later submits raise it and run() re-raises it."""
