@@ -251,12 +251,13 @@ class Node:
             await trio.lowlevel.checkpoint()
 
     def _apply_ready(self, commit: int) -> None:
-        """``commit.on_advance``: apply at once what is committed and already in our log
-        (at most a chunk; the applier task does the rest and waits for what is not here)."""
-        first = self.store.last_applied_log_index + 1
-        upto = min(commit, self.wal.last_index, first + APPLY_CHUNK_RECORDS - 1)
-        if upto >= first:
-            self._apply_now(upto)
+        """``commit.on_advance``: a leader's own appends that are committed and in our log
+        are applied right here, from memory (``EventStore.apply_own``). Whatever must be
+        read back from the log is left to the applier task: a read error there stops the
+        node, as it should, not the replication task that happened to move the commit."""
+        upto = min(commit, self.wal.last_index)
+        if upto > self.store.last_applied_log_index and self.store.apply_own(upto):
+            self._publish_applied()
 
     async def _expire_waits(self) -> None:
         """The append timeout, for every waiting append at once (see ``watermark``): a
@@ -290,6 +291,9 @@ class Node:
             first = store.last_applied_log_index + 1
             if upto >= first:
                 store.rebuild(self.wal.read(first, upto))
+        self._publish_applied()
+
+    def _publish_applied(self) -> None:
         self.applied.advance(self.store.last_applied_log_index)
         self.applied_events.advance(self.store.last_applied_event_index)
         self.metrics.commit_index.set(self.commit.value)
