@@ -47,8 +47,9 @@ WINDOW = 8  # APPEND frames in flight per follower while it catches up
 # entries wait (a follower catching up). Under client load, one frame in flight means the
 # batches that arrive during a follower's fsync travel as one frame, not one frame each:
 # every frame costs both sides a wake-up, a decode and an answer, and the follower syncs
-# what has arrived in one round either way. 3 nodes, 16 connections: ~7 -> ~30 client
-# batches a frame; ~1,250 -> ~2,050 writes/s (64 connections: ~2,400 -> ~3,400).
+# what has arrived in one round either way. 3 nodes, 16 connections: ~7 -> ~10 client
+# batches a frame and ~350 -> ~30 commit HEARTBEATs per 8 s; ~1,250 -> ~1,600-2,150
+# writes/s (64 connections: ~2,200-2,650 -> ~2,850-3,400), alternating A/B runs.
 PIPELINE_MIN_ENTRIES = 1024
 MAX_APPEND_BYTES = min(4 << 20, MAX_APPEND_ENTRIES_BYTES)  # per frame; bounds follower memory
 TAIL_CACHE_BYTES = 64 << 20  # recent batches kept in memory for followers
