@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -72,6 +73,50 @@ async def test_writes_commit_with_one_follower_down_and_stop_with_two(tmp_path: 
             await leader.append([event(n=4)])
         assert info.value.http_status == 503
         assert leader.store.last_applied_event_index == 2
+
+
+async def test_an_append_waiting_when_the_term_ends_is_unknown_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for a commit ends with the term (504 outcome_unknown), not at the append
+    timeout: the leader's appends wait on ``applied``, and a term's end interrupts it."""
+    import threading
+
+    release = threading.Event()
+    async with in_process_cluster(tmp_path, append_timeout_s=30.0) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        await leader.append([event(n=1)])
+        for node in cluster.nodes.values():
+            if node is not leader:  # followers stay connected but sync nothing: no acks
+                real = node.writer._encode_and_append
+
+                def held(parts: list[Any], real: Any = real) -> int:
+                    release.wait(30)
+                    return int(real(parts))
+
+                monkeypatch.setattr(node.writer, "_encode_and_append", held)
+        outcome: list[str] = []
+
+        async def append() -> None:
+            try:
+                await leader.append([event(n=2)])
+            except OutcomeUnknown:
+                outcome.append("unknown")
+            else:
+                outcome.append("committed")
+
+        try:
+            with trio.fail_after(5):  # far below the 30 s append timeout
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(append)
+                    await trio.sleep(0.3)
+                    assert not outcome  # waiting: no follower has synced it
+                    assert leader.replicator is not None
+                    leader.replicator.step_down()
+        finally:
+            release.set()
+        assert outcome == ["unknown"]
 
 
 async def test_follower_restarted_catches_up_byte_identical(tmp_path: Path) -> None:
