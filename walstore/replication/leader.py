@@ -48,8 +48,8 @@ WINDOW = 8  # APPEND frames in flight per follower while it catches up
 # batches that arrive during a follower's fsync travel as one frame, not one frame each:
 # every frame costs both sides a wake-up, a decode and an answer, and the follower syncs
 # what has arrived in one round either way. 3 nodes, 16 connections: ~7 -> ~10 client
-# batches a frame and ~350 -> ~30 commit HEARTBEATs per 8 s; ~1,250 -> ~1,600-2,150
-# writes/s (64 connections: ~2,200-2,650 -> ~2,850-3,400), alternating A/B runs.
+# batches a frame; ~1,250 -> ~1,600-2,150 writes/s (64 connections: ~2,200-2,650 ->
+# ~2,850-3,400), alternating A/B runs.
 PIPELINE_MIN_ENTRIES = 1024
 MAX_APPEND_BYTES = min(4 << 20, MAX_APPEND_ENTRIES_BYTES)  # per frame; bounds follower memory
 TAIL_CACHE_BYTES = 64 << 20  # recent batches kept in memory for followers
@@ -66,6 +66,9 @@ class FollowerProgress:
     generation: int = 0  # bumped whenever next_index is reset; older answers are ignored
     in_flight: deque[tuple[int, int]] = field(default_factory=deque)  # (generation, last index sent)
     wake: trio.Event = field(default_factory=trio.Event)  # new data, an answer, or a reset
+    # Only an answer: what a sender holding its frame back waits for (a submit waking it
+    # there would be a wasted task switch per client batch).
+    answered: trio.Event = field(default_factory=trio.Event)
     sent_commit: int = 0  # the commit index the follower last heard from us
     acked_on_link: bool = False  # an APPEND on the current connection was accepted
 
@@ -223,11 +226,14 @@ class LeaderTerm:
         while True:
             progress.wake = trio.Event()
             first = progress.next_index
-            if progress.in_flight and (
-                len(progress.in_flight) >= WINDOW or self.rlog.tail_index - first + 1 < PIPELINE_MIN_ENTRIES
-            ):
-                # Also a commit-only HEARTBEAT waits: the next frame carries the commit.
-                await progress.wake.wait()  # the answer pokes (so does anything else that matters)
+            waiting = self.rlog.tail_index - first + 1
+            if progress.in_flight and (len(progress.in_flight) >= WINDOW or 0 < waiting < PIPELINE_MIN_ENTRIES):
+                # A commit-only HEARTBEAT is not held back: a follower that answers a
+                # forwarded write waits to apply it first, and if this term ended before
+                # the held frame went out it would wait for its whole timeout (seen in the
+                # etcd-quorum-loss chaos row: a 201 relayed 5 s late).
+                progress.answered = trio.Event()
+                await progress.answered.wait()
                 continue
             entries, last = await self._entries_from(first)
             if not entries:
@@ -302,7 +308,7 @@ class LeaderTerm:
             if not progress.in_flight:
                 raise ProtocolError(f"unexpected APPEND_ACK from {progress.peer.node_id}")
             generation, sent_last = progress.in_flight.popleft()
-            progress.poke()  # the sender may be waiting for this answer (see _send_appends)
+            progress.answered.set()  # the sender may be holding its next frame for this
             progress.last_ack_at = trio.current_time()
             if message.ok and message.match_index > sent_last:
                 # Acknowledging entries we never sent: a broken or hostile peer. Trusting it
