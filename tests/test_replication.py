@@ -4,6 +4,7 @@ takeover, forwarding. Real nodes and sockets, in-memory election (see cluster_in
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -409,33 +410,10 @@ async def test_leader_ships_cached_batches_and_sends_the_commit_in_an_unanswered
                 await channel.send(AppendAck(message.epoch, True, last, last, 0, 0))
 
     async with trio.open_nursery() as nursery:
-        rlog = await _local_log(tmp_path, nursery)
-        port = await nursery.start(
-            lambda task_status: serve_peers(
-                "127.0.0.1",
-                0,
-                cluster_id="event-store",
-                node_id="follower",
-                epoch=lambda: 0,
-                handler=fake_follower,
-                task_status=task_status,
-            )
-        )
-        commit = Watermark()
+        rlog, term = await _term_with_fake_follower(tmp_path, nursery, fake_follower)
+        commit = term.commit
         first = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"one")], EPOCH)
         second = rlog.submit([(KIND_EVENT, 0, b"two"), (KIND_EVENT, FLAG_BATCH_END, b"three")], EPOCH)
-        term = LeaderTerm(
-            epoch=EPOCH,
-            start_index=1,
-            node_id="leader",
-            cluster_id="event-store",
-            rlog=rlog,
-            followers=[PeerSpec("follower", "127.0.0.1", port)],
-            commit=commit,
-            heartbeat_s=3600,  # no idle heartbeat gets in the way
-            on_higher_epoch=lambda epoch, peer: None,
-        )
-        term.progress["follower"].next_index = 1
         term.appended(first)
         term.appended(second)
         nursery.start_soon(term.run)
@@ -482,6 +460,15 @@ async def _held_follower_term(
                     await frames.send(message)
                     await unanswered.send(message)
 
+    rlog, term = await _term_with_fake_follower(tmp_path, nursery, fake_follower)
+    return rlog, term, frames_out
+
+
+async def _term_with_fake_follower(
+    tmp_path: Path, nursery: trio.Nursery, handler: Callable[[PeerChannel], Awaitable[None]]
+) -> tuple[ReplicaLog, LeaderTerm]:
+    """A local log and a leader term (not running yet) whose one follower is ``handler``
+    behind a real peer listener."""
     rlog = await _local_log(tmp_path, nursery)
     port = await nursery.start(
         lambda task_status: serve_peers(
@@ -490,7 +477,7 @@ async def _held_follower_term(
             cluster_id="event-store",
             node_id="follower",
             epoch=lambda: 0,
-            handler=fake_follower,
+            handler=handler,
             task_status=task_status,
         )
     )
@@ -502,11 +489,11 @@ async def _held_follower_term(
         rlog=rlog,
         followers=[PeerSpec("follower", "127.0.0.1", port)],
         commit=Watermark(),
-        heartbeat_s=3600,
+        heartbeat_s=3600,  # no idle heartbeat gets in the way
         on_higher_epoch=lambda epoch, peer: None,
     )
     term.progress["follower"].next_index = 1
-    return rlog, term, frames_out
+    return rlog, term
 
 
 async def test_batches_submitted_while_a_frame_is_unanswered_go_out_as_one_frame(tmp_path: Path) -> None:
