@@ -21,8 +21,8 @@ GIL) took 20 % off a single node at 64 connections; waiting for the loop also ke
 DiskFullError's rollback ahead of any later write. Alternating A/B runs against
 to_thread: single node, 1 connection ~775 -> ~900 writes/s (median of 4); 3 nodes, 16
 connections ~1,630 -> ~1,930 (median of 3); single node, 64 connections no better and
-perhaps 5-15 % worse (~30 us more CPU a write: the thread's Python and the loop's share
-the GIL).
+perhaps 5-15 % worse (~30 us more CPU a write, not explained yet: rounds are as frequent,
+~26 instead of ~31 events each).
 
 A leader ships ``pending.data`` to its followers while its own fsync runs: that encodes
 the batch alone on first use (same bytes, as index and epoch are fixed at submit), and the
