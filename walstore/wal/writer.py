@@ -294,16 +294,9 @@ class GroupCommitWriter:
                 raise LogStateError(f"submit: {e}") from None
         # A tuple: the caller's list may change after we return, and what was checked here
         # is what the round encodes (the bodies are bytes, immutable).
-        pending = PendingAppend(first, first + len(entries) - 1, epoch, None, tuple(entries), self._log, nbytes)
-        # _enqueue inlined: this is the per-event hot path.
-        self._submitted_index = pending.last_index
-        self._submitted_epoch = epoch
-        self.batches += 1
-        with self._lock:
-            self._queue.append(pending)
-            if self._sleeping and not self._unseen:
-                self._wake_thread()
-        return pending
+        return self._enqueue(
+            PendingAppend(first, first + len(entries) - 1, epoch, None, tuple(entries), self._log, nbytes)
+        )
 
     def submit_raw(self, data: bytes) -> PendingAppend:
         """Queue records encoded elsewhere (a follower's copy of the leader's bytes). They
