@@ -67,7 +67,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import orjson
 import trio
@@ -416,6 +416,7 @@ _HANDLER: Final = 3  # the application is handling the request
 _WRITE: Final = 4  # writing (a blocked write: the client is not reading)
 _STREAM: Final = 5  # a streaming response, between chunks (no deadline)
 _LINGER: Final = 6  # draining after an error answer
+_T = TypeVar("_T")
 _NOT_EXPIRED: Final = -1
 
 # What follows an answer that had to wait for a fresh cancel scope.
@@ -673,13 +674,7 @@ class _Connection:
             self.phase = _HEAD
             if self.served:  # the first request's head counts from the connection's start
                 self.deadline = trio.current_time() + limits.header_timeout_s
-        while True:
-            if not await self._read_more():
-                parser.feed_eof()
-                raise HttpParseError(400, "bad_http_request", "connection closed inside the request head")
-            head = parser.next_head()
-            if head is not None:
-                return head
+        return await self._read_until(parser.next_head, "head")
 
     async def _receive_body(self, head: RequestHead) -> bytes:
         parser = self.parser
@@ -689,13 +684,17 @@ class _Connection:
             await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.phase = _BODY
             self.deadline = deadline
+        return await self._read_until(parser.next_body, "body")
+
+    async def _read_until(self, take: Callable[[], _T | None], part: str) -> _T:
+        """Read until ``take`` (the parser's next_head or next_body) has its part."""
         while True:
             if not await self._read_more():
-                parser.feed_eof()
-                raise HttpParseError(400, "bad_http_request", "connection closed inside the request body")
-            body = parser.next_body()
-            if body is not None:
-                return body
+                self.parser.feed_eof()
+                raise HttpParseError(400, "bad_http_request", f"connection closed inside the request {part}")
+            got = take()
+            if got is not None:
+                return got
 
     async def _answer_and_linger(self, data: bytes) -> None:
         """Write an error answer and close after a lingering drain (bounded in bytes here,
