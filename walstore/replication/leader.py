@@ -228,10 +228,11 @@ class LeaderTerm:
             first = progress.next_index
             waiting = self.rlog.tail_index - first + 1
             if progress.in_flight and (len(progress.in_flight) >= WINDOW or 0 < waiting < PIPELINE_MIN_ENTRIES):
-                # A commit-only HEARTBEAT is not held back: a follower that answers a
-                # forwarded write waits to apply it first, and if this term ended before
-                # the held frame went out it would wait for its whole timeout (seen in the
-                # etcd-quorum-loss chaos row: a 201 relayed 5 s late).
+                # Held: new entries while a frame is unanswered (they go in the next
+                # frame), or a full window. Never held: a commit-only HEARTBEAT (nothing
+                # waiting). A follower relaying a forwarded write waits to apply it first;
+                # had the term ended with the commit held back, it would have waited its
+                # whole timeout (seen in the etcd-quorum-loss chaos row: a 201 5 s late).
                 progress.answered = trio.Event()
                 await progress.answered.wait()
                 continue
