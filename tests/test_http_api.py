@@ -222,7 +222,14 @@ async def test_status_seed_fields_first_then_extensions(nursery: trio.Nursery) -
     assert (body["is_leader"], body["leader_id"], body["term"]) == (False, "event-store-0", 5)
     assert (body["role"], body["ready"]) == ("follower", True)
     assert body["peers"] == [
-        {"id": "event-store-0", "address": "10.0.0.1:7000", "connected": True, "match_index": 100, "lag": 0}
+        {
+            "id": "event-store-0",
+            "address": "10.0.0.1:7000",
+            "connected": True,
+            "match_index": 100,
+            "lag": 0,
+            "voter": False,
+        }
     ]
     assert body["wal_segments"] == 3
 

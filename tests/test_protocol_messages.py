@@ -193,6 +193,7 @@ def fixed_size(message: Message) -> int:
 
 EXAMPLES: list[Message] = [
     Hello(1, "cluster-1", "node-a", 5),
+    Hello(2, "cluster-1", "node-a", 5, "0123456789abcdef0123456789abcdef"),
     Prepare(9, "node-a"),
     Promise(9, True, 9, 8, 120, 110, ((1, 1), (5, 40), (8, 100))),
     Append(9, 120, 8, 110, b"\x01" * 64),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from walstore import _native
+from walstore._native import crc32c
 from walstore.errors import CorruptionError, LogStateError
 from walstore.wal.meta import WalMeta, decode_meta, encode_meta
 from walstore.wal.record import (
@@ -124,11 +126,16 @@ def test_segment_header_round_trip_and_damage() -> None:
         decode_segment_header(header[:31], "s")
 
 
+INCARNATION = "0123456789abcdef" * 2
+
+
 def test_meta_round_trip_and_damage() -> None:
-    meta = WalMeta(promised_epoch=9, epoch_history=((1, 1), (4, 100)), truncate_after=None)
+    meta = WalMeta(
+        promised_epoch=9, epoch_history=((1, 1), (4, 100)), truncate_after=None, incarnation=INCARNATION, commit_index=7
+    )
     raw = encode_meta(meta)
     assert decode_meta(raw) == meta
-    assert decode_meta(encode_meta(WalMeta(truncate_after=5))).truncate_after == 5
+    assert decode_meta(encode_meta(WalMeta(truncate_after=5, incarnation=INCARNATION))).truncate_after == 5
     for i in range(len(raw) - 1):
         damaged = bytearray(raw)
         damaged[i] ^= 0x01
@@ -136,6 +143,20 @@ def test_meta_round_trip_and_damage() -> None:
             decode_meta(bytes(damaged), "m")
     with pytest.raises(LogStateError):
         WalMeta(epoch_history=((3, 1), (2, 5)))
+    with pytest.raises(LogStateError):
+        encode_meta(WalMeta())  # never written without an identity
+    with pytest.raises(LogStateError):
+        WalMeta(incarnation="not-hex")
+
+
+def test_format_1_meta_reads_as_intact_without_an_identity() -> None:
+    """A directory written before incarnations: its promises are kept, its incarnation is
+    empty (the log names it at open), and its commit index is unknown (0)."""
+    obj: dict[str, object] = {"format": 1, "promised_epoch": 4, "epoch_history": [[2, 1]], "truncate_after": None}
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    obj["crc32c"] = crc32c(body)
+    meta = decode_meta(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    assert meta == WalMeta(promised_epoch=4, epoch_history=((2, 1),), incarnation="", commit_index=0)
 
 
 @settings(max_examples=200, deadline=None)

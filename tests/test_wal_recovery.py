@@ -17,6 +17,7 @@ from walstore.wal.segment import SEGMENT_HEADER_BYTES, encode_segment_header, se
 from walstore.wal.simfs import SimulatedFileSystem
 
 D = Path("/wal")
+INCARNATION = "ab" * 16
 OPTS = WalOptions(segment_size_bytes=2048, max_record_body_bytes=300)
 
 
@@ -261,7 +262,7 @@ def test_unfinished_truncation_is_completed_even_over_torn_bytes() -> None:
         reopen(fs)
 
     fs = build([1] * 10)
-    save_meta(fs, D, WalMeta(truncate_after=5))
+    save_meta(fs, D, WalMeta(truncate_after=5, incarnation=INCARNATION))
     fs.damage(seg, offset + 8, b"\xee" * 20)
     log = reopen(fs)
     assert log.last_index == 5 and log.meta.truncate_after is None
@@ -275,7 +276,7 @@ def test_crash_with_a_torn_zeroing_sector_recovers() -> None:
     for seed in range(8):
         fs = build([1] * 12, fs=SimulatedFileSystem(seed=seed))
         seg, _, offset, _ = layout(fs)[4]
-        save_meta(fs, D, WalMeta(truncate_after=4))
+        save_meta(fs, D, WalMeta(truncate_after=4, incarnation=INCARNATION))
         f = fs.open(seg)
         f.pwritev([bytes(OPTS.segment_size_bytes - offset)], offset, sync=False)
         fs.crash(garble=True)

@@ -82,6 +82,23 @@ class LogStateError(StorageError):
     """An operation that would break the log's invariants (gap, overlap, out of range)."""
 
 
+class CommittedTruncation(LogStateError):
+    """A request to cut the log at or below an index this node knows is committed.
+
+    Committed entries are on a majority of voters and every later leader holds them, so no
+    legitimate leader ever asks for this: it means a bug, a hostile peer or a lost disk
+    somewhere else. The request is refused and nothing is deleted; the node stops serving
+    writes (see ``ReplicaLog.halt``) until an operator has looked."""
+
+    def __init__(self, after_index: int, known_commit: int, why: str) -> None:
+        self.after_index = after_index
+        self.known_commit = known_commit
+        super().__init__(
+            f"refusing to truncate the log after index {after_index}: entries up to {known_commit} "
+            f"are known committed ({why})"
+        )
+
+
 class ProtocolError(WalstoreError):
     """Bytes from a peer that are not a valid frame or message; the connection closes."""
 

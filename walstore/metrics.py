@@ -81,6 +81,27 @@ class Metrics:
             labelnames=("reason",),
             registry=r,
         )
+        self.voter = Gauge(
+            "walstore_voter",
+            "1 while this node's data directory is recorded as a voter, 0 while it is a learner.",
+            registry=r,
+        )
+        self.learner_promotions_total = Counter(
+            "walstore_learner_promotions_total",
+            "Learners this node, as leader, promoted to voters after they caught up.",
+            registry=r,
+        )
+        self.safety_halted = Gauge(
+            "walstore_safety_halted",
+            "1 once this node refused to break a safety invariant (e.g. truncate committed entries) "
+            "and stopped taking writes.",
+            registry=r,
+        )
+        self.known_commit_index = Gauge(
+            "walstore_known_commit_index",
+            "Highest log index recorded in meta.json as committed: never truncated.",
+            registry=r,
+        )
         # labels() takes a lock and builds a tuple on every call; the HTTP hot path calls
         # it once per request, so the children are cached by (route, status).
         self._http_children: dict[tuple[str, int], Histogram] = {}

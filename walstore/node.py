@@ -53,6 +53,9 @@ APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's 
 APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
 SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long after SIGTERM
+# How often the commit index is recorded in meta.json. The record only guards against
+# truncation (the in-memory commit index guards first), so lagging by this much is fine.
+COMMIT_RECORD_INTERVAL_S = 0.5
 
 
 class _LogBodies:
@@ -107,7 +110,7 @@ class Node:
         options = WalOptions(segment_size_bytes=cfg.segment_size_bytes, max_record_body_bytes=max_body)
         self.wal = await trio.to_thread.run_sync(self._open_wal, options)
         self.writer = GroupCommitWriter(self.wal, metrics=self.metrics, on_rollback=self._on_rollback)
-        self.rlog = ReplicaLog(self.wal, self.writer)
+        self.rlog = ReplicaLog(self.wal, self.writer, on_halt=self._on_halt)
         self.store = EventStore(_LogBodies(self.wal))
         async with AsyncExitStack() as stack:
             # The election's own tasks must outlive the node's nursery: enter it first.
@@ -127,6 +130,7 @@ class Node:
         self.commit.on_advance = self._apply_ready
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
+        nursery.start_soon(self._record_commit_forever)
         app = HttpApp(self, metrics=self.metrics)
         http_done = trio.Event()
 
@@ -162,6 +166,7 @@ class Node:
             await http_done.wait()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             await self.writer.wait_durable(self.rlog.tail_index)
+            await self._record_commit()
         nursery.cancel_scope.cancel()
 
     def shutdown(self) -> None:
@@ -213,6 +218,10 @@ class Node:
         )
 
     async def _start_cluster(self, election: Election, nursery: trio.Nursery) -> None:
+        # Entries up to the recorded commit index were committed when we learned it, and
+        # are never truncated: they can be applied before any leader is heard from.
+        self.commit.advance(self.wal.known_commit)
+        self.metrics.known_commit_index.set(self.wal.known_commit)
         http_host = self.config.me.host if self.config.me else "localhost"
         self.replicator = Replicator(
             self.config,
@@ -258,6 +267,31 @@ class Node:
         upto = min(commit, self.wal.last_index)
         if upto > self.store.last_applied_log_index and self.store.apply_own(upto):
             self._publish_applied()
+
+    async def _record_commit_forever(self) -> None:
+        """Keep meta.json's commit index (what no truncation may cut) close behind the
+        commit index: one small fsync'd file write per interval at most, never per entry."""
+        while True:
+            await trio.sleep(COMMIT_RECORD_INTERVAL_S)
+            try:
+                await self._record_commit()
+            except DiskFullError as exc:
+                log.warning("cannot record the commit index in meta.json: %s", exc)
+
+    async def _record_commit(self) -> None:
+        # Only what is durable here: on a leader the commit index can run ahead of its disk.
+        index = min(self.commit.value, self.writer.durable_index, self.wal.last_index)
+        if index > self.wal.known_commit:
+            await self.rlog.persist_commit(index)
+            self.metrics.known_commit_index.set(self.wal.known_commit)
+
+    def _on_halt(self, reason: str) -> None:
+        """``ReplicaLog.halt``: a safety invariant was about to break. Stop taking writes
+        (the replica refuses APPENDs, a leader steps down and never campaigns again);
+        keep serving reads and health so that an operator can look."""
+        self.metrics.safety_halted.set(1)
+        if self.replicator is not None:
+            self.replicator.step_down()
 
     async def _expire_waits(self) -> None:
         """The append timeout, for every waiting append at once (see ``watermark``): a
@@ -323,6 +357,8 @@ class Node:
     async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
         if self.stopping:
             raise UnavailableError("node is shutting down", code="shutting_down")
+        if self.rlog.halted is not None:
+            raise UnavailableError(f"this node stopped taking writes: {self.rlog.halted}", code="safety_halt")
         if self.replicator is None or self.replicator.writable:
             return await self._append_as_leader(list(events))
         leader = self.replicator.leader_peer()
@@ -439,6 +475,9 @@ class Node:
             "log_last_applied": self.applied.value,
             "log_durable_index": self.writer.durable_index if self.started.is_set() else 0,
             "promised_epoch": self.rlog.promised_epoch if self.started.is_set() else 0,
+            "incarnation": self.wal.incarnation if self.started.is_set() else None,
+            "known_commit_index": self.wal.known_commit if self.started.is_set() else 0,
+            "safety_halt": self.rlog.halted if self.started.is_set() else None,
             "aggregates": store.aggregate_count if self.started.is_set() else 0,
             "http_port": self.http_port,
             "peer_port": self.peer_port,
@@ -470,9 +509,12 @@ class Node:
                     connected=bool(p and p.connected),
                     match_index=match,
                     lag=max(0, self.rlog.tail_index - match) if p else -1,
+                    voter=bool(p and p.voter),
                 )
             )
         caught_up = self.applied.value >= self.commit.value and self.commit.value > 0
+        extra["voter"] = r.votes
+        halted = self.started.is_set() and self.rlog.halted is not None
         return NodeStatus(
             id=self.config.node_id,
             is_leader=r.writable,
@@ -481,7 +523,7 @@ class Node:
             commit_index=commit_events,
             last_applied=store.last_applied_event_index,
             role=r.role.value,
-            ready=r.leader_id is not None and caught_up and not self.stopping,
+            ready=r.leader_id is not None and caught_up and not self.stopping and not halted,
             healthy=not self.stopping,
             peers=peers,
             extra=extra,

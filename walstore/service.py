@@ -35,6 +35,7 @@ class PeerStatus:
     connected: bool
     match_index: int
     lag: int
+    voter: bool = False  # its acknowledgements count (walstore.election.membership)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from typing import Protocol, Self
 
 import trio
 
+from walstore.election.membership import Member
 from walstore.errors import ConfigError, ElectionError
 
 # Default lease TTL. Two seconds is the failover budget: a dead leader is replaced ~TTL
@@ -246,6 +247,18 @@ class Election(Protocol):
     async def aclose(self) -> None:
         """Resign any leadership, stop background tasks, fail pending campaigns with
         ElectionError, end ``watch_leader`` iterators. Idempotent."""
+        ...
+
+    # The member records beside the election key (walstore.election.membership).
+
+    async def read_members(self) -> dict[str, Member]:
+        """Every member record (``MembershipStore.read_members``)."""
+        ...
+
+    async def write_member(
+        self, node_id: str, record: bytes, *, expect_revision: int, leader_epoch: int | None = None
+    ) -> bool:
+        """Compare-and-swap one member record (``MembershipStore.write_member``)."""
         ...
 
 

@@ -57,6 +57,7 @@ from walstore.election.base import (
     Leadership,
     election_key,
 )
+from walstore.election.membership import Member, decode_member, members_prefix
 from walstore.errors import ConfigError, ElectionError
 
 _log = logging.getLogger(__name__)
@@ -262,6 +263,25 @@ def _revoke(lease_id: int, client: Any) -> None:
             raise
 
 
+def _read_prefix(prefix: str, client: Any) -> list[tuple[str, _KeyValue]]:
+    out = []
+    for value, meta in client.get_prefix(prefix):
+        key = bytes(meta.key).decode("utf-8", "replace")
+        out.append((key, _KeyValue(bytes(value), int(meta.create_revision), int(meta.mod_revision), 0)))
+    return out
+
+
+def _compare_and_put(
+    key: str, value: bytes, expect_revision: int, guard_key: str, guard_create: int | None, client: Any
+) -> bool:
+    t = client.transactions
+    compare = [t.create(key) == 0] if expect_revision == 0 else [t.mod(key) == expect_revision]
+    if guard_create is not None:
+        compare.append(t.create(guard_key) == guard_create)
+    won, _ = client.transaction(compare=compare, success=[t.put(key, value)], failure=[])
+    return bool(won)
+
+
 def _read_key(key: str, client: Any) -> tuple[_KeyValue | None, int]:
     response = client.get_response(key)
     kv = _kv_from(response.kvs[0]) if response.kvs else None
@@ -342,6 +362,7 @@ class EtcdElection(ElectionBase):
         super().__init__(ttl_s, safety_margin_s)
         self._lease_ttl_s = ttl_s  # etcd leases are whole seconds
         self.key = election_key(cluster_id)
+        self.members_prefix = members_prefix(cluster_id)
         self._endpoints = _Endpoints(parse_endpoints(endpoints), rpc_timeout_s)
         self._limiter = trio.CapacityLimiter(rpc_threads)
         # Watch reads block for as long as nothing changes: keep them off the RPC slots.
@@ -432,6 +453,30 @@ class EtcdElection(ElectionBase):
             self._nursery.cancel_scope.cancel()
         # Ends abandoned calls still blocked in worker threads.
         self._endpoints.close()
+
+    # ---- member records (walstore.election.membership) ----------------------------------
+
+    async def read_members(self) -> dict[str, Member]:
+        _, rows = await self._rpc("read members", functools.partial(_read_prefix, self.members_prefix))
+        members: dict[str, Member] = {}
+        for key, kv in rows:
+            node_id = key.removeprefix(self.members_prefix)
+            try:
+                members[node_id] = decode_member(node_id, kv.value, kv.mod_revision)
+            except ElectionError as exc:
+                _log.warning("ignoring member record %s: %s", key, exc)
+        return members
+
+    async def write_member(
+        self, node_id: str, record: bytes, *, expect_revision: int, leader_epoch: int | None = None
+    ) -> bool:
+        _, won = await self._rpc(
+            "write member",
+            functools.partial(
+                _compare_and_put, self.members_prefix + node_id, record, expect_revision, self.key, leader_epoch
+            ),
+        )
+        return won
 
     # ---- fault injection -----------------------------------------------------------------
 

@@ -14,6 +14,8 @@ Test controls on the hub:
   its deadline; the hub expires its lease TTL after its last keep-alive, strictly later,
   and only then can another node win.
 * ``expire_lease()`` ends the current lease now, as if the TTL had run out.
+* ``members`` holds the member records (``walstore.election.membership``) with etcd's
+  compare-and-swap semantics; a cut-off node can neither read nor write them.
 * ``force_leader(node_id)`` deletes the key and lets only that (campaigning) node take it:
   a new, higher epoch. A reachable old leader learns at once (as it would from its etcd
   watch); an unreachable one only at its deadline, which is the split-brain window the
@@ -41,6 +43,7 @@ from walstore.election.base import (
     LeaderInfo,
     Leadership,
 )
+from walstore.election.membership import Member, decode_member
 from walstore.errors import ElectionError
 
 
@@ -70,6 +73,8 @@ class MemoryElectionHub:
         self._campaigning: dict[str, int] = {}
         self._forced: str | None = None
         self._changed = trio.Event()
+        # Member records: node id -> (record JSON, modification revision), as etcd keeps them.
+        self.members: dict[str, tuple[bytes, int]] = {}
 
     # ---- test controls -------------------------------------------------------------
 
@@ -153,6 +158,28 @@ class MemoryElectionHub:
         if not self.is_reachable(node_id):
             return KeepAlive.UNREACHABLE
         return self.leader()
+
+    def read_members(self, node_id: str) -> dict[str, Member]:
+        """The member records as ``node_id`` reads them (ElectionError if cut off)."""
+        if not self.is_reachable(node_id):
+            raise ElectionError(f"{node_id} cannot reach the election hub")
+        return {name: decode_member(name, value, rev) for name, (value, rev) in self.members.items()}
+
+    def write_member(
+        self, caller: str, node_id: str, record: bytes, expect_revision: int, leader_epoch: int | None
+    ) -> bool:
+        """The member record compare-and-swap transaction (see ``MembershipStore``)."""
+        if not self.is_reachable(caller):
+            raise ElectionError(f"{caller} cannot reach the election hub")
+        self._expire()
+        current = self.members.get(node_id)
+        if (current[1] if current is not None else 0) != expect_revision:
+            return False
+        if leader_epoch is not None and (self._holder is None or self._holder.info.epoch != leader_epoch):
+            return False
+        self.revision += 1
+        self.members[node_id] = (record, self.revision)
+        return True
 
     @contextlib.contextmanager
     def campaigning(self, node_id: str) -> Iterator[None]:
@@ -276,6 +303,16 @@ class MemoryElection(ElectionBase):
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         self.hub.wake_all()
+
+    async def read_members(self) -> dict[str, Member]:
+        await trio.lowlevel.checkpoint()
+        return self.hub.read_members(self.node_id)
+
+    async def write_member(
+        self, node_id: str, record: bytes, *, expect_revision: int, leader_epoch: int | None = None
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self.hub.write_member(self.node_id, node_id, record, expect_revision, leader_epoch)
 
     def _observe_now(self) -> None:
         seen = self.hub.observe(self.node_id)

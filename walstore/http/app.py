@@ -133,6 +133,7 @@ def status_json(status: NodeStatus) -> dict[str, object]:
                 "connected": peer.connected,
                 "match_index": peer.match_index,
                 "lag": peer.lag,
+                "voter": peer.voter,
             }
             for peer in status.peers
         ],

@@ -131,6 +131,7 @@ class PeerConnection:
         role: Role,
         *,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        incarnation: str = "",
     ) -> None:
         if role not in ("client", "server"):
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
@@ -140,11 +141,13 @@ class PeerConnection:
             raise ValueError(f"max_frame_bytes must be within {MAX_HANDSHAKE_FRAME_BYTES}..{MAX_FRAME_BYTES}")
         self.our_cluster_id = our_cluster_id
         self.our_node_id = our_node_id
+        self.our_incarnation = incarnation
         self.role: Role = role
         self.max_frame_bytes = max_frame_bytes
         self.max_buffered_bytes = max_frame_bytes + FRAME_HEADER_BYTES + RECEIVE_SLACK_BYTES
         self.peer_node_id: str | None = None  # set once the peer's HELLO is accepted
         self.peer_epoch: int | None = None  # the epoch the peer's HELLO announced
+        self.peer_incarnation = ""  # the data-directory incarnation the peer's HELLO named
         self._state = State.START
         self._eof = False
         self._error: ProtocolError | None = None
@@ -156,7 +159,7 @@ class PeerConnection:
 
     def hello(self, epoch: int = 0) -> Hello:
         """Our HELLO, announcing ``epoch`` (our promised epoch)."""
-        return Hello(PROTOCOL_VERSION, self.our_cluster_id, self.our_node_id, epoch)
+        return Hello(PROTOCOL_VERSION, self.our_cluster_id, self.our_node_id, epoch, self.our_incarnation)
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -226,6 +229,7 @@ class PeerConnection:
             self._fail(f"peer claims our own node id {who}: connected to ourselves?")
         self.peer_node_id = hello.node_id
         self.peer_epoch = hello.epoch
+        self.peer_incarnation = hello.incarnation
 
     # -- sending -----------------------------------------------------------------------
 

@@ -43,11 +43,17 @@ from typing import ClassVar, TypeAlias
 from walstore.errors import ProtocolError
 from walstore.protocol.frames import MAX_FRAME_BYTES, Frame, frame_header
 
-PROTOCOL_VERSION = 1
+# 2: HELLO carries the sender's data-directory incarnation (who may vote depends on it).
+PROTOCOL_VERSION = 2
+_HELLO_INCARNATION_VERSION = 2
 
 # Node and cluster ids: config allows 63-character DNS labels; 256 bytes of UTF-8 is
 # the same bound the event codec puts on ids, generous and still cheap to hold.
 MAX_NAME_BYTES = 256
+# An incarnation is 32 hex digits (walstore.wal.meta); empty for a peer that has none
+# (a tool). Anything else is refused at decode.
+MAX_INCARNATION_BYTES = 32
+_HEX_DIGITS = "0123456789abcdef"
 # A GOODBYE reason is a log line for the operator, not a document.
 MAX_REASON_BYTES = 1024
 
@@ -157,28 +163,45 @@ def _pack_str(value: str, limit: int, name: str, what: str) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Opens a connection, both ways. ``epoch`` is the sender's promised epoch (for logs
-    and for a leader to notice a peer ahead of it; not a fencing decision)."""
+    and for a leader to notice a peer ahead of it; not a fencing decision).
+    ``incarnation`` names the sender's data directory: a leader counts a peer's promise
+    or acknowledgement only when this is the incarnation the cluster records as a voter
+    (``walstore.election.membership``)."""
 
     TYPE: ClassVar[FrameType] = FrameType.HELLO
     protocol_version: int
     cluster_id: str
     node_id: str
     epoch: int
+    incarnation: str = ""
 
     def encode_payload(self) -> list[Bytes]:
         name = "HELLO"
-        return [
+        parts = [
             _pack(_HELLO, name, self.protocol_version, self.epoch),
             _pack_str(self.cluster_id, MAX_NAME_BYTES, name, "cluster_id"),
             _pack_str(self.node_id, MAX_NAME_BYTES, name, "node_id"),
         ]
+        # The fields of version 1 come first and keep their layout, so that a peer of
+        # any version can decode enough of our HELLO to say which version we speak.
+        if self.protocol_version >= _HELLO_INCARNATION_VERSION:
+            parts.append(_pack_str(self.incarnation, MAX_INCARNATION_BYTES, name, "incarnation"))
+        elif self.incarnation:
+            raise ValueError(f"HELLO version {self.protocol_version} has no incarnation field")
+        return parts
 
     @classmethod
     def decode_payload(cls, r: _Reader) -> Hello:
         version, epoch = r.fixed(_HELLO, "version and epoch")
         cluster_id = r.string(MAX_NAME_BYTES, "cluster_id")
         node_id = r.string(MAX_NAME_BYTES, "node_id")
-        return cls(version, cluster_id, node_id, epoch)
+        if version < _HELLO_INCARNATION_VERSION:
+            # An older peer ends here; the version check after decoding names the problem.
+            return cls(version, cluster_id, node_id, epoch)
+        incarnation = r.string(MAX_INCARNATION_BYTES, "incarnation")
+        if incarnation and (len(incarnation) != MAX_INCARNATION_BYTES or incarnation.strip(_HEX_DIGITS)):
+            raise ProtocolError(f"HELLO: incarnation {incarnation!r} is not {MAX_INCARNATION_BYTES} hex digits")
+        return cls(version, cluster_id, node_id, epoch, incarnation)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ Rules (DESIGN.md "Replication and leadership"):
   otherwise the answer carries a conflict hint (the first index of our conflicting epoch)
   so the leader jumps back a whole epoch at a time.
 * A divergent suffix (same index, other epoch) is truncated before writing, never below
-  the commit index: committed entries are on a majority and every later leader has them.
+  the highest commit index this node has ever learned (``ReplicaLog.truncate_after``):
+  committed entries are on a majority of voters and every later leader has them. A
+  leader asking for that is refused, and this replica halts (takes no more writes).
 * An APPEND is acknowledged (match index) only after fdatasync. Answers leave in the
   order the requests came, but the next APPEND is checked and submitted while the previous
   one is still syncing (one ordered queue of answers, one task that awaits durability).
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from walstore import _native
-from walstore.errors import DiskFullError, LogStateError, ProtocolError
+from walstore.errors import CommittedTruncation, DiskFullError, LogStateError, ProtocolError
 from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Heartbeat, Message, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
@@ -204,6 +206,8 @@ class FollowerService:
 
     async def _on_append(self, msg: Append, peer_id: str) -> _Answer:
         async with self._append_lock:
+            if self.rlog.halted is not None:
+                return self._nack()  # a halted replica takes no writes (ReplicaLog.halt)
             if not await self._accept_epoch(msg.epoch, peer_id):
                 return self._nack()
             r = self.rlog
@@ -233,7 +237,10 @@ class FollowerService:
                 return _Answer(self._ack(msg.epoch, acked), durable_at=acked, commit_to=min(msg.leader_commit, acked))
             offset, index = start
             if index <= r.tail_index:
-                await r.truncate_after(index - 1, self.commit.value)
+                try:
+                    await r.truncate_after(index - 1, self.commit.value, asked_by=f"{peer_id} (epoch {msg.epoch})")
+                except CommittedTruncation:
+                    return self._nack()  # refused and halted; nothing was deleted
             r.submit_raw(entries[offset:], last, scan.last_epoch)
             return _Answer(self._ack(msg.epoch, acked), durable_at=acked, commit_to=min(msg.leader_commit, acked))
 

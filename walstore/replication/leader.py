@@ -15,9 +15,10 @@ to what it has matched on that link (see follower.py), so it needs no log-matchi
 of its own; liveness and quorum still come from the answers to APPENDs, and an idle link
 still gets an empty APPEND every ``heartbeat_s``.
 
-Commit rule (DESIGN.md 4): the highest index held durably by a majority (the leader's
-own durable index counts) that is at or after this epoch's EPOCH_START entry; everything
-before a committed entry of the current epoch is committed with it.
+Commit rule (DESIGN.md 4): the highest index held durably by a majority of voters (the
+leader's own durable index counts; a learner's acknowledgements do not, see
+``walstore.election.membership``) that is at or after this epoch's EPOCH_START entry;
+everything before a committed entry of the current epoch is committed with it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class FollowerProgress:
     answered: trio.Event = field(default_factory=trio.Event)
     sent_commit: int = 0  # the commit index the follower last heard from us
     acked_on_link: bool = False  # an APPEND on the current connection was accepted
+    incarnation: str = ""  # the follower's data directory, as its HELLO named it
+    # Its acknowledgements count towards commit and quorum: the cluster records that
+    # incarnation as a voter (walstore.election.membership). Set by LeaderTerm.
+    voter: bool = False
+    learner_since: float | None = None  # when this learner incarnation was first seen
 
     def poke(self) -> None:
         self.wake.set()
@@ -90,6 +96,8 @@ class LeaderTerm:
         heartbeat_s: float,
         on_higher_epoch: Callable[[int, str], None],
         on_progress: Callable[[FollowerProgress], None] = lambda p: None,
+        votes: Callable[[str, str], bool] = lambda node_id, incarnation: True,
+        incarnation: str = "",
     ) -> None:
         self.epoch = epoch
         self.start_index = start_index
@@ -100,6 +108,8 @@ class LeaderTerm:
         self.heartbeat_s = heartbeat_s
         self.on_higher_epoch = on_higher_epoch
         self.on_progress = on_progress
+        self.votes = votes
+        self.incarnation = incarnation
         self.progress = {p.node_id: FollowerProgress(p, next_index=rlog.tail_index + 1) for p in followers}
         self.cluster_size = len(followers) + 1
         self._cache: deque[PendingAppend] = deque()
@@ -158,19 +168,38 @@ class LeaderTerm:
             self._recompute_commit()
 
     def reachable_followers(self, within_s: float) -> int:
-        """Followers that answered within the last ``within_s`` seconds."""
+        """Voting followers that answered within the last ``within_s`` seconds (a
+        learner's answers make no quorum)."""
         since = trio.current_time() - within_s
         count = 0
         for p in self.progress.values():  # a plain loop: this runs for every client append
-            if p.connected and p.last_ack_at >= since:
+            if p.voter and p.connected and p.last_ack_at >= since:
                 count += 1
         return count
+
+    def refresh_voters(self) -> None:
+        """Re-apply ``votes`` to every follower (the member records changed)."""
+        for p in self.progress.values():
+            self._set_voter(p)
+        self._recompute_commit()
+
+    def _set_voter(self, progress: FollowerProgress) -> None:
+        progress.voter = self.votes(progress.peer.node_id, progress.incarnation)
+        if progress.voter:
+            progress.learner_since = None
+        elif progress.learner_since is None:
+            progress.learner_since = trio.current_time()
 
     def has_quorum(self, within_s: float) -> bool:
         return self.reachable_followers(within_s) + 1 > self.cluster_size // 2
 
     def _recompute_commit(self) -> None:
-        matches = sorted([self.rlog.durable_index, *(p.match_index for p in self.progress.values())], reverse=True)
+        # Only voters hold what a commit promises to keep (a learner may be an amnesiac
+        # that forgets again); the leader itself votes (take_over checked it).
+        matches = sorted(
+            [self.rlog.durable_index, *(p.match_index if p.voter else 0 for p in self.progress.values())],
+            reverse=True,
+        )
         majority_holds = matches[self.cluster_size // 2]
         if majority_holds >= self.start_index and majority_holds > self.commit.value:
             self.commit.advance(majority_holds)
@@ -187,6 +216,7 @@ class LeaderTerm:
                     cluster_id=self.cluster_id,
                     node_id=self.node_id,
                     epoch=self.epoch,
+                    incarnation=self.incarnation,
                 )
             except (OSError, PeerClosed, ProtocolError, trio.TooSlowError) as exc:
                 log.debug("cannot reach %s: %r", progress.peer.node_id, exc)
@@ -199,6 +229,21 @@ class LeaderTerm:
             progress.acked_on_link = False
             progress.generation += 1
             progress.in_flight.clear()
+            incarnation = channel.conn.peer_incarnation
+            if incarnation != progress.incarnation:
+                if progress.incarnation:
+                    # Another data directory: nothing the old one acknowledged is there.
+                    log.warning(
+                        "%s now runs incarnation %s (was %s): its acknowledgements start again from nothing",
+                        progress.peer.node_id,
+                        incarnation,
+                        progress.incarnation,
+                    )
+                progress.incarnation = incarnation
+                progress.match_index = 0
+                progress.learner_since = None
+                progress.next_index = self.rlog.tail_index + 1
+            self._set_voter(progress)
             if progress.match_index:
                 # Frames in flight on the old link may be lost: resume after what was acked.
                 progress.next_index = progress.match_index + 1

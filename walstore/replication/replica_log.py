@@ -2,7 +2,13 @@
 
 One facade over the WAL (``WriteAheadLog`` + its ``GroupCommitWriter``) and the metadata
 file, so the leader, follower and takeover code ask one object for "the epoch of entry i",
-"the last entry I have submitted", "persist this promise". The tail is tracked at
+"the last entry I have submitted", "persist this promise", "persist what I know is
+committed".
+
+Committed entries are never truncated: ``truncate_after`` refuses any cut below the highest
+commit index this node has learned (in memory or recorded in meta.json), raises
+``CommittedTruncation`` and *halts* the replica: it stops taking writes for good (until a
+restart), says so in a log line, a metric and ``/health/ready``, and deletes nothing. The tail is tracked at
 *submission* (not durability) so a follower can check log matching for a pipelined APPEND
 while the previous one is still syncing.
 """
@@ -10,10 +16,11 @@ while the previous one is still syncing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
-from walstore.errors import LogStateError
+from walstore.errors import CommittedTruncation, LogStateError
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.writer import GroupCommitWriter, PendingAppend
 
@@ -21,9 +28,13 @@ log = logging.getLogger("walstore.replication")
 
 
 class ReplicaLog:
-    def __init__(self, wal: WriteAheadLog, writer: GroupCommitWriter) -> None:
+    def __init__(
+        self, wal: WriteAheadLog, writer: GroupCommitWriter, *, on_halt: Callable[[str], None] = lambda reason: None
+    ) -> None:
         self.wal = wal
         self.writer = writer
+        self.on_halt = on_halt
+        self.halted: str | None = None  # why this replica stopped taking writes
         self.promised_epoch = max(wal.promised_epoch, wal.last_epoch)
         # Created by the first waiter and set by the next change: every client append moves
         # the tail, and almost never is anyone waiting, so no Event per submit.
@@ -41,6 +52,26 @@ class ReplicaLog:
         self.promised_epoch = epoch
         async with self._meta_lock:
             await trio.to_thread.run_sync(self.wal.set_promised_epoch, self.promised_epoch)
+
+    @property
+    def incarnation(self) -> str:
+        return self.wal.incarnation
+
+    async def persist_commit(self, index: int) -> None:
+        """Record durably that entries up to ``index`` (held and durable here) are
+        committed. Lazy: the node calls this as the commit index moves, not per entry."""
+        if index <= self.wal.known_commit:
+            return
+        async with self._meta_lock:
+            await trio.to_thread.run_sync(self.wal.set_known_commit, index)
+
+    def halt(self, reason: str) -> None:
+        """Stop taking writes: a safety invariant was about to break. Idempotent."""
+        if self.halted is not None:
+            return
+        self.halted = reason
+        log.critical("SAFETY HALT: %s; this node takes no more writes until an operator has looked", reason)
+        self.on_halt(reason)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -93,15 +124,26 @@ class ReplicaLog:
         """Wait until everything submitted is durable (or raise the writer's error)."""
         await self.writer.wait_durable(self.tail_index)
 
-    async def truncate_after(self, index: int, commit_index: int) -> None:
-        if index < commit_index:
-            # Committed entries are on a majority and every later leader has them: a
-            # request to cut them means a bug or a hostile peer, never a real conflict.
-            raise LogStateError(f"refusing to truncate after {index}: entries up to {commit_index} are committed")
-        await self.drain()
-        log.warning("truncating the log after index %d (was %d)", index, self.tail_index)
-        await self.writer.truncate_suffix(index)
+    async def truncate_after(self, index: int, commit_index: int, *, asked_by: str) -> None:
+        """Drop every entry after ``index``; ``commit_index`` is the caller's in-memory
+        commit index. CommittedTruncation (and a halt) if that would cut a committed entry."""
+        self._refuse_committed_cut(index, commit_index, asked_by)
+        async with self._meta_lock:  # no commit index is recorded while we cut
+            await self.drain()
+            self._refuse_committed_cut(index, commit_index, asked_by)
+            log.warning("truncating the log after index %d (was %d), asked by %s", index, self.tail_index, asked_by)
+            await self.writer.truncate_suffix(index)
         self._tail_changed()
+
+    def _refuse_committed_cut(self, index: int, commit_index: int, asked_by: str) -> None:
+        known = max(commit_index, self.wal.known_commit)
+        if index < known:
+            # Committed entries are on a majority of voters and every later leader has
+            # them: a request to cut them means a bug, a hostile peer or a lost disk
+            # elsewhere, never a real conflict. Refuse, keep the data, stop taking writes.
+            exc = CommittedTruncation(index, known, f"asked by {asked_by}")
+            self.halt(str(exc))
+            raise exc
 
     def rolled_back(self) -> None:
         """The writer dropped failed batches (disk full) and moved its tail back."""

@@ -9,13 +9,21 @@ Roles and transitions, in one place (STYLE.md 5):
     LEADER    --peer reports a higher epoch---->  FOLLOWER, if the election agrees
     any       --fdatasync failed--------------->  (the process stops: never retried)
 
-Every node campaigns all the time; etcd picks one. Followers answer the leader's frames
+Every voter campaigns all the time; etcd picks one. Followers answer the leader's frames
 (``FollowerService``) and forward client writes to it (``Forwarder``); the leader streams
 its log to every follower (``LeaderTerm``).
+
+Membership (``walstore.election.membership``): at start the node records its data
+directory's incarnation in etcd (a new directory of a known member becomes a learner). A
+learner never campaigns; it answers APPENDs like any follower. The leader re-reads the
+member records every ``MEMBER_REFRESH_S``, counts only voters, and promotes a learner
+once it has acknowledged everything up to the leader's commit index. A halted replica
+(``ReplicaLog.halt``) steps down and never campaigns again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,7 +33,8 @@ import trio
 
 from walstore.config import Config, PeerSpec
 from walstore.election.base import Candidate, Election, LeaderInfo, Leadership
-from walstore.errors import UnavailableError, WalstoreError
+from walstore.election.membership import Member, counts, promote, register
+from walstore.errors import ElectionError, UnavailableError, WalstoreError
 from walstore.event import AppendResult, NewEvent
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
@@ -43,6 +52,9 @@ log = logging.getLogger("walstore.replicator")
 
 # How long a follower waits for the election to confirm a leader that claims a new epoch.
 VERIFY_LEADER_TIMEOUT_S = 1.0
+# How often the member records are re-read (by a leader, to count and promote; by a
+# learner, to learn it may campaign). A read of a few small keys: cheap for etcd.
+MEMBER_REFRESH_S = 0.5
 
 
 class Role(enum.Enum):
@@ -89,6 +101,8 @@ class Replicator:
         self.forwarder = Forwarder(node_id=config.node_id, cluster_id=config.cluster_id, epoch=self._epoch)
         self._stop_leading: trio.CancelScope | None = None
         self.peer_port = 0
+        self.members: dict[str, Member] = {}  # the member records as last read
+        self.registered = trio.Event()  # our incarnation is recorded (voter or learner)
 
     def _epoch(self) -> int:
         return self.rlog.promised_epoch
@@ -111,9 +125,11 @@ class Replicator:
                     handler=self._on_connection,
                     on_rejected=lambda reason: self.metrics.peer_connections_rejected_total.labels(reason).inc(),
                     known_peers=frozenset(p.node_id for p in self.others),
+                    incarnation=self.rlog.incarnation,
                     task_status=task_status,
                 )
             )
+            nursery.start_soon(self._register)
             nursery.start_soon(self.forwarder.run)
             nursery.start_soon(self._watch_leader)
             nursery.start_soon(self._campaign_forever)
@@ -162,8 +178,101 @@ class Replicator:
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 
+    # -- membership ----------------------------------------------------------------------
+
+    @property
+    def votes(self) -> bool:
+        """This node's data directory is recorded as a voter (as last read)."""
+        return counts(self.members, self.config.node_id, self.rlog.incarnation)
+
+    def _votes(self, node_id: str, incarnation: str) -> bool:
+        return counts(self.members, node_id, incarnation)
+
+    def _set_members(self, members: dict[str, Member]) -> None:
+        self.members = members
+        self.metrics.voter.set(1 if self.votes else 0)
+
+    async def _register(self) -> None:
+        """Record our incarnation (retried until etcd answers: until then nobody counts
+        us, which is safe, and we do not campaign)."""
+        retry_s = MEMBER_REFRESH_S
+        while True:
+            try:
+                await register(self.election, self.config.node_id, self.rlog.incarnation)
+                self._set_members(await self.election.read_members())
+                break
+            except ElectionError as exc:
+                log.warning("cannot record this node's incarnation yet: %s", exc)
+                await trio.sleep(retry_s)
+                retry_s = min(retry_s * 2, 5.0)
+        self.registered.set()
+
+    async def _until_voter(self) -> None:
+        """Until this node may campaign: registered, recorded as a voter, not halted."""
+        await self.registered.wait()
+        while self.rlog.halted is not None or not self.votes:
+            await trio.sleep(MEMBER_REFRESH_S)
+            if self.rlog.halted is not None:
+                continue
+            try:
+                self._set_members(await self.election.read_members())
+            except ElectionError as exc:
+                log.debug("reading member records: %s", exc)
+        return
+
+    async def _maintain_members(self, term: LeaderTerm, leadership: Leadership) -> None:
+        """Leader: keep the voter view fresh, and promote learners that have caught up."""
+        while True:
+            await trio.sleep(MEMBER_REFRESH_S)
+            try:
+                self._set_members(await self.election.read_members())
+            except ElectionError as exc:
+                log.debug("reading member records: %s", exc)
+                continue
+            if not self.votes:
+                log.warning("this node is no longer recorded as a voter: stepping down")
+                self.step_down()
+                return
+            term.refresh_voters()
+            if self.writable:
+                await self._promote_caught_up(term, leadership)
+
+    async def _promote_caught_up(self, term: LeaderTerm, leadership: Leadership) -> None:
+        for progress in term.progress.values():
+            node_id = progress.peer.node_id
+            record = self.members.get(node_id)
+            if progress.voter or not progress.connected or record is None or record.voter:
+                continue
+            if record.incarnation != progress.incarnation:
+                continue  # not registered yet (or replaced): nothing to promote
+            commit = self.commit.value
+            if progress.match_index < commit:
+                continue
+            try:
+                promoted = await promote(self.election, record, leadership.epoch)
+            except ElectionError as exc:
+                log.warning("promoting %s: %s", node_id, exc)
+                continue
+            if not promoted:
+                continue  # the record or the leadership changed: look again next time
+            waited = trio.current_time() - progress.learner_since if progress.learner_since is not None else 0.0
+            log.info(
+                "%s (incarnation %s) holds everything up to the commit index %d: now a voter (a learner for %.1fs)",
+                node_id,
+                progress.incarnation,
+                commit,
+                waited,
+            )
+            self.metrics.learner_promotions_total.inc()
+            with contextlib.suppress(ElectionError):
+                self._set_members(await self.election.read_members())
+            term.refresh_voters()
+
+    # -- leading -------------------------------------------------------------------------
+
     async def _campaign_forever(self) -> None:
         while True:
+            await self._until_voter()
             leadership = await self.election.campaign(self.candidate)
             self.metrics.elections_total.inc()
             try:
@@ -192,6 +301,9 @@ class Replicator:
 
                 nursery.start_soon(cancel_when_lost)
                 try:
+                    # Read after winning: no promotion by an older leader can land later
+                    # (promote() checks the election key's epoch in the same transaction).
+                    self._set_members(await self.election.read_members())
                     await take_over(
                         epoch=epoch,
                         node_id=self.config.node_id,
@@ -200,6 +312,7 @@ class Replicator:
                         rlog=self.rlog,
                         commit=self.commit,
                         timeout_s=self.config.lease_ttl_s,
+                        members=self.members,
                     )
                 except (Superseded, WalstoreError, PeerClosed, OSError, trio.TooSlowError) as exc:
                     # No majority, a newer promise, or the peer we fetch from failed:
@@ -221,12 +334,15 @@ class Replicator:
                     heartbeat_s=self.config.lease_ttl_s / 8,
                     on_higher_epoch=self._on_higher_epoch,
                     on_progress=self._on_progress,
+                    votes=self._votes,
+                    incarnation=self.rlog.incarnation,
                 )
                 self.term.appended(pending)
                 self.role = Role.LEADER
                 self.metrics.is_leader.set(1)
                 self.metrics.term.set(epoch)
                 nursery.start_soon(self.term.run)
+                nursery.start_soon(self._maintain_members, self.term, leadership)
                 while self.commit.value < pending.first_index:
                     await self.commit.wait_for(pending.first_index)
                 # Validation needs the whole log applied: wait for our EPOCH_START to be.

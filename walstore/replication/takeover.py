@@ -7,23 +7,32 @@ adopt the most advanced log among them, comparing (last epoch, last index): we t
 our own divergent suffix and FETCH what we lack from that peer. Then the caller appends
 EPOCH_START and serves writes once it commits.
 
+Only voters count (``walstore.election.membership``): a promise counts when the peer's
+HELLO named the incarnation its member record holds as a voter, and so does our own
+log only if we vote. Learners are still asked (their promise fences old leaders off) but
+neither their promise nor their log is used.
+
 Why this is safe without timing assumptions: an entry committed by an older leader is on
-a majority; every majority of promises contains one of those nodes; and the most
-advanced log of a promise majority contains every committed entry (Raft's up-to-date rule,
-with the epoch of the last entry as the term). Any majority an old leader could still
-reach contains a node that promised E, so it can never commit again.
+a majority of voters; every majority of voter promises contains one of those voters (a
+voter never forgets: its incarnation is lost with its disk); and the most advanced log of
+a promise majority contains every committed entry (Raft's up-to-date rule, with the epoch
+of the last entry as the term). Any majority an old leader could still reach contains a
+node that promised E, so it can never commit again.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
 
 from walstore import _native
 from walstore.config import PeerSpec
+from walstore.election.membership import Member, counts
+from walstore.election.membership import majority as membership_majority
 from walstore.errors import ProtocolError, UnavailableError
 from walstore.protocol import Fetch, FetchResult, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
@@ -95,14 +104,19 @@ async def take_over(
     rlog: ReplicaLog,
     commit: Watermark,
     timeout_s: float,
+    members: Mapping[str, Member],
 ) -> None:
-    """Collect promises for ``epoch`` and adopt the most advanced log of the majority.
-    Raises Superseded, or UnavailableError when no majority answers in time."""
+    """Collect promises for ``epoch`` and adopt the most advanced log of a majority of
+    voters (``members`` as read after winning the election). Raises Superseded, or
+    UnavailableError when no majority of voters answers in time."""
+    if not counts(members, node_id, rlog.incarnation):
+        raise UnavailableError(f"takeover of epoch {epoch}: this node is not a voter", code="no_quorum")
     await rlog.promise(epoch)
     await rlog.drain()
     mine = LogPosition(node_id, rlog.tail_epoch, rlog.tail_index, rlog.epoch_history())
-    majority = (len(peers) + 1) // 2 + 1
+    majority = membership_majority(len(peers) + 1)
     promises: dict[str, LogPosition] = {node_id: mine}
+    learners: list[str] = []
     enough = trio.Event()
     addresses = {p.node_id: p for p in peers}
 
@@ -111,7 +125,14 @@ async def take_over(
         # the takeover's deadline rather than counted out at the first refusal.
         while True:
             try:
-                channel = await dial(peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch)
+                channel = await dial(
+                    peer.host,
+                    peer.port,
+                    cluster_id=cluster_id,
+                    node_id=node_id,
+                    epoch=epoch,
+                    incarnation=rlog.incarnation,
+                )
                 break
             except (OSError, PeerClosed, ProtocolError, trio.TooSlowError) as exc:
                 log.debug("takeover: %s unreachable: %r", peer.node_id, exc)
@@ -131,6 +152,13 @@ async def take_over(
             if answer.promised_epoch > epoch:
                 raise Superseded(answer.promised_epoch, peer.node_id)
             return
+        incarnation = channel.conn.peer_incarnation
+        if not counts(members, peer.node_id, incarnation):
+            # A learner or an amnesiac: it promised, so old leaders are fenced off from it,
+            # but it may hold less than was committed. Neither its vote nor its log counts.
+            learners.append(peer.node_id)
+            log.info("takeover: %s promised as a learner (incarnation %s): not counted", peer.node_id, incarnation)
+            return
         promises[peer.node_id] = LogPosition(peer.node_id, answer.last_epoch, answer.last_index, answer.epoch_history)
         if len(promises) >= majority:
             enough.set()
@@ -147,7 +175,11 @@ async def take_over(
 
             nursery.start_soon(stop_after_grace)
     if len(promises) < majority:
-        raise UnavailableError(f"takeover of epoch {epoch}: {len(promises)} of {majority} promises", code="no_quorum")
+        raise UnavailableError(
+            f"takeover of epoch {epoch}: promises from {len(promises)} voter(s) {sorted(promises)}, "
+            f"{majority} needed (learners not counted: {sorted(learners)})",
+            code="no_quorum",
+        )
 
     best = max(promises.values(), key=lambda p: (p.key, p.node_id == node_id))
     log.info(
@@ -161,14 +193,16 @@ async def take_over(
         return
     common = common_prefix(mine, best)
     if common < rlog.tail_index:
-        await rlog.truncate_after(common, commit.value)
+        await rlog.truncate_after(common, commit.value, asked_by=f"takeover of epoch {epoch} ({best.node_id}'s log)")
     await _fetch_from(addresses[best.node_id], best, epoch=epoch, node_id=node_id, cluster_id=cluster_id, rlog=rlog)
 
 
 async def _fetch_from(
     peer: PeerSpec, best: LogPosition, *, epoch: int, node_id: str, cluster_id: str, rlog: ReplicaLog
 ) -> None:
-    channel: PeerChannel = await dial(peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch)
+    channel: PeerChannel = await dial(
+        peer.host, peer.port, cluster_id=cluster_id, node_id=node_id, epoch=epoch, incarnation=rlog.incarnation
+    )
     try:
         while rlog.tail_index < best.last_index:
             request_id = next(_request_ids)

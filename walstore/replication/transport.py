@@ -104,12 +104,21 @@ class PeerChannel:
 
 
 async def dial(
-    host: str, port: int, *, cluster_id: str, node_id: str, epoch: int, timeout_s: float = HANDSHAKE_TIMEOUT_S
+    host: str,
+    port: int,
+    *,
+    cluster_id: str,
+    node_id: str,
+    epoch: int,
+    incarnation: str = "",
+    timeout_s: float = HANDSHAKE_TIMEOUT_S,
 ) -> PeerChannel:
-    """Connect and exchange HELLOs. Raises OSError, PeerClosed, ProtocolError, TooSlowError."""
+    """Connect and exchange HELLOs. Raises OSError, PeerClosed, ProtocolError, TooSlowError.
+    The peer's incarnation is then ``channel.conn.peer_incarnation``."""
     with trio.fail_after(timeout_s):
         stream = await trio.open_tcp_stream(host, port)
-        channel = PeerChannel(stream, PeerConnection(cluster_id, node_id, "client"), f"{host}:{port}")
+        conn = PeerConnection(cluster_id, node_id, "client", incarnation=incarnation)
+        channel = PeerChannel(stream, conn, f"{host}:{port}")
         try:
             await channel.send(channel.conn.hello(epoch))
             await channel.receive()  # the state machine only lets a HELLO through here
@@ -132,6 +141,7 @@ async def serve_peers(
     handler: Handler,
     on_rejected: Callable[[str], None] = lambda reason: None,
     known_peers: frozenset[str] | None = None,
+    incarnation: str = "",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept peer connections; after the HELLO exchange each runs ``handler``. Only node
@@ -157,9 +167,8 @@ async def serve_peers(
             remote = f"{host}:{port}"
         except OSError:
             remote = "?"
-        channel = PeerChannel(
-            stream, PeerConnection(cluster_id, node_id, "server"), remote, idle_timeout_s=INBOUND_IDLE_TIMEOUT_S
-        )
+        conn = PeerConnection(cluster_id, node_id, "server", incarnation=incarnation)
+        channel = PeerChannel(stream, conn, remote, idle_timeout_s=INBOUND_IDLE_TIMEOUT_S)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 await channel.receive()  # HELLO (anything else is a ProtocolError)

@@ -36,9 +36,17 @@ from types import TracebackType
 
 from walstore import _native
 from walstore._native import ScanStop
-from walstore.errors import ConfigError, FsyncError, LogStateError, NativeError, StorageError
+from walstore.errors import (
+    CommittedTruncation,
+    ConfigError,
+    CorruptionError,
+    FsyncError,
+    LogStateError,
+    NativeError,
+    StorageError,
+)
 from walstore.wal.fs import FileSystem, RealFileSystem
-from walstore.wal.meta import WalMeta, load_meta, save_meta
+from walstore.wal.meta import WalMeta, load_meta, new_incarnation, save_meta
 from walstore.wal.record import (
     _HEADER,
     FLAG_BATCH_END,
@@ -50,7 +58,7 @@ from walstore.wal.record import (
     peek_header,
     record_size,
 )
-from walstore.wal.recovery import cut_log, epoch_changes, epoch_history, repair, scan_log
+from walstore.wal.recovery import LogScan, cut_log, epoch_changes, epoch_history, repair, scan_log
 from walstore.wal.segment import SEGMENT_HEADER_BYTES, SegmentState, create_segment, write_zeros
 
 _ZEROS = memoryview(bytes(1 << 20))
@@ -88,6 +96,8 @@ class WriteAheadLog:
         self._fs = fs
         self._segments = segments
         self._meta = meta
+        # True when this open created the directory and its identity (it was new).
+        self.created = False
         self._poisoned: StorageError | None = None
         # meta.json is read-modify-written by truncation (writer thread) and promises.
         self._meta_lock = threading.Lock()
@@ -106,13 +116,19 @@ class WriteAheadLog:
         directory = Path(directory)
         fs.mkdir(directory)
         scan = scan_log(fs, directory, max_body=options.max_record_body_bytes, writable=True)
+        created = scan.meta is None
         try:
             if scan.meta is None:
                 for path in scan.stray:
                     fs.unlink(path)
-                meta = WalMeta()
+                meta = WalMeta(incarnation=new_incarnation())
                 save_meta(fs, directory, meta)
             else:
+                if not scan.meta.incarnation:
+                    # A format-1 directory: intact, promises and all; it only lacks a name.
+                    scan.meta = replace(scan.meta, incarnation=new_incarnation())
+                    save_meta(fs, directory, scan.meta)
+                _check_keeps_committed(directory, scan)
                 meta = repair(fs, scan) if scan.needs_repair else scan.meta
             segments = scan.segments
             if not segments:
@@ -120,7 +136,9 @@ class WriteAheadLog:
         except BaseException:
             scan.close()
             raise
-        return cls(directory, options, fs, segments, meta)
+        log = cls(directory, options, fs, segments, meta)
+        log.created = created
+        return log
 
     # -- state --------------------------------------------------------------------------------
 
@@ -170,6 +188,16 @@ class WriteAheadLog:
     @property
     def promised_epoch(self) -> int:
         return self._meta.promised_epoch
+
+    @property
+    def incarnation(self) -> str:
+        """This data directory's identity (see ``walstore.wal.meta``)."""
+        return self._meta.incarnation
+
+    @property
+    def known_commit(self) -> int:
+        """The highest index this log has recorded as committed: never truncated."""
+        return self._meta.commit_index
 
     @property
     def data_bytes(self) -> int:
@@ -390,6 +418,9 @@ class WriteAheadLog:
             raise LogStateError(f"truncate_suffix({after_index}): the log starts at {self.first_index}")
         if after_index >= self._last_index:
             return
+        if after_index < self._meta.commit_index:
+            # The last line of defence; ReplicaLog refuses first, with the in-memory commit.
+            raise CommittedTruncation(after_index, self._meta.commit_index, "recorded in meta.json")
         try:
             # Earlier segments first: cut_log syncs the last one, and it must not become
             # durable ahead of unsynced records before it.
@@ -403,6 +434,27 @@ class WriteAheadLog:
         self._last_epoch = self._tail_epoch()
         self._history = [p for p in self._history if p[1] <= after_index]
         self._batch_end_index = self._find_batch_end(after_index)
+
+    def set_known_commit(self, index: int) -> None:
+        """Record durably that entries up to ``index`` are committed (only ever raised;
+        a lower value is ignored). Blocking I/O: call it from a worker thread. ``index``
+        must be held by this log: a commit index we do not hold says nothing about our
+        entries."""
+        self._check_usable()
+        if index > self._last_index:
+            raise LogStateError(f"known commit {index} is beyond the log's last index {self._last_index}")
+        with self._meta_lock:
+            current = load_meta(self._fs, self._directory) or self._meta
+            if index <= current.commit_index:
+                self._meta = current
+                return
+            meta = replace(current, commit_index=index, epoch_history=tuple(self._history))
+            try:
+                save_meta(self._fs, self._directory, meta)
+            except FsyncError as e:
+                self._poison(e)
+                raise
+            self._meta = meta
 
     def set_promised_epoch(self, epoch: int) -> None:
         """Persist a takeover promise (and the current epoch history) before answering it.
@@ -635,3 +687,18 @@ class WriteAheadLog:
 def _new_segment_state(fs: FileSystem, directory: Path, first_index: int, size: int, last_epoch: int) -> SegmentState:
     f = create_segment(fs, directory, first_index, size)
     return SegmentState(directory / f.path.name, f, first_index, size, last_epoch=last_epoch)
+
+
+def _check_keeps_committed(directory: Path, scan: LogScan) -> None:
+    """Refuse to open (and so to repair) a log that ends below what it knew was committed:
+    those entries were fsynced and acknowledged, so their loss is damage, not a torn write,
+    and repairing would delete the evidence."""
+    assert scan.meta is not None
+    committed = scan.meta.commit_index
+    if scan.keep_index < committed:
+        raise CorruptionError(
+            str(directory),
+            0,
+            f"the log's valid records end at index {scan.keep_index}, but entries up to {committed} "
+            "were recorded as committed: acknowledged data is missing from this disk",
+        )
