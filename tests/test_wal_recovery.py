@@ -3,13 +3,15 @@ exact file and offset, crash leftovers are cleaned up."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from walstore.errors import CorruptionError, StorageError
+from walstore._native import crc32c
+from walstore.errors import CommittedTruncation, CorruptionError, LogStateError, StorageError
 from walstore.wal.log import WalOptions, WriteAheadLog
 from walstore.wal.meta import META_FILE, WalMeta, encode_meta, save_meta
 from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT, encode_record
@@ -313,3 +315,68 @@ def test_truncate_suffix_interrupted_by_a_crash_is_finished_at_start_up() -> Non
     fs.crash(garble=True)
     log = reopen(fs)
     assert log.last_index == 4 and log.meta.truncate_after is None
+
+
+# -- identity and the recorded commit index (issue: a lost disk never makes the cluster forget)
+
+
+def test_a_new_directory_gets_an_incarnation_that_reopening_keeps() -> None:
+    fs = SimulatedFileSystem(seed=3)
+    with WriteAheadLog.open(D, OPTS, fs) as log:
+        assert log.created and len(log.incarnation) == 32
+        first = log.incarnation
+    with reopen(fs) as log:
+        assert not log.created and log.incarnation == first
+
+
+def test_a_format_1_directory_keeps_its_promise_and_is_given_an_incarnation() -> None:
+    fs = build([1] * 3)
+    obj: dict[str, object] = {"format": 1, "promised_epoch": 9, "epoch_history": [[1, 1]], "truncate_after": None}
+    obj["crc32c"] = crc32c(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    fs.unlink(D / META_FILE)
+    f = fs.create(D / META_FILE)
+    f.pwritev([raw], 0, sync=True)
+    f.close()
+    with reopen(fs) as log:
+        assert not log.created  # an upgrade, not an amnesia
+        assert log.promised_epoch == 9 and len(log.incarnation) == 32 and log.last_index == 3
+        named = log.incarnation
+    with reopen(fs) as log:
+        assert log.incarnation == named
+
+
+def test_truncation_at_or_below_the_recorded_commit_is_refused() -> None:
+    fs = build([1] * 10)
+    with reopen(fs) as log:
+        log.set_known_commit(6)
+        log.set_known_commit(4)  # never goes back
+        assert log.known_commit == 6
+        with pytest.raises(CommittedTruncation, match="after index 5: entries up to 6"):
+            log.truncate_suffix(5)
+        assert log.last_index == 10
+        log.truncate_suffix(6)
+        assert log.last_index == 6
+        with pytest.raises(LogStateError):
+            log.set_known_commit(7)  # not held: says nothing about our entries
+    with reopen(fs) as log:
+        assert (log.known_commit, log.last_index) == (6, 6)
+
+
+def test_a_log_missing_committed_entries_refuses_to_open_and_changes_nothing() -> None:
+    """A torn tail above the recorded commit index is a crash (repaired); at or below it,
+    entries that were fsynced and acknowledged are gone: damage, never repaired away."""
+    fs = build([1] * 10)
+    seg, index, offset, size = layout(fs)[-1]
+    assert index == 10
+    with reopen(fs) as log:
+        log.set_known_commit(9)
+    fs.damage(seg, offset, bytes(size))
+    with reopen(fs) as log:  # index 10 was never known committed: a torn write
+        assert log.last_index == 9
+    seg, index, offset, size = layout(fs)[-1]
+    fs.damage(seg, offset, bytes(size))
+    before = {name: fs.read_file(D / name) for name in fs.listdir(D)}
+    with pytest.raises(CorruptionError, match="up to 9 were recorded as committed"):
+        reopen(fs)
+    assert {name: fs.read_file(D / name) for name in fs.listdir(D)} == before

@@ -3,14 +3,16 @@
 walstore wal verify DIR                      exit 0 clean, 1 corrupt, 3 repairable
 walstore wal dump DIR [--from-index N] [--json]
 walstore bench wal [--dir DIR] [--replay-records N]
+walstore member list [--json]                who votes (the member records in etcd)
+walstore member replace NODE_ID              a node whose disk is gone rejoins as a learner
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -349,6 +351,97 @@ def tail(url: str, from_index: int) -> None:
                 click.echo(line[5:].strip())
     except KeyboardInterrupt:
         pass
+
+
+@main.group()
+def member() -> None:
+    """The cluster's members: who votes, and replacing one whose disk is gone.
+
+    Reads and writes the member records in etcd (ETCD_ENDPOINTS, CLUSTER_ID, and
+    CLUSTER_SIZE or PEERS as for `serve`). Exit 0 on success, 1 when etcd refuses or
+    cannot be reached, 2 for bad arguments.
+    """
+
+
+_ETCD = click.option("--etcd-endpoints", help="ETCD_ENDPOINTS, comma-separated host:port (default localhost:2379)")
+_CLUSTER_ID = click.option("--cluster-id", help="CLUSTER_ID (default event-store)")
+
+
+def _member_call(
+    etcd_endpoints: str | None, cluster_id: str | None, action: Callable[..., Awaitable[object]]
+) -> object:
+    """Run ``action(election, config)`` against etcd; one line and exit 1 or 2 on failure."""
+    import trio
+
+    from walstore.config import from_env
+    from walstore.election.etcd import EtcdElection
+    from walstore.errors import ConfigError, ElectionError
+
+    overrides = {k: v for k, v in {"etcd_endpoints": etcd_endpoints, "cluster_id": cluster_id}.items() if v}
+    try:
+        config = from_env(None, **overrides)
+        election = EtcdElection(list(config.etcd_endpoints), config.cluster_id)
+    except (ConfigError, ElectionError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+    async def run() -> object:
+        async with election:
+            return await action(election, config)
+
+    try:
+        return trio.run(run)
+    except ElectionError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+@member.command("list")
+@_ETCD
+@_CLUSTER_ID
+@JSON
+def member_list(etcd_endpoints: str | None, cluster_id: str | None, as_json: bool) -> None:
+    """Every recorded member: its data directory's incarnation and whether it votes."""
+
+    async def action(election: Any, config: Any) -> object:
+        return await election.read_members()
+
+    members: Any = _member_call(etcd_endpoints, cluster_id, action)
+    rows = [
+        {"node_id": m.node_id, "incarnation": m.incarnation, "voter": m.voter, "revision": m.revision}
+        for m in sorted(members.values(), key=lambda m: m.node_id)
+    ]
+    lines = [f"{'NODE':<24} {'INCARNATION':<34} ROLE"]
+    lines += [
+        f"{r['node_id']:<24} {r['incarnation'] or '(replaced)':<34} {'voter' if r['voter'] else 'learner'}"
+        for r in rows
+    ]
+    _print(rows, as_json, lines)
+
+
+@member.command("replace")
+@click.argument("node_id")
+@_ETCD
+@_CLUSTER_ID
+@click.option(
+    "--cluster-size",
+    type=click.IntRange(1, 15),
+    help="Members in the cluster (default: from CLUSTER_SIZE or PEERS, else the recorded members)",
+)
+def member_replace(etcd_endpoints: str | None, cluster_id: str | None, node_id: str, cluster_size: int | None) -> None:
+    """Declare NODE_ID's disk gone for good: its old incarnation stops voting, and its
+    next start (on a new, empty disk) joins as a learner, catches up and becomes a voter.
+
+    Refused if it would leave fewer voters than a majority. See docs/membership.md for
+    the procedure."""
+    from walstore.election.membership import replace
+
+    async def action(election: Any, config: Any) -> object:
+        size = cluster_size or (config.cluster_size if config.cluster_size > 1 else len(await election.read_members()))
+        return await replace(election, node_id, size)
+
+    record: Any = _member_call(etcd_endpoints, cluster_id, action)
+    click.echo(f"{record.node_id}: old incarnation no longer votes; its next start joins as a learner")
 
 
 @main.group()

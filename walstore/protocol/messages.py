@@ -177,7 +177,7 @@ class Hello:
 
     def encode_payload(self) -> list[Bytes]:
         name = "HELLO"
-        parts = [
+        parts: list[Bytes] = [
             _pack(_HELLO, name, self.protocol_version, self.epoch),
             _pack_str(self.cluster_id, MAX_NAME_BYTES, name, "cluster_id"),
             _pack_str(self.node_id, MAX_NAME_BYTES, name, "node_id"),
