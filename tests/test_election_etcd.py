@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import trio
 from walstore.election import Candidate, Election, LeaderInfo, Leadership
 from walstore.election.etcd import EtcdElection, parse_endpoints
 from walstore.election.etcd_process import EtcdCluster
+from walstore.election.membership import counts, promote, register, replace
 from walstore.errors import ConfigError, ElectionError
 
 # Fixtures: etcd_server, etcd_cluster3, dead_etcd_endpoint.
@@ -390,3 +392,37 @@ async def test_three_member_cluster_survives_a_killed_and_a_paused_member(
         for e in (a, b, c):
             await sees(e, second.info)
         nursery.cancel_scope.cancel()
+
+
+async def test_member_records_on_etcd_follow_the_same_rule(etcd_server: EtcdCluster) -> None:
+    """The membership transitions of test_membership, on a real etcd: first start votes,
+    another incarnation is a learner, only the current epoch promotes, replace is refused
+    below a voting majority, and a record an operator garbled gives nobody a vote."""
+    cluster = f"members-{uuid.uuid4().hex[:12]}"
+    inc = [f"{n:032x}" for n in (1, 2, 3, 4)]
+    async with (
+        EtcdElection(etcd_server.endpoints, cluster, ttl_s=TTL) as e0,
+        EtcdElection(etcd_server.endpoints, cluster, ttl_s=TTL) as e1,
+    ):
+        assert (await register(e0, "n0", inc[0])).voter
+        assert (await register(e1, "n1", inc[1])).voter
+        assert (await register(e1, "n2", inc[2])).voter
+        learner = await register(e1, "n1", inc[3])
+        assert (learner.incarnation, learner.voter) == (inc[3], False)
+        assert (await register(e1, "n1", inc[3])) == learner  # restarting changes nothing
+        held = await e0.campaign(Candidate("n0", "n0:7000", "n0:8080"))
+        assert not await promote(e0, learner, held.epoch - 1)
+        assert await promote(e0, learner, held.epoch)
+        assert counts(await e1.read_members(), "n1", inc[3])
+        await e0.resign(held)
+        assert (await replace(e1, "n2", 3)).incarnation is None
+        with pytest.raises(ElectionError, match="fewer than a majority"):
+            await replace(e1, "n0", 3)
+        relearn = await register(e1, "n2", inc[2])
+        assert not relearn.voter  # replaced: whatever disk it brings, it starts as a learner
+        assert not await promote(e0, relearn, held.epoch)  # the key is gone: no leader promotes
+        await trio.to_thread.run_sync(
+            etcd_gateway, etcd_server, "/v3/kv/put",
+            {"key": b64(f"/walstore/{cluster}/members/n9"), "value": b64("not json")},
+        )  # fmt: skip
+        assert "n9" not in await e0.read_members()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_replication import event, wait_converged
 
 from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
-from tests.test_replication import event, wait_converged
 from walstore.errors import CommittedTruncation, OutcomeUnknown, UnavailableError
 from walstore.event import AppendResult
 from walstore.node import Node

@@ -391,8 +391,12 @@ def _member_call(
 
     try:
         return trio.run(run)
-    except ElectionError as e:
-        click.echo(f"error: {e}", err=True)
+    except BaseException as e:
+        # The election's nursery wraps what failed in an ExceptionGroup.
+        known = [leaf for leaf in _leaves(e) if isinstance(leaf, ElectionError)]
+        if not known:
+            raise
+        click.echo(f"error: {known[0]}", err=True)
         sys.exit(1)
 
 

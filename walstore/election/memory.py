@@ -163,7 +163,12 @@ class MemoryElectionHub:
         """The member records as ``node_id`` reads them (ElectionError if cut off)."""
         if not self.is_reachable(node_id):
             raise ElectionError(f"{node_id} cannot reach the election hub")
-        return {name: decode_member(name, value, rev) for name, (value, rev) in self.members.items()}
+        members: dict[str, Member] = {}
+        for name, (value, rev) in self.members.items():
+            # As the etcd backend does: a record that does not parse gives nobody a vote.
+            with contextlib.suppress(ElectionError):
+                members[name] = decode_member(name, value, rev)
+        return members
 
     def write_member(
         self, caller: str, node_id: str, record: bytes, expect_revision: int, leader_epoch: int | None
