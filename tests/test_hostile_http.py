@@ -246,7 +246,6 @@ BAD_BODIES = [
     pytest.param("/events", EVENT % b'{"x":NaN}', "invalid_json", id="nan"),
     pytest.param("/events", EVENT % b'{"x":Infinity}', "invalid_json", id="infinity"),
     pytest.param("/events", EVENT % b'{"x":-Infinity}', "invalid_json", id="minus-infinity"),
-    pytest.param("/events", EVENT % b'{"x":1e400}', "invalid_json", id="float-overflowing-to-infinity"),
     pytest.param("/events", EVENT % b'{"s":"\\ud800"}', "invalid_json", id="lone-surrogate-escaped"),
     pytest.param("/events", raw_event(b'"\\udfff"'), "invalid_json", id="lone-surrogate-escaped-in-id"),
     pytest.param("/events", EVENT % b'{"s":"\xed\xa0\x80"}', "invalid_json", id="lone-surrogate-utf8-encoded"),

@@ -22,7 +22,7 @@ SEED_EVENT = {
     "payload": {"name": "John Doe", "email": "john@example.com"},
     "metadata": {"source": "api"},
 }
-EVENT_KEYS = ["id", "type", "timestamp", "aggregate_id", "payload", "metadata", "version", "index"]
+EVENT_KEYS = ["id", "type", "timestamp", "aggregate_id", "payload", "metadata", "version", "index", "recorded_at"]
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ async def test_post_event_seed_shape(client: HttpTestClient, service: FakeEventS
     assert (body["index"], body["version"]) == (1, 1)
     stored = service.log[0]
     assert stored.id == body["event_id"]
-    assert stored.payload == b'{"email":"john@example.com","name":"John Doe"}'
+    assert stored.payload == b'{"name":"John Doe","email":"john@example.com"}'
     assert stored.metadata == b'{"source":"api"}'
 
 

@@ -40,13 +40,13 @@ def body(**fields: Any) -> bytes:
 # ------------------------------------------------------------------ a valid event
 
 
-def test_minimal_event_gets_defaults_and_canonical_payload() -> None:
+def test_minimal_event_gets_defaults_and_its_payload_as_sent() -> None:
     event = parse_append_request(
         b'{"payload": {"b": 1, "a": {"d": 0, "c": 1}}, "type": "T", "aggregate_id": "a"}', JSON
     )
     assert event.type == "T"
     assert event.aggregate_id == "a"
-    assert event.payload == b'{"a":{"c":1,"d":0},"b":1}'  # sorted at every level, compact
+    assert event.payload == b'{"b":1,"a":{"d":0,"c":1}}'  # as sent, keys in order; only whitespace goes
     assert event.metadata == b"{}"
     assert event.expected_version is None
     assert uuid.UUID(event.id).version == 4
@@ -67,7 +67,7 @@ def test_full_event_keeps_every_field() -> None:
         body(id="evt-1", metadata={"z": 1, "source": "api"}, expected_version=0), content_type=JSON
     )
     assert event.id == "evt-1"
-    assert event.metadata == b'{"source":"api","z":1}'
+    assert event.metadata == b'{"z":1,"source":"api"}'
     assert event.expected_version == 0
 
 
@@ -139,7 +139,6 @@ def test_other_content_types_are_415(content_type: str | None) -> None:
         b'{"type": "T", "aggregate_id": "a", "payload": {"x": NaN}}',
         b'{"type": "T", "aggregate_id": "a", "payload": {"x": Infinity}}',
         b'{"type": "T", "aggregate_id": "a", "payload": {"x": -Infinity}}',
-        b'{"type": "T", "aggregate_id": "a", "payload": {"x": 1e400}}',
         b'{"type": "\xff", "aggregate_id": "a", "payload": {}}',
         b'{"type": "\xed\xa0\x80", "aggregate_id": "a", "payload": {}}',  # UTF-8-encoded surrogate
         b'{"type": "\\ud800", "aggregate_id": "a", "payload": {}}',
@@ -164,12 +163,14 @@ def test_non_object_body_is_400_invalid_body(raw: bytes) -> None:
     assert info.value.code == "invalid_body"
 
 
-def test_nesting_orjson_cannot_reencode_is_invalid_field() -> None:
-    payload = b'{"a":' * 300 + b"1" + b"}" * 300  # loads (limit 1024) but dumps stops at 254
+def test_deep_nesting_is_kept_until_the_parser_limit() -> None:
+    payload = b'{"a":' * 300 + b"1" + b"}" * 300  # orjson could not re-encode this (254 levels)
+    event = parse_append_request(b'{"type":"T","aggregate_id":"a","payload":' + payload + b"}", JSON)
+    assert event.payload == payload
+    too_deep = b'{"a":' * 5000 + b"1" + b"}" * 5000
     with pytest.raises(ValidationError) as info:
-        parse_append_request(b'{"type":"T","aggregate_id":"a","payload":' + payload + b"}", JSON)
-    assert info.value.code == "invalid_field"
-    assert info.value.details["field"] == "payload"
+        parse_append_request(b'{"type":"T","aggregate_id":"a","payload":' + too_deep + b"}", JSON)
+    assert info.value.code == "invalid_json" and "nested too deeply" in str(info.value)
 
 
 # ------------------------------------------------------------------ fields

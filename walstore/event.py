@@ -15,8 +15,9 @@ An event record's body (kind EVENT in ``walstore.wal.record``) is, little-endian
     32     ...  id, aggregate_id, type (UTF-8), payload JSON, metadata JSON
 
 The fixed prefix lets start-up rebuild the indexes (id, aggregate, version) without
-parsing JSON; payload and metadata are stored as the canonical JSON the API validated,
-so reads copy them into responses without re-encoding.
+parsing JSON; payload and metadata are stored as the JSON text the client sent (validated,
+whitespace outside strings removed: ``walstore.json_text``), so reads copy them into
+responses without re-encoding and every number and key order comes back as sent.
 
 Pure: no I/O, no trio.
 """
@@ -27,6 +28,7 @@ import struct
 from dataclasses import dataclass
 
 from walstore.errors import CorruptionError
+from walstore.json_text import same_json_value
 
 BODY_FORMAT = 1
 _PREFIX = struct.Struct("<BBHHHIIQq")
@@ -51,8 +53,8 @@ class NewEvent:
     id: str
     type: str
     aggregate_id: str
-    payload: bytes  # canonical JSON of an object
-    metadata: bytes  # canonical JSON of an object
+    payload: bytes  # the client's JSON text of an object, whitespace removed (json_text)
+    metadata: bytes  # the same, for metadata
     expected_version: int | None = None  # 0 = aggregate must be new; None = any
 
     def same_content(self, other: StoredEvent) -> bool:
@@ -60,8 +62,8 @@ class NewEvent:
         return (
             self.type == other.type
             and self.aggregate_id == other.aggregate_id
-            and self.payload == other.payload
-            and self.metadata == other.metadata
+            and same_json_value(self.payload, other.payload)
+            and same_json_value(self.metadata, other.metadata)
         )
 
 

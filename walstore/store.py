@@ -76,6 +76,7 @@ from walstore.event import (
     decode_event_body,
     encode_event_body,
 )
+from walstore.json_text import same_json_value
 from walstore.service import AggregateRead, Direction, LogRead
 
 # Record kinds, mirroring walstore.wal.record (a test asserts they agree). The store may
@@ -169,7 +170,12 @@ class _Pending:
 
 
 def _same_content(a: NewEvent, b: NewEvent) -> bool:
-    return a.type == b.type and a.aggregate_id == b.aggregate_id and a.payload == b.payload and a.metadata == b.metadata
+    return (
+        a.type == b.type
+        and a.aggregate_id == b.aggregate_id
+        and same_json_value(a.payload, b.payload)
+        and same_json_value(a.metadata, b.metadata)
+    )
 
 
 # The fixed prefix of an event body up to its version (layout in walstore.event): start-up

@@ -26,8 +26,9 @@ GET /metrics              Prometheus text
 ========================  =========================================================
 
 An event renders as ``{id, type, timestamp (Unix seconds, the seed's shape), aggregate_id,
-payload, metadata, version, index}``; payload and metadata are the canonical JSON bytes
-stored in the log, embedded with ``orjson.Fragment`` rather than parsed again. HEAD is
+payload, metadata, version, index, recorded_at (RFC 3339, microseconds)}``; payload and
+metadata are the JSON text the client sent (``walstore.json_text``), embedded with
+``orjson.Fragment`` rather than parsed again. HEAD is
 answered like GET without a body.
 
 Errors: a ``RequestError`` is its ``http_status`` with ``{"success": false, "error":
@@ -39,6 +40,7 @@ known; an unknown path is 404 ``not_found``, a known path with another method 40
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -80,6 +82,19 @@ _MAX_RETRY_AFTER_S: Final = 3600
 _SSE_COALESCE_EVENTS: Final = 128
 
 
+@functools.lru_cache(maxsize=4096)
+def _utc_second(seconds: int) -> str:
+    # Events of one read mostly share their second: format it once, not per event.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def recorded_at(timestamp_us: int) -> str:
+    """RFC 3339 in UTC with microseconds: the full time the leader recorded (the seed's
+    ``timestamp`` keeps whole seconds)."""
+    seconds, micros = divmod(timestamp_us, 1_000_000)
+    return f"{_utc_second(seconds)}.{micros:06d}Z"
+
+
 def event_json(event: StoredEvent) -> dict[str, object]:
     return {
         "id": event.id,
@@ -90,6 +105,7 @@ def event_json(event: StoredEvent) -> dict[str, object]:
         "metadata": orjson.Fragment(event.metadata),
         "version": event.version,
         "index": event.index,
+        "recorded_at": recorded_at(event.timestamp_us),
     }
 
 

@@ -9,11 +9,11 @@ Bodies (``POST /events`` and ``POST /events/batch``):
 - ``Content-Type`` must be ``application/json``; the only parameter allowed is
   ``charset=utf-8`` (any case, optionally quoted). Anything else, or no header: 415
   ``unsupported_media_type``.
-- JSON is strict RFC 8259, via orjson: NaN/Infinity, invalid UTF-8, lone surrogates,
-  trailing bytes, an empty body and nesting deeper than 1024 levels are 400 ``invalid_json``.
-  The top level must be an object (400 ``invalid_body``). Duplicate keys: the last one wins.
-  Integers outside 64 bits become floats (orjson's rule); floats overflowing to infinity are
-  rejected.
+- JSON is strict RFC 8259 (``walstore.json_text``): NaN/Infinity, invalid UTF-8, escaped
+  lone surrogates, trailing bytes, an empty body, nesting deeper than the parser allows
+  (about 1,000 levels) and integers of more than ``MAX_INTEGER_DIGITS`` digits are 400
+  ``invalid_json``. The top level must be an object (400 ``invalid_body``). A key twice in
+  one object, anywhere in the body, is 400 ``duplicate_key`` naming it.
 - An event object has exactly these fields; any other field is 400 ``unknown_field``
   (strict, so a typo such as ``expected_verison`` cannot silently turn a conditional append
   into an unconditional one):
@@ -21,7 +21,7 @@ Bodies (``POST /events`` and ``POST /events/batch``):
   ========================  ======================================================
   ``type``                  required; non-empty string, <= MAX_TYPE_BYTES UTF-8 bytes
   ``aggregate_id``          required; non-empty string, <= MAX_AGGREGATE_ID_BYTES,
-                            no "/" (it is a URL path segment)
+                            no "/", not "." or ".." (it is a URL path segment)
   ``payload``               required; a JSON object
   ``metadata``              optional; a JSON object, default ``{}``
   ``id``                    optional; non-empty string <= MAX_ID_BYTES; absent -> uuid4
@@ -33,10 +33,11 @@ Bodies (``POST /events`` and ``POST /events/batch``):
   ``null`` for an optional field means "absent". A missing required field is 400
   ``missing_field``; a present one of the wrong shape is 400 ``invalid_field``; both carry
   ``field`` (and ``event_index`` inside a batch).
-- ``payload`` and ``metadata`` are re-encoded canonically (orjson, sorted keys, compact):
-  those are the bytes the WAL stores and the idempotency check compares. orjson cannot
-  re-encode nesting deeper than 254 levels: such an object is 400 ``invalid_field``. Their
-  sum over MAX_EVENT_BYTES is 413 ``event_too_large``.
+- ``payload`` and ``metadata`` are stored as the client's own JSON text, with only the
+  whitespace outside strings removed: numbers keep their exact text, keys their order,
+  strings their escapes, and reads return that text. An idempotent repeat compares them by
+  JSON value (``json_text.same_json_value``). Their sum over MAX_EVENT_BYTES is 413
+  ``event_too_large``.
 - A batch is ``{"events": [event, ...]}`` with 1..MAX_BATCH_EVENTS events (400
   ``empty_batch`` / ``too_many_events``); two events with the same ``id`` are 400
   ``duplicate_id``.
@@ -51,8 +52,9 @@ the ``parameter``; unknown parameters are ignored (cache busters such as ``_=123
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 from urllib.parse import unquote, unquote_plus
 
 import orjson
@@ -66,6 +68,7 @@ from walstore.event import (
     MAX_TYPE_BYTES,
     NewEvent,
 )
+from walstore.json_text import Member, fast_object, load_object, stored_text
 from walstore.service import Direction
 
 # Versions and indexes are 64-bit on disk; keeping them signed leaves room for sentinels.
@@ -107,7 +110,6 @@ class _UuidSource:
 
 _uuids = _UuidSource()
 _JSON_MEDIA_TYPE: Final = "application/json"
-_MISSING: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,19 +160,45 @@ def _is_utf8_charset(param: str) -> bool:
 def parse_append_request(body: bytes, content_type: str | None) -> NewEvent:
     """``POST /events``: one event."""
     check_content_type(content_type)
-    return _event_from_object(_load_object(body), None)
+    fast = fast_object(body)
+    if fast is not None:
+        return _event_from_object(fast, _encoded(fast), None)
+    text, members = load_object(body)
+    return _event_from_object(_values(members), _spans(text, members), None)
+
+
+def _values(members: dict[str, Member]) -> dict[str, object]:
+    return {key: member.value for key, member in members.items()}
+
+
+def _encoded(obj: dict[str, object]) -> Callable[[str], bytes]:
+    """A member's text as sent, when ``fast_object`` vouched for orjson's encoding."""
+    return lambda key: orjson.dumps(obj[key])
+
+
+def _spans(text: str, members: dict[str, Member]) -> Callable[[str], bytes]:
+    return lambda key: stored_text(text, members[key])
+
+
+_BATCH_ARRAYS: Final = frozenset(("events",))
 
 
 def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]:
     """``POST /events/batch``: ``{"events": [...]}``, 1..MAX_BATCH_EVENTS events."""
     check_content_type(content_type)
-    obj = _load_object(body)
+    fast = fast_object(body)
+    text = ""
+    if fast is not None:
+        obj: dict[str, object] = fast
+    else:
+        text, members = load_object(body, arrays_of_objects=_BATCH_ARRAYS)
+        obj = _values(members)
     for key in obj:
         if key not in _BATCH_FIELDS:
             raise ValidationError(f"unknown field {key!r}", code="unknown_field", field=key)
-    items = obj.get("events", _MISSING)
-    if items is _MISSING:
+    if "events" not in obj:
         raise ValidationError("missing field 'events'", code="missing_field", field="events")
+    items = obj["events"]
     if not isinstance(items, list):
         raise ValidationError("'events' must be an array", code="invalid_field", field="events")
     if not items:
@@ -189,7 +217,11 @@ def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]
             raise ValidationError(
                 "each event must be a JSON object", code="invalid_field", field="events", event_index=i
             )
-        event = _event_from_object(item, i)
+        if fast is not None:
+            event = _event_from_object(item, _encoded(item), i)
+        else:
+            walked = cast(dict[str, Member], item)  # the exact path walks event objects
+            event = _event_from_object(_values(walked), _spans(text, walked), i)
         first = seen_ids.setdefault(event.id, i)
         if first != i:
             raise ValidationError(
@@ -202,23 +234,14 @@ def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]
     return events
 
 
-def _load_object(body: bytes) -> dict[str, object]:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValidationError(f"malformed JSON: {exc}", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise ValidationError("the body must be a JSON object", code="invalid_body")
-    return obj
-
-
 def _invalid(field: str, message: str, index: int | None) -> ValidationError:
     if index is None:
         return ValidationError(f"{field}: {message}", code="invalid_field", field=field)
     return ValidationError(f"events[{index}].{field}: {message}", code="invalid_field", field=field, event_index=index)
 
 
-def _event_from_object(obj: dict[str, object], index: int | None) -> NewEvent:
+def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], index: int | None) -> NewEvent:
+    """Check one event; ``text_of(key)`` is the stored JSON text of member ``key``."""
     if not _EVENT_FIELDS.issuperset(obj):
         unknown = next(k for k in obj if k not in _EVENT_FIELDS)
         details: dict[str, object] = {"field": unknown}
@@ -234,8 +257,7 @@ def _event_from_object(obj: dict[str, object], index: int | None) -> NewEvent:
 
     type_ = _check_name(obj["type"], "type", MAX_TYPE_BYTES, index)
     aggregate_id = _check_name(obj["aggregate_id"], "aggregate_id", MAX_AGGREGATE_ID_BYTES, index)
-    if "/" in aggregate_id:
-        raise _invalid("aggregate_id", "must not contain '/'", index)
+    _check_path_segment(aggregate_id, index)
 
     payload = obj["payload"]
     if not isinstance(payload, dict):
@@ -244,10 +266,10 @@ def _event_from_object(obj: dict[str, object], index: int | None) -> NewEvent:
     if metadata is None:
         metadata_bytes = _EMPTY_OBJECT
     elif isinstance(metadata, dict):
-        metadata_bytes = _canonical(metadata, "metadata", index)
+        metadata_bytes = text_of("metadata")
     else:
         raise _invalid("metadata", "must be a JSON object", index)
-    payload_bytes = _canonical(payload, "payload", index)
+    payload_bytes = text_of("payload")
     size = len(payload_bytes) + len(metadata_bytes)
     if size > MAX_EVENT_BYTES:
         raise PayloadTooLarge(
@@ -304,11 +326,13 @@ def _has_control_char(value: str) -> bool:
     return False
 
 
-def _canonical(value: dict[str, object], field: str, index: int | None) -> bytes:
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError as exc:  # orjson.JSONEncodeError: nesting over 254 levels, surrogates
-        raise _invalid(field, f"cannot be encoded as JSON: {exc}", index) from None
+def _check_path_segment(aggregate_id: str, index: int | None) -> None:
+    # It is a URL path segment of GET /events/{aggregate_id}: a client that normalises
+    # paths (RFC 3986 dot segments) could never read "." or ".." back.
+    if "/" in aggregate_id:
+        raise _invalid("aggregate_id", "must not contain '/'", index)
+    if aggregate_id in (".", ".."):
+        raise _invalid("aggregate_id", f"{aggregate_id!r} is a dot segment of a URL path", index)
 
 
 # ---------------------------------------------------------------------------- URLs
@@ -326,8 +350,7 @@ def parse_aggregate_id_segment(segment: str) -> str:
             field="aggregate_id",
         ) from None
     aggregate_id = _check_name(aggregate_id, "aggregate_id", MAX_AGGREGATE_ID_BYTES, None)
-    if "/" in aggregate_id:
-        raise _invalid("aggregate_id", "must not contain '/'", None)
+    _check_path_segment(aggregate_id, None)
     return aggregate_id
 
 
