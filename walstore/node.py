@@ -461,6 +461,7 @@ class Node:
         self.metrics.is_leader.set(0)
         self.commit.interrupt()
         self.applied.interrupt()
+        self.applied_events.interrupt()  # min_index reads: nothing more will be applied here
 
     def _storage_unavailable(self) -> UnavailableError:
         failure = self.writer.failure
@@ -469,6 +470,11 @@ class Node:
             code="storage_failed",
             retry_after_s=1.0,
         )
+
+    def _storage_read_error(self, exc: StorageError) -> Exception:
+        """A read of the log after a failed fdatasync: the log refuses every call once
+        poisoned (its pages are in an unknown state), an expected 503 on a stopping node."""
+        return self._storage_unavailable() if self.writer.failure is not None else exc
 
     # -- EventService ------------------------------------------------------------------------
 
@@ -582,7 +588,10 @@ class Node:
         if not min_index:
             return
         with trio.move_on_after(MAX_READ_WAIT_S):
-            await self.applied_events.wait_for(min_index)
+            while self.applied_events.value < min_index and self.writer.failure is None:
+                await self.applied_events.wait_for(min_index)
+        if self.applied_events.value < min_index and self.writer.failure is not None:
+            raise self._storage_unavailable()
         if self.applied_events.value < min_index:
             raise UnavailableError(
                 f"index {min_index} is not applied on this node yet (applied {self.applied_events.value})",
@@ -593,11 +602,17 @@ class Node:
         self, aggregate_id: str, *, from_version: int, limit: int, direction: Direction, min_index: int | None
     ) -> AggregateRead:
         await self._wait_for_event_index(min_index)
-        return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
+        try:
+            return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
+        except StorageError as exc:
+            raise self._storage_read_error(exc) from exc
 
     async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
         await self._wait_for_event_index(min_index)
-        return self.store.read_log(from_index, limit)
+        try:
+            return self.store.read_log(from_index, limit)
+        except StorageError as exc:
+            raise self._storage_read_error(exc) from exc
 
     async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
         if from_index < 0:
