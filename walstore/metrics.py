@@ -50,6 +50,30 @@ class Metrics:
             buckets=FSYNC_BATCH_BUCKETS,
             registry=r,
         )
+        # What the disk is doing wrong right now, for alerts: a full disk is not an error in
+        # any request's log line (the node answers 503 and carries on), so say it here.
+        self.wal_disk_full = Gauge(
+            "walstore_disk_full",
+            "1 while the last WAL write failed for space (ENOSPC) and none has succeeded since.",
+            registry=r,
+        )
+        self.wal_write_errors_total = Counter(
+            "walstore_wal_write_errors_total",
+            "WAL rounds that failed, by kind (disk_full, fsync, other).",
+            labelnames=("kind",),
+            registry=r,
+        )
+        self.wal_slow_rounds_total = Counter(
+            "walstore_wal_slow_rounds_total",
+            "WAL rounds (write + fdatasync) slower than the node's slow-disk threshold.",
+            registry=r,
+        )
+        self.wal_round_in_flight_seconds = Gauge(
+            "walstore_wal_round_in_flight_seconds",
+            "Age of the WAL round being written and synced now (0 when none): a stuck fsync "
+            "shows here before it shows in walstore_wal_fsync_seconds, which counts it only once it returns.",
+            registry=r,
+        )
         self.http_request_seconds = Histogram(
             "walstore_http_request_seconds",
             "HTTP request handling time by route template and status code.",

@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import trio
 import trio.lowlevel
@@ -30,6 +31,7 @@ from walstore.errors import (
     DiskFullError,
     LogStateError,
     OutcomeUnknown,
+    StorageError,
     UnavailableError,
     ValidationError,
 )
@@ -41,10 +43,10 @@ from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.replicator import Replicator, Role
 from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, PeerStatus
 from walstore.store import EventStore
-from walstore.wal.fs import FileSystem
+from walstore.wal.fs import Buffer, FileSystem, RealFileSystem, WalFile
 from walstore.wal.log import WalOptions, WriteAheadLog
 from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, MAX_RECORD_BODY_BYTES
-from walstore.wal.writer import GroupCommitWriter, PendingAppend
+from walstore.wal.writer import SLOW_ROUND_S, GroupCommitWriter, PendingAppend
 from walstore.watermark import Watermark
 
 log = logging.getLogger("walstore.node")
@@ -56,6 +58,17 @@ SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long after SIGTERM
 # How often the commit index is recorded in meta.json. The record only guards against
 # truncation (the in-memory commit index guards first), so lagging by this much is fine.
 COMMIT_RECORD_INTERVAL_S = 0.5
+# A round slower than the threshold keeps the node not ready this long after it returned:
+# between two slow rounds the next one is only just starting, and a probe every few seconds
+# would otherwise rarely see the disk that is slow all the time.
+SLOW_DISK_HOLD_S = 10.0
+# After a failed fdatasync the node answers 503 storage_failed this long before it stops
+# accepting: a client that connected (or sent on a keep-alive connection) just then hears a
+# definite "not written" instead of a reset it cannot tell from a lost answer. Short, as the
+# node holds its etcd lease until it exits.
+STORAGE_FAILED_LINGER_S = 0.5
+# A full disk frees up when an operator acts, not in a second: retrying sooner is noise.
+DISK_FULL_RETRY_S = 5.0
 
 
 class _LogBodies:
@@ -68,6 +81,92 @@ class _LogBodies:
         return self.wal.body(log_index)
 
 
+class _SpaceWatch:
+    """The node's file system, noting ENOSPC on files it creates: the metadata file (a
+    promise before every takeover) and new segments. A full disk that fails a takeover's
+    promise never reaches the writer, yet is why there is no leader; every other call is
+    passed straight through (only created files are wrapped, so reads of the segments
+    opened at start-up pay nothing)."""
+
+    def __init__(self, inner: FileSystem) -> None:
+        self.inner = inner
+        self.full_at: float | None = None  # time.monotonic() of the last ENOSPC, until a write succeeds
+
+    def create(self, path: Path) -> WalFile:
+        try:
+            return _WatchedFile(self, self.inner.create(path))
+        except DiskFullError:
+            self.full_at = time.monotonic()
+            raise
+
+    def open(self, path: Path, *, writable: bool = True) -> WalFile:
+        return self.inner.open(path, writable=writable)
+
+    def read_file(self, path: Path) -> bytes:
+        return self.inner.read_file(path)
+
+    def exists(self, path: Path) -> bool:
+        return self.inner.exists(path)
+
+    def listdir(self, path: Path) -> list[str]:
+        return self.inner.listdir(path)
+
+    def mkdir(self, path: Path) -> None:
+        self.inner.mkdir(path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self.inner.rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        self.inner.unlink(path)
+
+    def fsync_dir(self, path: Path) -> None:
+        self.inner.fsync_dir(path)
+
+
+class _WatchedFile:
+    def __init__(self, watch: _SpaceWatch, inner: WalFile) -> None:
+        self._watch = watch
+        self._inner = inner
+
+    @property
+    def path(self) -> Path:
+        return self._inner.path
+
+    def size(self) -> int:
+        return self._inner.size()
+
+    def pwritev(self, buffers: Sequence[Buffer], offset: int, *, sync: bool) -> None:
+        try:
+            self._inner.pwritev(buffers, offset, sync=sync)
+        except DiskFullError:
+            self._watch.full_at = time.monotonic()
+            raise
+        self._watch.full_at = None
+
+    def fdatasync(self) -> None:
+        self._inner.fdatasync()
+
+    def fallocate(self, length: int) -> None:
+        try:
+            self._inner.fallocate(length)
+        except DiskFullError:
+            self._watch.full_at = time.monotonic()
+            raise
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._inner.pread(offset, length)
+
+    def view(self) -> memoryview:
+        return self._inner.view()
+
+    def truncate(self, length: int) -> None:
+        self._inner.truncate(length)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class Node:
     def __init__(
         self,
@@ -78,12 +177,16 @@ class Node:
         fs: FileSystem | None = None,
         http_limits: HttpLimits | None = None,
         append_timeout_s: float = APPEND_TIMEOUT_S,
+        slow_disk_s: float = SLOW_ROUND_S,
     ) -> None:
         self.config = config
         self.append_timeout_s = append_timeout_s
+        # A write + fdatasync round slower than this (or one in flight for longer) makes the
+        # node not ready: a leader whose disk stalls holds every write of the cluster.
+        self.slow_disk_s = slow_disk_s
         self.metrics = metrics or Metrics()
         self._election = election
-        self._fs = fs
+        self._space = _SpaceWatch(fs if fs is not None else RealFileSystem())
         self.http_limits = http_limits or HttpLimits(
             max_body_bytes=config.max_body_bytes,
             header_timeout_s=config.http_header_timeout_s,
@@ -100,6 +203,7 @@ class Node:
         self.replicator: Replicator | None = None
         self._solo_epoch = 0
         self._shutdown = trio.Event()
+        self._http_done = trio.Event()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -109,17 +213,45 @@ class Node:
         max_body = min(MAX_RECORD_BODY_BYTES, cfg.segment_size_bytes - 128)
         options = WalOptions(segment_size_bytes=cfg.segment_size_bytes, max_record_body_bytes=max_body)
         self.wal = await trio.to_thread.run_sync(self._open_wal, options)
-        self.writer = GroupCommitWriter(self.wal, metrics=self.metrics, on_rollback=self._on_rollback)
+        self.writer = GroupCommitWriter(
+            self.wal,
+            metrics=self.metrics,
+            on_rollback=self._on_rollback,
+            on_failure=self._on_storage_failed,
+            slow_round_s=self.slow_disk_s,
+        )
+        # The writer sets this gauge from WAL rounds alone; the node also knows about a full
+        # disk that failed a promise (metadata), so the gauge reports what health reports.
+        self.metrics.wal_disk_full.set_function(lambda: float(self.disk_full))
         self.rlog = ReplicaLog(self.wal, self.writer, on_halt=self._on_halt)
         self.store = EventStore(_LogBodies(self.wal))
         async with AsyncExitStack() as stack:
             # The election's own tasks must outlive the node's nursery: enter it first.
             election = await stack.enter_async_context(self._make_election()) if cfg.clustered else None
-            async with trio.open_nursery() as nursery:
-                await self._serve(nursery, election, task_status)
+            # HTTP runs in a nursery of its own, around everything else: when a failed
+            # fdatasync stops the writer, every task that waits on the log fails with it
+            # and the inner nursery ends, but the requests in flight still get their answer
+            # (503 or 504, see _on_storage_failed) before the node exits.
+            async with trio.open_nursery() as outer:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await self._serve(nursery, outer, election, task_status)
+                except BaseException:
+                    if self.writer.failure is None:
+                        raise
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(STORAGE_FAILED_LINGER_S)
+                        self._shutdown.set()
+                        with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
+                            await self._http_done.wait()
+                    raise
 
     async def _serve(
-        self, nursery: trio.Nursery, election: Election | None, task_status: trio.TaskStatus[Node]
+        self,
+        nursery: trio.Nursery,
+        http_nursery: trio.Nursery,
+        election: Election | None,
+        task_status: trio.TaskStatus[Node],
     ) -> None:
         cfg = self.config
         await nursery.start(self.writer.run)
@@ -132,7 +264,7 @@ class Node:
         nursery.start_soon(self._expire_waits)
         nursery.start_soon(self._record_commit_forever)
         app = HttpApp(self, metrics=self.metrics)
-        http_done = trio.Event()
+        http_done = self._http_done
 
         async def http(task_status: trio.TaskStatus[int]) -> None:
             try:
@@ -147,7 +279,7 @@ class Node:
             finally:
                 http_done.set()
 
-        self.http_port = await nursery.start(http)
+        self.http_port = await http_nursery.start(http)
         self.started.set()
         log.info(
             "node %s serving HTTP on %s:%d%s; log %d..%d",
@@ -190,7 +322,7 @@ class Node:
 
     def _open_wal(self, options: WalOptions) -> WriteAheadLog:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        return WriteAheadLog.open(self.config.data_dir, options, fs=self._fs)
+        return WriteAheadLog.open(self.config.data_dir, options, fs=self._space)
 
     async def _start_solo(self) -> None:
         # Rebuild from the whole log: alone, everything durable is committed.
@@ -346,15 +478,43 @@ class Node:
         self.store.pending_clear()
         self.rlog.rolled_back()
         self.applied.interrupt()  # single node: appends waiting to be applied look at their batch
+        self.applied_events.interrupt()  # a forward's read-your-writes wait: it cannot be applied here now
         if self.replicator is not None and self.replicator.role is not Role.FOLLOWER:
             # Followers may already hold the failed records: reusing their indexes in this
             # epoch would break log matching. Step down; the next leader sorts it out.
             log.error("disk full on the leader: stepping down")
             self.replicator.step_down()
 
+    def _on_storage_failed(self, error: StorageError) -> None:
+        """The writer stopped for good (a failed fdatasync; never retried): runs in the event
+        loop once every batch it held has failed. An expected outcome of a bad disk, so one
+        line and no traceback; the node exits once the requests in flight are answered.
+        Appends waiting for their commit are woken now: none of them can be applied here any
+        more, and each answers 504 (it was submitted, so it may be on disk or on followers)."""
+        log.critical("write-ahead log failed, the node stops: %s: %s", type(error).__name__, error)
+        self.metrics.is_leader.set(0)
+        self.commit.interrupt()
+        self.applied.interrupt()
+        self.applied_events.interrupt()  # min_index reads: nothing more will be applied here
+
+    def _storage_unavailable(self) -> UnavailableError:
+        failure = self.writer.failure
+        return UnavailableError(
+            f"this node's write-ahead log failed and the node is stopping: {failure}",
+            code="storage_failed",
+            retry_after_s=1.0,
+        )
+
+    def _storage_read_error(self, exc: StorageError) -> Exception:
+        """A read of the log after a failed fdatasync: the log refuses every call once
+        poisoned (its pages are in an unknown state), an expected 503 on a stopping node."""
+        return self._storage_unavailable() if self.writer.failure is not None else exc
+
     # -- EventService ------------------------------------------------------------------------
 
     async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+        if self.writer.failure is not None:
+            raise self._storage_unavailable()
         if self.stopping:
             raise UnavailableError("node is shutting down", code="shutting_down")
         if self.rlog.halted is not None:
@@ -362,15 +522,30 @@ class Node:
         if self.replicator is None or self.replicator.writable:
             return await self._append_as_leader(list(events))
         leader = self.replicator.leader_peer()
-        if leader is None:
-            raise UnavailableError("no leader elected right now", code="no_leader")
-        results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, self.append_timeout_s)
-        # Read-your-writes on this node too: wait (briefly) until the batch is applied here.
+        try:
+            if leader is None:
+                raise UnavailableError("no leader elected right now", code="no_leader")
+            results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, self.append_timeout_s)
+        except UnavailableError as exc:
+            if exc.code == "no_leader" and self.disk_full:
+                # The likely reason there is no leader: with every disk full no takeover
+                # can write its EPOCH_START. Say what this node knows, its own full disk.
+                raise UnavailableError(
+                    f"this node's disk is full and {exc.message}", code="disk_full", retry_after_s=DISK_FULL_RETRY_S
+                ) from exc
+            raise
+        # Read-your-writes on this node too: wait (briefly) until the batch is applied here,
+        # unless our own log cannot take records (disk full): they will not arrive in time,
+        # and the write is already committed on the leader.
+        target = max(r.index for r in results)
         with trio.move_on_after(self.append_timeout_s / 2):
-            await self.applied_events.wait_for(max(r.index for r in results))
+            while self.applied_events.value < target and not self.writer.disk_full:
+                await self.applied_events.wait_for(target)
         return results
 
     async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
+        if self.writer.failure is not None:  # checked again: a forwarded append comes in here
+            raise self._storage_unavailable()
         if self.replicator is not None and not self.replicator.writable:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
         try:
@@ -421,7 +596,20 @@ class Node:
                 try:
                     await own.wait_durable()  # returns at once; raises what failed it
                 except DiskFullError as exc:
-                    raise UnavailableError(f"disk full: {exc}", code="disk_full", retry_after_s=5.0) from exc
+                    raise UnavailableError(
+                        f"disk full: {exc}", code="disk_full", retry_after_s=DISK_FULL_RETRY_S
+                    ) from exc
+                except StorageError as exc:
+                    # A failed fdatasync: the pages may or may not have reached the disk,
+                    # and recovery keeps whatever did. Not a definite failure.
+                    raise OutcomeUnknown(f"the write-ahead log failed under this batch: {exc}") from exc
+            if self.writer.failure is not None:
+                # Nothing more is applied here, committed elsewhere or not: submitted, so
+                # the outcome is unknown (the node is stopping).
+                raise OutcomeUnknown(
+                    f"index {index}: this node's write-ahead log failed before it was applied "
+                    f"({self.writer.failure}); it may still appear"
+                )
             await self.applied.wait_for(index, deadline)
             if committing and self.commit.value < index:
                 break  # woken before the commit: the term ended (or the timeout passed)
@@ -436,7 +624,10 @@ class Node:
         if not min_index:
             return
         with trio.move_on_after(MAX_READ_WAIT_S):
-            await self.applied_events.wait_for(min_index)
+            while self.applied_events.value < min_index and self.writer.failure is None:
+                await self.applied_events.wait_for(min_index)
+        if self.applied_events.value < min_index and self.writer.failure is not None:
+            raise self._storage_unavailable()
         if self.applied_events.value < min_index:
             raise UnavailableError(
                 f"index {min_index} is not applied on this node yet (applied {self.applied_events.value})",
@@ -447,11 +638,17 @@ class Node:
         self, aggregate_id: str, *, from_version: int, limit: int, direction: Direction, min_index: int | None
     ) -> AggregateRead:
         await self._wait_for_event_index(min_index)
-        return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
+        try:
+            return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
+        except StorageError as exc:
+            raise self._storage_read_error(exc) from exc
 
     async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
         await self._wait_for_event_index(min_index)
-        return self.store.read_log(from_index, limit)
+        try:
+            return self.store.read_log(from_index, limit)
+        except StorageError as exc:
+            raise self._storage_read_error(exc) from exc
 
     async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
         if from_index < 0:
@@ -464,6 +661,35 @@ class Node:
                 next_index = event.index + 1
             if not batch.events:
                 await self.applied_events.wait_for(next_index)
+
+    @property
+    def disk_full(self) -> bool:
+        """This node's disk refused the last write it was asked for: a WAL round (the
+        writer's own flag) or the metadata file, unless a WAL round succeeded since."""
+        if self.writer.disk_full:
+            return True
+        full_at = self._space.full_at
+        return full_at is not None and full_at > self.writer.last_ok_round_at
+
+    def storage_not_ready(self) -> list[str]:
+        """What this node's own disk says against taking traffic: ``storage_failed`` (the
+        writer stopped; the node is exiting), ``disk_full``, ``slow_disk`` (a round in flight
+        longer than slow_disk_s, or one that took longer and returned less than
+        SLOW_DISK_HOLD_S ago)."""
+        if not self.started.is_set():
+            return []
+        w = self.writer
+        if w.failure is not None:
+            return ["storage_failed"]
+        reasons = []
+        if self.disk_full:
+            reasons.append("disk_full")
+        now = time.monotonic()
+        slow_now = w.round_in_flight_s(now) > self.slow_disk_s
+        slow_lately = w.last_round_s > self.slow_disk_s and now - w.last_round_ended_at < SLOW_DISK_HOLD_S
+        if slow_now or slow_lately:
+            reasons.append("slow_disk")
+        return reasons
 
     def status(self) -> NodeStatus:
         store = self.store
@@ -482,6 +708,17 @@ class Node:
             "http_port": self.http_port,
             "peer_port": self.peer_port,
         }
+        # Why not ready, most fundamental first; ready is "no reason". The disk's own reasons
+        # count on every role: a follower with a full disk falls behind while it would
+        # otherwise look caught up, and a leader with a stalled fsync holds every write.
+        reasons = self.storage_not_ready()
+        if self.started.is_set() and self.rlog.halted is not None:
+            reasons.insert(0, "safety_halt")
+        if self.stopping:
+            reasons.insert(0, "stopping")
+        if not self.started.is_set():
+            reasons.insert(0, "starting")
+        extra["not_ready"] = reasons
         if self.replicator is None:
             return NodeStatus(
                 id=self.config.node_id,
@@ -491,8 +728,8 @@ class Node:
                 commit_index=commit_events,
                 last_applied=store.last_applied_event_index,
                 role="leader",
-                ready=self.started.is_set() and not self.stopping,
-                healthy=not self.stopping,
+                ready=not reasons,
+                healthy=not self.stopping and self.writer.failure is None,
                 extra=extra,
             )
         r = self.replicator
@@ -514,7 +751,10 @@ class Node:
             )
         caught_up = self.applied.value >= self.commit.value and self.commit.value > 0
         extra["voter"] = r.votes
-        halted = self.started.is_set() and self.rlog.halted is not None
+        if r.leader_id is None:
+            reasons.append("no_leader")
+        elif not caught_up:
+            reasons.append("not_caught_up")
         return NodeStatus(
             id=self.config.node_id,
             is_leader=r.writable,
@@ -523,8 +763,8 @@ class Node:
             commit_index=commit_events,
             last_applied=store.last_applied_event_index,
             role=r.role.value,
-            ready=r.leader_id is not None and caught_up and not self.stopping and not halted,
-            healthy=not self.stopping,
+            ready=not reasons,
+            healthy=not self.stopping and self.writer.failure is None,
             peers=peers,
             extra=extra,
         )

@@ -21,7 +21,8 @@ GET /status               NodeStatus: the seed's fields, then role, ready, healt
                           peers, then ``extra`` (never overriding the fields before)
 GET /health               seed shape; 200 healthy, 503 unhealthy
 GET /health/live          200 while the process serves HTTP
-GET /health/ready         200 when ready (has a leader, caught up), else 503
+GET /health/ready         200 when ready (has a leader, caught up, its disk neither
+                          full, failed nor slow), else 503 with ``reasons``
 GET /metrics              Prometheus text
 ========================  =========================================================
 
@@ -337,12 +338,16 @@ class HttpApp:
 
     async def _ready(self, request: Request) -> Response:
         status = self.service.status()
-        body = {
+        body: dict[str, object] = {
             "status": "ready" if status.ready else "not_ready",
             "node_id": status.id,
             "is_leader": status.is_leader,
             "leader_id": status.leader_id,
         }
+        if not status.ready:
+            # Why, so a probe's log or an operator's curl says it without a second request
+            # (no_leader, not_caught_up, disk_full, slow_disk, storage_failed, stopping).
+            body["reasons"] = status.extra.get("not_ready", [])
         return Response(200 if status.ready else 503, orjson.dumps(body))
 
     async def _metrics(self, request: Request) -> Response:

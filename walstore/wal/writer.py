@@ -38,17 +38,24 @@ and waiters parked without a trio.Event each it was ~79k.
 Failures:
 
 - FsyncError: every waiter of that round and of every later batch gets it, nothing is
-  reported durable, and ``run`` re-raises it: the node must stop (never retry a failed
-  fsync). Later ``submit`` calls raise it at once.
+  reported durable, ``on_failure`` runs (the node answers what is in flight), and ``run``
+  re-raises it: the node must stop (never retry a failed fsync). Later ``submit`` calls
+  raise it at once.
 - DiskFullError: that round's waiters get it, and so do batches queued behind it (their
   indexes followed the failed ones). The reserved tail goes back to the log's, so the next
   submit reuses the same indexes; later rounds may succeed once space returns. A leader
   that already shipped the failed records must not reuse those indexes in the same epoch
-  (its followers may hold them): it should step down.
+  (its followers may hold them): it should step down. ``disk_full`` stays true (and the
+  ``walstore_disk_full`` gauge 1) until a round succeeds; the first failure is logged, then
+  one line per LOG_EVERY_S at most.
+- A round slower than ``slow_round_s`` is counted and logged the same rate-limited way;
+  ``round_in_flight_s()`` shows one that has not returned yet.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -59,16 +66,24 @@ import trio
 
 from walstore import _native
 from walstore._native import ScanStop
-from walstore.errors import DiskFullError, LogStateError, NativeError, StorageError
+from walstore.errors import DiskFullError, FsyncError, LogStateError, NativeError, StorageError
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, KIND_NOOP, RECORD_HEADER_BYTES
 
 if TYPE_CHECKING:
     from walstore.metrics import Metrics
 
+logger = logging.getLogger("walstore.wal.writer")
+
 # One round writes at most this much (plus one batch): bounds the bytes a thread holds and
 # the latency the first waiter of a huge round sees.
 MAX_ROUND_BYTES = 16 * 1024 * 1024
+# A round (write + fdatasync) slower than this is logged and counted: NVMe takes ~1 ms and
+# a network disk ~20 ms, so a second is a disk in trouble, not a busy one.
+SLOW_ROUND_S = 1.0
+# A disk that stays full (or slow) fails every round, one per leader frame: log the first,
+# then at most one line this often, with the count of what it left out.
+LOG_EVERY_S = 10.0
 
 _U64 = 1 << 64
 KIND_MAX = max(KIND_EVENT, KIND_EPOCH_START, KIND_NOOP)
@@ -203,7 +218,12 @@ class _Truncate:
 class GroupCommitWriter:
     """``metrics`` receives the wal_* numbers; ``on_rollback(first_failed_index)`` runs in
     the event loop right after a DiskFullError rolled the reserved tail back, before any new
-    submit. ``run`` owns the writer thread: start it in a nursery."""
+    submit; ``on_failure(error)`` runs in the event loop once, when a fatal error (a failed
+    fdatasync) has stopped the writer and every waiter has its answer, before ``run``
+    raises it. ``run`` owns the writer thread: start it in a nursery.
+
+    ``disk_full``, ``round_in_flight_s()`` and ``last_round_s`` tell health checks what the
+    disk does now; ``slow_round_s`` is the round duration that counts (and logs) as slow."""
 
     def __init__(
         self,
@@ -211,13 +231,17 @@ class GroupCommitWriter:
         *,
         metrics: Metrics | None = None,
         on_rollback: Callable[[int], None] | None = None,
+        on_failure: Callable[[StorageError], None] | None = None,
         max_round_bytes: int = MAX_ROUND_BYTES,
+        slow_round_s: float = SLOW_ROUND_S,
     ) -> None:
         self._log = log
         self._max_round_bytes = max_round_bytes
         self._max_body = log.options.max_record_body_bytes
         self._metrics = metrics
         self._on_rollback = on_rollback
+        self._on_failure = on_failure
+        self.slow_round_s = slow_round_s
         # Shared with the writer thread, under _lock: the queue and the thread's flags.
         self._lock = threading.Lock()
         # The thread sleeps on _wake, a plain lock held while nobody wakes it (a C-level
@@ -241,6 +265,20 @@ class GroupCommitWriter:
         self.rounds = 0
         self.round_seconds = 0.0
         self.batches = 0
+        # Health (event-loop side, but for _round_started_at, which the thread sets before a
+        # round and the loop clears after it: a float store, atomic under the GIL). Times
+        # are time.monotonic(), comparable across the thread and the loop.
+        self._round_started_at: float | None = None
+        self.last_round_s = 0.0  # duration of the last round that finished, good or failed
+        self.last_round_ended_at = 0.0
+        self.last_ok_round_at = 0.0  # when a round last succeeded (the disk took it)
+        self._disk_full_since: float | None = None
+        self._disk_full_rounds = 0  # rounds failed for space since the disk filled up
+        self._slow_rounds_unlogged = 0
+        self._last_slow_log = -math.inf
+        self._last_full_log = -math.inf
+        if metrics is not None:
+            metrics.wal_round_in_flight_seconds.set_function(self.round_in_flight_s)
 
     @property
     def log(self) -> WriteAheadLog:
@@ -265,6 +303,19 @@ class GroupCommitWriter:
     def failure(self) -> StorageError | None:
         """The fatal error that stopped the writer, if any."""
         return self._failure
+
+    @property
+    def disk_full(self) -> bool:
+        """The last round failed for space and none has succeeded since: nothing this log
+        is asked to write now will be written."""
+        return self._disk_full_since is not None
+
+    def round_in_flight_s(self, now: float | None = None) -> float:
+        """How long the round being written and synced has been at it (0: none is)."""
+        started = self._round_started_at
+        if started is None:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - started)
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -449,13 +500,14 @@ class GroupCommitWriter:
                 post(self._truncate_done, job, None)
                 continue
             started = time.perf_counter()
+            self._round_started_at = time.monotonic()
             try:
                 nbytes = self._encode_and_append(_round_parts(job))
             except DiskFullError as e:
-                post(self._round_done, job, 0, 0.0, e)  # the loop rolls the tail back
+                post(self._round_done, job, 0, time.perf_counter() - started, e)  # the loop rolls the tail back
                 continue
             except BaseException as e:
-                post(self._round_done, job, 0, 0.0, e)
+                post(self._round_done, job, 0, time.perf_counter() - started, e)
                 return
             post(self._round_done, job, nbytes, time.perf_counter() - started, None)
 
@@ -495,7 +547,15 @@ class GroupCommitWriter:
                 self._wake_thread()
 
     def _round_done(self, batch: list[PendingAppend], nbytes: int, elapsed: float, error: BaseException | None) -> None:
+        self._round_started_at = None
+        self.last_round_s = elapsed
+        self.last_round_ended_at = time.monotonic()
+        if elapsed > self.slow_round_s:
+            self._slow_round(elapsed, batch)
         if error is None:
+            self.last_ok_round_at = self.last_round_ended_at
+            if self._disk_full_since is not None:
+                self._disk_full_cleared()
             self.rounds += 1
             self.round_seconds += elapsed
             self._durable_index = batch[-1].last_index
@@ -514,11 +574,19 @@ class GroupCommitWriter:
         )
         for p in batch:
             p._finish(failure)
+        if self._metrics is not None:
+            kind = "other"
+            if isinstance(error, DiskFullError):
+                kind = "disk_full"
+            elif isinstance(error, FsyncError):
+                kind = "fsync"
+            self._metrics.wal_write_errors_total.labels(kind=kind).inc()
         if not isinstance(error, DiskFullError):
             # FsyncError (never retry a failed fsync), LogStateError (a bug above us: the log
             # rejected our own numbering) or a crash: fatal. The thread has stopped.
             self._stop_for(error, failure)
             return
+        self._disk_is_full(error, batch)
         # Queued batches were numbered after the failed ones: they cannot be written.
         self._fail_queued(error)
         self._submitted_index = self._log.last_index  # the thread waits for _seen: no write races this
@@ -528,6 +596,59 @@ class GroupCommitWriter:
         # Wake wait_durable() callers: what they wait for may no longer be submitted.
         self._notify_durable()
         self._seen()
+
+    def _disk_is_full(self, error: DiskFullError, batch: list[PendingAppend]) -> None:
+        """A round failed for space: say so once, then once per LOG_EVERY_S. A follower
+        whose disk is full fails a round per leader frame and used to say nothing at all."""
+        now = time.monotonic()
+        self._disk_full_rounds += 1
+        if self._disk_full_since is None:
+            self._disk_full_since = now
+            if self._metrics is not None:
+                self._metrics.wal_disk_full.set(1)
+        elif now - self._last_full_log < LOG_EVERY_S:
+            return
+        self._last_full_log = now
+        logger.error(
+            "disk full: records %d..%d not written (%d failed round(s) in %.1fs): %s",
+            batch[0].first_index,
+            batch[-1].last_index,
+            self._disk_full_rounds,
+            now - self._disk_full_since,
+            error,
+        )
+
+    def _disk_full_cleared(self) -> None:
+        assert self._disk_full_since is not None
+        logger.warning(
+            "disk has space again: a round succeeded after %d failed for space over %.1fs",
+            self._disk_full_rounds,
+            time.monotonic() - self._disk_full_since,
+        )
+        self._disk_full_since = None
+        self._disk_full_rounds = 0
+        self._last_full_log = -math.inf
+        if self._metrics is not None:
+            self._metrics.wal_disk_full.set(0)
+
+    def _slow_round(self, elapsed: float, batch: list[PendingAppend]) -> None:
+        if self._metrics is not None:
+            self._metrics.wal_slow_rounds_total.inc()
+        self._slow_rounds_unlogged += 1
+        now = time.monotonic()
+        if now - self._last_slow_log < LOG_EVERY_S:
+            return
+        self._last_slow_log = now
+        logger.warning(
+            "slow disk: a write + fdatasync of records %d..%d took %.2fs (threshold %.2fs; %d slow round(s) "
+            "since the last such line)",
+            batch[0].first_index,
+            batch[-1].last_index,
+            elapsed,
+            self.slow_round_s,
+            self._slow_rounds_unlogged,
+        )
+        self._slow_rounds_unlogged = 0
 
     def _truncate_done(self, request: _Truncate, error: BaseException | None) -> None:
         if error is None:
@@ -548,7 +669,10 @@ class GroupCommitWriter:
         """A fatal outcome: later submits raise it and run() re-raises it."""
         if not isinstance(error, StorageError):
             self._crash = error
+        first = self._failure is None
         self._fail_all(failure)
+        if first and self._on_failure is not None:
+            self._on_failure(self._failure if self._failure is not None else failure)
 
     def _notify_durable(self) -> None:
         self._durable_changed.set()
