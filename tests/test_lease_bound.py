@@ -1,0 +1,165 @@
+"""Issue 11, "no request outlives a lost leadership", on in-process clusters (real nodes and
+sockets, the in-memory election; see cluster_inprocess): a leader that hears from no
+majority resigns within about a lease, one silent follower costs it nothing, and a leader
+whose event loop stood still past its lease answers what it held the moment it runs again.
+
+The real-process rows (SIGSTOP, partitions through the TCP proxy) are in
+test_faults_process.py; these pin the same bounds down in a few seconds each.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
+from walstore.errors import OutcomeUnknown, UnavailableError
+from walstore.event import NewEvent
+from walstore.node import Node
+
+LEASE_TTL_S = 2.0
+# Far above every bound asserted here: a wait that ends at it is the bug, not the fix.
+APPEND_TIMEOUT_S = 30.0
+# Scheduling slack on a loaded 2-core machine.
+SLACK_S = 0.5
+
+
+def event(n: int = 0) -> NewEvent:
+    return NewEvent(str(uuid.uuid4()), "T", "agg", orjson.dumps({"n": n}), b"{}", None)
+
+
+def others(cluster: InProcessCluster, leader: Node) -> list[Node]:
+    return [n for n in cluster.nodes.values() if n is not leader]
+
+
+def hold_disks(nodes: list[Node], release: threading.Event, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nodes stay connected but sync nothing, so they answer nothing either: a follower
+    answers in order, and its empty APPENDs queue behind the held write (a blackholed link
+    looks the same to the leader)."""
+    for node in nodes:
+        real = node.writer._encode_and_append
+
+        def held(parts: list[Any], real: Any = real) -> int:
+            release.wait(60)
+            return int(real(parts))
+
+        monkeypatch.setattr(node.writer, "_encode_and_append", held)
+
+
+async def wait_not_leading(node: Node, timeout_s: float) -> float:
+    """Seconds until ``node`` stops being writable; TooSlowError after ``timeout_s``."""
+    started = trio.current_time()
+    with trio.fail_after(timeout_s):
+        while True:
+            if not replicator(node).writable:
+                return trio.current_time() - started
+            await trio.sleep(0.01)
+
+
+async def test_a_leader_no_follower_answers_resigns_within_a_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off from its peers but not from etcd: it must give up within ~0.75 TTL of its last
+    majority answer (it took TTL + 2 TTL, polled: ~6.5 s at a 2 s lease), so that the others
+    can elect within ~a lease plus a takeover. Its waiting append is 504 when it resigns."""
+    release = threading.Event()
+    async with in_process_cluster(tmp_path, lease_ttl_s=LEASE_TTL_S, append_timeout_s=APPEND_TIMEOUT_S) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        await leader.append([event(1)])
+        epoch = replicator(leader).epoch
+        try:
+            hold_disks(others(cluster, leader), release, monkeypatch)
+            outcome: list[BaseException] = []
+            answered_after: list[float] = []
+
+            async def append() -> None:
+                started = trio.current_time()
+                try:
+                    await leader.append([event(2)])
+                except (OutcomeUnknown, UnavailableError) as exc:
+                    outcome.append(exc)
+                answered_after.append(trio.current_time() - started)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(append)
+                resigned_s = await wait_not_leading(leader, 3 * LEASE_TTL_S)
+        finally:
+            release.set()
+        assert resigned_s <= LEASE_TTL_S * 0.75 + SLACK_S, f"resigned after {resigned_s:.2f}s"
+        assert [type(e) for e in outcome] == [OutcomeUnknown]
+        assert answered_after[0] <= LEASE_TTL_S * 0.75 + SLACK_S
+        # It resigned in etcd too (the key is free at once, not after the TTL): someone
+        # else can lead with a higher epoch.
+        assert cluster.hub.leader() is None or cluster.hub.leader().epoch > epoch  # type: ignore[union-attr]
+
+
+async def test_one_silent_follower_costs_the_leader_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quorum is the leader plus one follower: the other may be as slow as it likes."""
+    release = threading.Event()
+    async with in_process_cluster(tmp_path, lease_ttl_s=LEASE_TTL_S, append_timeout_s=APPEND_TIMEOUT_S) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        await leader.append([event(1)])
+        epoch = replicator(leader).epoch
+        try:
+            hold_disks(others(cluster, leader)[:1], release, monkeypatch)
+            started = trio.current_time()
+            n = 2
+            while trio.current_time() - started < 3 * LEASE_TTL_S:
+                with trio.fail_after(LEASE_TTL_S):
+                    await leader.append([event(n)])
+                n += 1
+                await trio.sleep(0.2)
+            assert replicator(leader).writable and replicator(leader).epoch == epoch
+        finally:
+            release.set()
+
+
+async def test_a_leader_stopped_past_its_lease_answers_what_it_held_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP in-process: the event loop stands still (a blocking sleep) past the lease
+    deadline while an append waits for a commit. Nothing can answer during the stop; at
+    the first scheduler pass after it the deadline has passed, and the append must be
+    answered then (504), not by a later timer or the 30 s append timeout."""
+    release = threading.Event()
+    async with in_process_cluster(tmp_path, lease_ttl_s=LEASE_TTL_S, append_timeout_s=APPEND_TIMEOUT_S) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        await leader.append([event(1)])
+        answered_at: list[float] = []
+        outcome: list[BaseException] = []
+        try:
+            hold_disks(others(cluster, leader), release, monkeypatch)
+
+            async def append() -> None:
+                try:
+                    await leader.append([event(2)])
+                except (OutcomeUnknown, UnavailableError) as exc:
+                    outcome.append(exc)
+                answered_at.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(append)
+                await trio.sleep(0.1)
+                assert not answered_at
+                leadership = replicator(leader).leadership
+                assert leadership is not None
+                # Stop until past the lease deadline (and the quorum grace, whichever
+                # comes later does not matter: both have passed when the loop runs again).
+                stop_s = max(leadership.deadline() - trio.current_time(), LEASE_TTL_S * 0.75) + 0.2
+                time.sleep(stop_s)  # noqa: ASYNC251 -- the point: the whole loop stands still
+                resumed_at = trio.current_time()
+        finally:
+            release.set()
+        assert answered_at, "the append was never answered"
+        assert answered_at[0] - resumed_at <= 0.1, f"answered {answered_at[0] - resumed_at:.2f}s after resuming"
+        assert [type(e) for e in outcome] == [OutcomeUnknown]
