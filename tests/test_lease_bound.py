@@ -1,7 +1,8 @@
 """Issue 11, "no request outlives a lost leadership", on in-process clusters (real nodes and
 sockets, the in-memory election; see cluster_inprocess): a leader that hears from no
-majority resigns within about a lease, one silent follower costs it nothing, and a leader
-whose event loop stood still past its lease answers what it held the moment it runs again.
+majority resigns within about a lease, one silent follower costs it nothing, a forwarded
+write is answered within a lease (504 once sent, 503 while not), and a leader whose event
+loop stood still past its lease answers what it held the moment it runs again.
 
 The real-process rows (SIGSTOP, partitions through the TCP proxy) are in
 test_faults_process.py; these pin the same bounds down in a few seconds each.
@@ -18,11 +19,14 @@ from typing import Any
 import orjson
 import pytest
 import trio
+import trio.lowlevel
 
 from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
+from walstore.config import PeerSpec
 from walstore.errors import OutcomeUnknown, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
+from walstore.replication.forward import Forwarder
 
 LEASE_TTL_S = 2.0
 # Far above every bound asserted here: a wait that ends at it is the bug, not the fix.
@@ -121,6 +125,52 @@ async def test_one_silent_follower_costs_the_leader_nothing(tmp_path: Path, monk
             assert replicator(leader).writable and replicator(leader).epoch == epoch
         finally:
             release.set()
+
+
+async def test_a_forward_the_leader_never_answers_is_504_within_a_lease(tmp_path: Path) -> None:
+    """A leader that has the FORWARD and says nothing (paused, or its answers blackholed):
+    the client hears 504 after a TTL, not after the 30 s append timeout."""
+    async with in_process_cluster(tmp_path, lease_ttl_s=LEASE_TTL_S, append_timeout_s=APPEND_TIMEOUT_S) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        follower = others(cluster, leader)[0]
+        await follower.append([event(1)])  # the forwarding link is up
+
+        async def never(events: list[NewEvent]) -> Any:
+            await trio.sleep_forever()
+
+        replicator(leader).append_local = never
+        follower.replicator.forwarder._channel = None  # type: ignore[union-attr]  # redial: the new handler
+        started = trio.current_time()
+        with trio.fail_after(LEASE_TTL_S + SLACK_S), pytest.raises(OutcomeUnknown):
+            await follower.append([event(2)])
+        assert trio.current_time() - started >= LEASE_TTL_S * 0.9
+
+
+async def test_a_forward_to_a_leader_that_never_shakes_hands_is_503_within_its_bound() -> None:
+    """TCP accepted, no HELLO (a SIGSTOPped leader: the kernel still accepts): nothing was
+    sent, so 503, and within the forward's own bound rather than after the 5 s handshake
+    timeout on top of it."""
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        accepted: list[trio.SocketStream] = []
+
+        async def hold(stream: trio.SocketStream) -> None:
+            accepted.append(stream)
+            await trio.sleep_forever()
+
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        forwarder = Forwarder(node_id="n1", cluster_id="c", epoch=lambda: 1)
+        nursery.start_soon(forwarder.run)
+        await trio.lowlevel.checkpoint()  # let run() open the forwarder's nursery
+        bound_s = 0.5
+        started = trio.current_time()
+        with trio.fail_after(bound_s + SLACK_S), pytest.raises(UnavailableError):
+            await forwarder.forward(PeerSpec("n0", "127.0.0.1", port), [event(1)], bound_s)
+        assert trio.current_time() - started >= bound_s * 0.9
+        assert accepted, "the listener never saw the connection: the test tested nothing"
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_leader_stopped_past_its_lease_answers_what_it_held_at_once(

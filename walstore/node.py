@@ -328,9 +328,18 @@ class Node:
         leader = self.replicator.leader_peer()
         if leader is None:
             raise UnavailableError("no leader elected right now", code="no_leader")
-        results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, self.append_timeout_s)
-        # Read-your-writes on this node too: wait (briefly) until the batch is applied here.
-        with trio.move_on_after(self.append_timeout_s / 2):
+        # A lease TTL, not the append timeout: a leader that has not answered by then is
+        # paused, cut off or failing over, and it resigns within that time when it cannot
+        # reach a majority (Replicator._quorum_grace_s); waiting longer only holds the
+        # client while another leader may already be serving (it was ~10 s in a partition).
+        forward_s = self.config.lease_ttl_s
+        deadline = trio.current_time() + forward_s
+        results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, forward_s)
+        # Read-your-writes on this node too: wait (briefly) until the batch is applied here,
+        # within the same TTL, or a heartbeat interval (TTL/8) past a late answer: the
+        # commit reaches us with the leader's next frame. If it does not, our link from the
+        # leader is down; the write, which the leader did acknowledge, is answered anyway.
+        with trio.move_on_at(max(deadline, trio.current_time() + forward_s / 8)):
             await self.applied_events.wait_for(max(r.index for r in results))
         return results
 

@@ -129,17 +129,35 @@ class Forwarder:
             await trio.sleep_forever()
 
     async def forward(self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float) -> list[AppendResult]:
-        channel = await self._channel_to(leader)
+        """The leader's answer, within ``timeout_s`` in all: connecting (and waiting for
+        another request's connect) counts against it too, so a leader that accepts TCP
+        but never answers (SIGSTOPped, blackholed) costs a client ``timeout_s``, not the
+        handshake timeout plus ``timeout_s``. UnavailableError (503) while nothing was
+        written to the leader; OutcomeUnknown (504) once any of the FORWARD may have been."""
+        deadline = trio.current_time() + timeout_s
+        channel: PeerChannel | None = None
+        with trio.move_on_at(deadline):
+            channel = await self._channel_to(leader)
+        if channel is None:
+            raise UnavailableError(f"no connection to leader {leader.node_id} within {timeout_s}s", code="no_leader")
         request_id = next(self._ids)
         done, box = trio.Event(), list[ForwardResult]()
         self._waiting[request_id] = (done, box)
+        sent = False
         try:
-            try:
-                await channel.send(Forward(request_id, encode_events(events)))
-            except PeerClosed as exc:
-                raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
-            with trio.move_on_after(timeout_s):
+            with trio.move_on_at(deadline):
+                try:
+                    await channel.send(Forward(request_id, encode_events(events)))
+                except PeerClosed as exc:
+                    raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
+                sent = True
                 await done.wait()
+            if not sent:
+                # Cancelled inside send: part of the frame may be on the wire, so the
+                # stream is unusable, and the leader may yet read a whole FORWARD.
+                if self._channel is channel:
+                    await self._drop()
+                raise OutcomeUnknown(f"forward to leader {leader.node_id} not sent within {timeout_s}s")
             if not box:
                 raise OutcomeUnknown(f"no answer from leader {leader.node_id} within {timeout_s}s")
             return decode_outcome(box[0].status, bytes(box[0].body))
