@@ -147,6 +147,48 @@ async def test_a_forward_the_leader_never_answers_is_504_within_a_lease(tmp_path
         assert trio.current_time() - started >= LEASE_TTL_S * 0.9
 
 
+async def test_a_forward_to_a_deposed_leader_is_504_as_soon_as_a_new_epoch_is_promised(tmp_path: Path) -> None:
+    """Once this follower has promised a newer leader's epoch, the old one can commit
+    nothing more: a write waiting on it is 504 then, not at the end of its lease-long bound
+    (clients stuck there stretched the failover the fault rows measure by up to a TTL)."""
+    async with in_process_cluster(tmp_path, lease_ttl_s=LEASE_TTL_S, append_timeout_s=APPEND_TIMEOUT_S) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        follower, successor = others(cluster, leader)
+        await follower.append([event(1)])
+
+        async def never(events: list[NewEvent]) -> Any:
+            await trio.sleep_forever()
+
+        replicator(leader).append_local = never
+        replicator(follower).forwarder._channel = None  # redial: the new handler
+        outcome: list[BaseException] = []
+        answered = trio.Event()
+
+        async def append() -> None:
+            try:
+                await follower.append([event(2)])
+            except (OutcomeUnknown, UnavailableError) as exc:
+                outcome.append(exc)
+            answered.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append)
+            await trio.sleep(0.2)
+            assert not answered.is_set()
+            epoch = follower.rlog.promised_epoch
+            forced_at = trio.current_time()
+            cluster.hub.force_leader(successor.config.node_id)
+            # The successor's takeover (PREPARE, then our promise) takes ~0.1 s here; the
+            # forward's own bound would end 1.8 s after the force.
+            with trio.fail_after(LEASE_TTL_S / 2):
+                await answered.wait()
+            answered_after_s = trio.current_time() - forced_at
+        assert [type(e) for e in outcome] == [OutcomeUnknown]
+        assert follower.rlog.promised_epoch > epoch
+        print(f"answered {answered_after_s:.3f}s after the new leader was forced")
+
+
 async def test_a_forward_to_a_leader_that_never_shakes_hands_is_503_within_its_bound() -> None:
     """TCP accepted, no HELLO (a SIGSTOPped leader: the kernel still accepts): nothing was
     sent, so 503, and within the forward's own bound rather than after the 5 s handshake

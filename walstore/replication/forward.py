@@ -34,6 +34,14 @@ from walstore.replication.transport import PeerChannel, PeerClosed, dial
 
 log = logging.getLogger("walstore.forward")
 
+# How often the follower looks whether it has promised a newer epoch than the one its
+# forwarding connection was opened in. A new leader's PREPARE makes that promise, so from
+# then on the old leader can commit nothing more: what waits on it is 504 at once, not at
+# the end of its lease-long bound (the clients stuck there made a 2 s failover look like
+# 3.5-4 s). Polled because the promise is only visible through the ``epoch`` callable:
+# one timer per node, not one per request.
+EPOCH_POLL_S = 0.05
+
 
 def encode_events(events: Sequence[NewEvent]) -> bytes:
     return orjson.dumps(
@@ -119,6 +127,7 @@ class Forwarder:
         self._ids = itertools.count(1)
         self._channel: PeerChannel | None = None
         self._channel_peer: str | None = None
+        self._channel_epoch = 0  # our promised epoch when the channel was opened
         self._waiting: dict[int, tuple[trio.Event, list[ForwardResult]]] = {}
         self._connect_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -126,7 +135,13 @@ class Forwarder:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(EPOCH_POLL_S)
+                channel = self._channel
+                if channel is not None and self.epoch() > self._channel_epoch:
+                    log.info("promised epoch %d: dropping the forwarding link to %s", self.epoch(), self._channel_peer)
+                    self._channel = None
+                    await channel.aclose()  # _read_answers wakes its waiters: 504
 
     async def forward(self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float) -> list[AppendResult]:
         """The leader's answer, within ``timeout_s`` in all: connecting (and waiting for
@@ -145,6 +160,11 @@ class Forwarder:
         self._waiting[request_id] = (done, box)
         sent = False
         try:
+            if trio.current_time() >= deadline:
+                # Connected just as time ran out: nothing has been written yet.
+                raise UnavailableError(
+                    f"no connection to leader {leader.node_id} within {timeout_s}s", code="no_leader"
+                )
             with trio.move_on_at(deadline):
                 try:
                     await channel.send(Forward(request_id, encode_events(events)))
@@ -156,7 +176,8 @@ class Forwarder:
                 # Cancelled inside send: part of the frame may be on the wire, so the
                 # stream is unusable, and the leader may yet read a whole FORWARD.
                 if self._channel is channel:
-                    await self._drop()
+                    self._channel = None  # no other request may pick it up meanwhile
+                    await channel.aclose()
                 raise OutcomeUnknown(f"forward to leader {leader.node_id} not sent within {timeout_s}s")
             if not box:
                 raise OutcomeUnknown(f"no answer from leader {leader.node_id} within {timeout_s}s")
@@ -175,7 +196,7 @@ class Forwarder:
                 )
             except (OSError, PeerClosed, WalstoreError, trio.TooSlowError) as exc:
                 raise UnavailableError(f"leader {leader.node_id} unreachable: {exc!r}", code="no_leader") from exc
-            self._channel, self._channel_peer = channel, leader.node_id
+            self._channel, self._channel_peer, self._channel_epoch = channel, leader.node_id, self.epoch()
             assert self._nursery is not None, "Forwarder.run() must be running"
             self._nursery.start_soon(self._read_answers, channel)
             return channel
