@@ -270,7 +270,8 @@ class Replicator:
         while True:
             now = trio.current_time()
             if now >= leadership.deadline() or leadership.lost.is_set():
-                log.warning("epoch %d: lease deadline passed; stepping down", term.epoch)
+                if not leadership.lost.is_set():  # else cancel_when_lost says why
+                    log.warning("epoch %d: lease deadline passed; stepping down", term.epoch)
                 self.step_down()
                 await trio.sleep_forever()  # step_down cancelled us: _lead ends here
             answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
