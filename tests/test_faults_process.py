@@ -421,8 +421,8 @@ def test_kill_9_follower_under_load(cluster_factory: Factory) -> None:
 @pytest.mark.parametrize(
     "lease_ttl_s",
     [
-        # The quick row: a cut-off leader resigns after it has missed acks for a TTL plus a
-        # grace of two TTLs, so the default lease alone costs ~7 s before anyone can take over.
+        # The quick row, in `make test`: a cut-off leader resigns 0.75 TTL after its last
+        # majority answer, so a 1 s lease fails over in ~1 s (a 2 s one in ~1.8 s).
         pytest.param(1.0, id="lease1s"),
         pytest.param(LEASE_TTL_S, id="lease2s", marks=pytest.mark.chaos),
     ],
