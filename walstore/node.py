@@ -522,10 +522,16 @@ class Node:
         if self.replicator is None or self.replicator.writable:
             return await self._append_as_leader(list(events))
         leader = self.replicator.leader_peer()
+        # A lease TTL, not the append timeout: a leader that has not answered by then is
+        # paused, cut off or failing over, and it resigns within that time when it cannot
+        # reach a majority (Replicator._quorum_grace_s); waiting longer only holds the
+        # client while another leader may already be serving (it was ~10 s in a partition).
+        forward_s = self.config.lease_ttl_s
+        deadline = trio.current_time() + forward_s
         try:
             if leader is None:
                 raise UnavailableError("no leader elected right now", code="no_leader")
-            results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, self.append_timeout_s)
+            results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, forward_s)
         except UnavailableError as exc:
             if exc.code == "no_leader" and self.disk_full:
                 # The likely reason there is no leader: with every disk full no takeover
@@ -535,10 +541,13 @@ class Node:
                 ) from exc
             raise
         # Read-your-writes on this node too: wait (briefly) until the batch is applied here,
-        # unless our own log cannot take records (disk full): they will not arrive in time,
-        # and the write is already committed on the leader.
+        # within the same TTL, or a heartbeat interval (TTL/8) past a late answer: the
+        # commit reaches us with the leader's next frame. If it does not, our link from the
+        # leader is down; the write, which the leader did acknowledge, is answered anyway.
+        # Not at all while our own log cannot take records (disk full): they will not
+        # arrive in time, and the write is already committed on the leader.
         target = max(r.index for r in results)
-        with trio.move_on_after(self.append_timeout_s / 2):
+        with trio.move_on_at(max(deadline, trio.current_time() + forward_s / 8)):
             while self.applied_events.value < target and not self.writer.disk_full:
                 await self.applied_events.wait_for(target)
         return results

@@ -34,6 +34,20 @@ from walstore.replication.transport import PeerChannel, PeerClosed, dial
 
 log = logging.getLogger("walstore.forward")
 
+# How often the follower looks whether it has promised a newer epoch than the one its
+# forwarding connection was opened in. A new leader's PREPARE makes that promise, so from
+# then on the old leader can commit nothing more: what waits on it is 504 at once, not at
+# the end of its lease-long bound (the clients stuck there made a 2 s failover look like
+# 3.5-4 s). Polled because the promise is only visible through the ``epoch`` callable:
+# one timer per node, not one per request.
+EPOCH_POLL_S = 0.05
+# Of a forward's time, the share it may spend getting a connection (TCP and one HELLO round
+# trip, milliseconds even to a busy leader). A leader that cannot shake hands in a quarter
+# of a lease is stopped or cut off: 503 then, with nothing sent, lets the client retry at
+# once elsewhere. A cut-off node held each client the whole bound (2 s) here, so a load
+# whose workers landed on it saw the successor ~2 s after it was serving.
+CONNECT_SHARE = 0.25
+
 
 def encode_events(events: Sequence[NewEvent]) -> bytes:
     return orjson.dumps(
@@ -119,6 +133,7 @@ class Forwarder:
         self._ids = itertools.count(1)
         self._channel: PeerChannel | None = None
         self._channel_peer: str | None = None
+        self._channel_epoch = 0  # our promised epoch when the channel was opened
         self._waiting: dict[int, tuple[trio.Event, list[ForwardResult]]] = {}
         self._connect_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -126,20 +141,48 @@ class Forwarder:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(EPOCH_POLL_S)
+                channel = self._channel
+                if channel is not None and self.epoch() > self._channel_epoch:
+                    log.info("promised epoch %d: dropping the forwarding link to %s", self.epoch(), self._channel_peer)
+                    self._channel = None
+                    await channel.aclose()  # _read_answers wakes its waiters: 504
 
     async def forward(self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float) -> list[AppendResult]:
-        channel = await self._channel_to(leader)
+        """The leader's answer, within ``timeout_s`` in all: connecting (and waiting for
+        another request's connect) counts against it too, and may take ``CONNECT_SHARE``
+        of it, so a leader that accepts TCP but never answers (SIGSTOPped, blackholed) costs
+        a client a fraction of ``timeout_s``, not the 5 s handshake timeout plus
+        ``timeout_s``. UnavailableError (503) while nothing was written to the leader;
+        OutcomeUnknown (504) once any of the FORWARD may have been."""
+        started = trio.current_time()
+        deadline = started + timeout_s
+        connect_s = timeout_s * CONNECT_SHARE
+        channel: PeerChannel | None = None
+        with trio.move_on_at(started + connect_s):
+            channel = await self._channel_to(leader)
+        if channel is None:
+            raise UnavailableError(f"no connection to leader {leader.node_id} within {connect_s:g}s", code="no_leader")
         request_id = next(self._ids)
         done, box = trio.Event(), list[ForwardResult]()
         self._waiting[request_id] = (done, box)
+        sent = False
         try:
-            try:
-                await channel.send(Forward(request_id, encode_events(events)))
-            except PeerClosed as exc:
-                raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
-            with trio.move_on_after(timeout_s):
+            with trio.move_on_at(deadline):
+                try:
+                    await channel.send(Forward(request_id, encode_events(events)))
+                except PeerClosed as exc:
+                    raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
+                sent = True
                 await done.wait()
+            if not sent:
+                # Cancelled inside send: part of the frame may be on the wire, so the
+                # stream is unusable, and the leader may yet read a whole FORWARD.
+                if self._channel is channel:
+                    self._channel = None  # no other request may pick it up meanwhile
+                    await channel.aclose()
+                raise OutcomeUnknown(f"forward to leader {leader.node_id} not sent within {timeout_s}s")
             if not box:
                 raise OutcomeUnknown(f"no answer from leader {leader.node_id} within {timeout_s}s")
             return decode_outcome(box[0].status, bytes(box[0].body))
@@ -157,7 +200,7 @@ class Forwarder:
                 )
             except (OSError, PeerClosed, WalstoreError, trio.TooSlowError) as exc:
                 raise UnavailableError(f"leader {leader.node_id} unreachable: {exc!r}", code="no_leader") from exc
-            self._channel, self._channel_peer = channel, leader.node_id
+            self._channel, self._channel_peer, self._channel_epoch = channel, leader.node_id, self.epoch()
             assert self._nursery is not None, "Forwarder.run() must be running"
             self._nursery.start_soon(self._read_answers, channel)
             return channel

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import orjson
 import trio
 
 from walstore.config import Config, PeerSpec
-from walstore.election.base import Candidate, Election, LeaderInfo, Leadership
+from walstore.election.base import SAFETY_MARGIN_FRACTION, Candidate, Election, LeaderInfo, Leadership
 from walstore.election.membership import Member, counts, promote, register
 from walstore.errors import ElectionError, UnavailableError, WalstoreError
 from walstore.event import AppendResult, NewEvent
@@ -355,20 +356,52 @@ class Replicator:
 
     @property
     def _quorum_grace_s(self) -> float:
-        return 2 * self.config.lease_ttl_s
+        # How long a leader may go without answers from a majority of followers. Sized
+        # like the lease itself: etcd gives a silent holder a TTL, and we stop acking
+        # SAFETY_MARGIN_FRACTION before it runs out, so a leader cut off from its peers is
+        # gone as early as a dead one would be and failover stays ~TTL + takeover
+        # (it was 2 TTL after a TTL of silence, polled: ~7 s against a 2 s lease). Still
+        # 6 heartbeats (TTL/8 apart): one slow follower costs nothing while the other
+        # answers, and both must be silent for 0.75 TTL at once.
+        return self.config.lease_ttl_s * (1 - SAFETY_MARGIN_FRACTION)
 
     async def _lead_while_quorum(self, term: LeaderTerm) -> None:
-        """A leader cut off from its followers but not from etcd would hold the lease
-        forever and the majority could never elect anyone: resign after a grace period."""
-        lost_since: float | None = None
+        """Return once no majority of followers has answered for ``_quorum_grace_s`` (the
+        caller resigns): a leader cut off from its followers but not from etcd would hold
+        the lease forever and the majority could never elect anyone. Step down at once
+        when the lease deadline passes.
+
+        Event-driven rather than polled: it sleeps until the moment the quorum or the lease
+        would run out and looks again, so it is late by a scheduler pass, not a poll
+        interval. After a SIGSTOP that moment has long passed when the loop runs again; the
+        election backend's keep-alive task sees the same deadline and sets ``lost``, but
+        ending the term here too means the waiting requests (interrupted by ``_end_term``)
+        never depend on one backend task being scheduled first."""
+        leadership = self.leadership
+        assert leadership is not None
+        needed = max(1, term.cluster_size // 2)  # followers that make a majority with us
+        grace_s = self._quorum_grace_s
+        stall_s = self.config.lease_ttl_s / 8  # one heartbeat interval
+        wake_at = trio.current_time()
         while True:
-            await trio.sleep(self.config.lease_ttl_s / 4)
-            if term.has_quorum(self.config.lease_ttl_s):
-                lost_since = None
-            elif lost_since is None:
-                lost_since = trio.current_time()
-            elif trio.current_time() - lost_since >= self._quorum_grace_s:
-                return
+            now = trio.current_time()
+            if now >= leadership.deadline() or leadership.lost.is_set():
+                if not leadership.lost.is_set():  # else cancel_when_lost says why
+                    log.warning("epoch %d: lease deadline passed; stepping down", term.epoch)
+                self.step_down()
+                await trio.sleep_forever()  # step_down cancelled us: _lead ends here
+            answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
+            heard_at = answered[needed - 1] if len(answered) >= needed else -math.inf
+            if now - heard_at >= grace_s:
+                if now - wake_at < stall_s:
+                    return
+                # We woke late: our own loop stalled (GC, a long batch) and the answers may
+                # sit unread in the sockets. A stall is no evidence against the followers:
+                # let the receivers run for a heartbeat, then judge.
+                wake_at = now + stall_s
+            else:
+                wake_at = min(heard_at + grace_s, leadership.deadline())
+            await trio.sleep_until(wake_at)
 
     def _end_term(self, leadership: Leadership) -> None:
         if self.role is not Role.FOLLOWER:
