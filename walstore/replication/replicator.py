@@ -390,6 +390,9 @@ class Replicator:
                     log.warning("epoch %d: lease deadline passed; stepping down", term.epoch)
                 self.step_down()
                 await trio.sleep_forever()  # step_down cancelled us: _lead ends here
+            # Learners count here, unlike for commit: a leader that still reaches a learner
+            # is how it gets caught up and promoted back into a voter majority, and no
+            # majority of voters elsewhere can form while ours needs the learner too.
             answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
             heard_at = answered[needed - 1] if len(answered) >= needed else -math.inf
             if now - heard_at >= grace_s:
