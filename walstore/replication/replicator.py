@@ -391,8 +391,10 @@ class Replicator:
                 self.step_down()
                 await trio.sleep_forever()  # step_down cancelled us: _lead ends here
             # Learners count here, unlike for commit: a leader that still reaches a learner
-            # is how it gets caught up and promoted back into a voter majority, and no
-            # majority of voters elsewhere can form while ours needs the learner too.
+            # is how the learner gets caught up and promoted back into a voter majority. In
+            # 3 nodes no voter majority can form elsewhere meanwhile; in 5, a leader that
+            # reaches one voter and one learner holds the lease that three voters cut off
+            # from it could otherwise use (a trade-off, docs/membership.md).
             answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
             heard_at = answered[needed - 1] if len(answered) >= needed else -math.inf
             if now - heard_at >= grace_s:
