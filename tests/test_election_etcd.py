@@ -426,3 +426,17 @@ async def test_member_records_on_etcd_follow_the_same_rule(etcd_server: EtcdClus
             {"key": b64(f"/walstore/{cluster}/members/n9"), "value": b64("not json")},
         )  # fmt: skip
         assert "n9" not in await e0.read_members()
+
+
+def test_a_watch_started_on_a_closed_channel_is_an_election_error(dead_etcd_endpoint: str) -> None:
+    """aclose() can close the gRPC channel while the observer's thread is starting a watch
+    (seen from `walstore member list`, which opens and closes an election at once): that
+    is an ElectionError like any other failed call, not a ValueError escaping the nursery."""
+    from walstore.election.etcd import _Endpoints, _WatchStream
+
+    endpoints = _Endpoints(parse_endpoints(dead_etcd_endpoint), 0.5)
+    client = endpoints.client(0)
+    client.channel.close()
+    with pytest.raises(ElectionError, match="watch could not start"):
+        _WatchStream(client, "/walstore/test/election", 1)
+    endpoints.close()

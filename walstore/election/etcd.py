@@ -306,9 +306,15 @@ class _WatchStream:
             # drains this iterator parks here until cancel().
             self._stop.wait()
 
-        self._call = rpc.WatchStub(client.channel).Watch(
-            requests(), metadata=client.metadata, credentials=client.call_credentials
-        )
+        try:
+            self._call = rpc.WatchStub(client.channel).Watch(
+                requests(), metadata=client.metadata, credentials=client.call_credentials
+            )
+        except (ValueError, _grpc().RpcError) as exc:
+            # ValueError: the channel was closed under us (aclose while this thread was on
+            # its way here); like any other failed call, ElectionError and nothing else.
+            self._stop.set()
+            raise ElectionError(f"etcd watch could not start: {_describe(exc)}") from None
 
     def next_events(self) -> list[tuple[_KeyValue | None, int]]:
         """The next batch of changes as ``(kv or None if deleted, revision)``."""
