@@ -34,8 +34,8 @@ from walstore.errors import (
     ValidationError,
 )
 from walstore.event import AppendResult, NewEvent, StoredEvent
-from walstore.http.app import HttpApp
-from walstore.http.server import HttpLimits, serve_http
+from walstore.http.app import HttpApp, ProbeApp
+from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.replicator import Replicator, Role
@@ -53,6 +53,8 @@ APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's 
 APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
 SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long after SIGTERM
+# The probe port closes last; its own grace is 1 s (probe_limits).
+PROBE_STOP_S = 2.0
 
 
 class _LogBodies:
@@ -92,6 +94,7 @@ class Node:
         self.applied_events = Watermark()  # API (event) index applied
         self.http_port = 0
         self.peer_port = 0
+        self.probe_port: int | None = None
         self.started = trio.Event()
         self.stopping = False
         self.replicator: Replicator | None = None
@@ -127,8 +130,9 @@ class Node:
         self.commit.on_advance = self._apply_ready
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
-        app = HttpApp(self, metrics=self.metrics)
+        app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping)
         http_done = trio.Event()
+        probes_stop, probes_done = trio.Event(), trio.Event()
 
         async def http(task_status: trio.TaskStatus[int]) -> None:
             try:
@@ -143,6 +147,23 @@ class Node:
             finally:
                 http_done.set()
 
+        async def probes(task_status: trio.TaskStatus[int]) -> None:
+            try:
+                await serve_http(
+                    ProbeApp(app),
+                    host=cfg.http_host,
+                    port=cfg.probe_port or 0,
+                    limits=probe_limits(),
+                    shutdown=probes_stop,
+                    task_status=task_status,
+                )
+            finally:
+                probes_done.set()
+
+        if cfg.probe_port is not None:
+            self.probe_port = await nursery.start(probes)
+        else:
+            probes_done.set()
         self.http_port = await nursery.start(http)
         self.started.set()
         log.info(
@@ -157,11 +178,15 @@ class Node:
         task_status.started(self)
         await self._shutdown.wait()
         # The HTTP server stops accepting and returns once the requests in flight have
-        # their answers (bounded by its grace period); then the last batch syncs.
+        # their answers (bounded by its grace period); then the last batch syncs, and the
+        # probe port, which answered throughout, closes last.
         with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
             await http_done.wait()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             await self.writer.wait_durable(self.rlog.tail_index)
+        probes_stop.set()
+        with trio.move_on_after(PROBE_STOP_S):
+            await probes_done.wait()
         nursery.cancel_scope.cancel()
 
     def shutdown(self) -> None:
@@ -442,6 +467,7 @@ class Node:
             "aggregates": store.aggregate_count if self.started.is_set() else 0,
             "http_port": self.http_port,
             "peer_port": self.peer_port,
+            "probe_port": self.probe_port,
         }
         if self.replicator is None:
             return NodeStatus(
