@@ -25,6 +25,8 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from walstore import config
+from walstore.http.server import HttpLimits
+from walstore.node import shutdown_budget_s
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -263,6 +265,15 @@ def test_no_service_and_no_pod_reaches_the_probe_port() -> None:
         if obj["kind"] == "Service" and _selects({"matchLabels": obj["spec"]["selector"]}, _pod_labels(sts)):
             for port in obj["spec"]["ports"]:
                 assert _port_number(container, port.get("targetPort", port["port"])) != probe_port, obj
+
+
+def test_termination_grace_period_covers_the_worst_case_drain() -> None:
+    sts = _sts("event-store")
+    cfg = config.from_env(_pod_env(sts, 0))
+    limits = HttpLimits(max_body_bytes=cfg.max_body_bytes, max_connections=cfg.http_max_connections)
+    grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    # A second for the kubelet's own SIGTERM delivery and the process start of exit.
+    assert grace >= shutdown_budget_s(limits) + 1, (grace, shutdown_budget_s(limits))
 
 
 def test_services_expose_the_peer_and_http_ports_the_program_binds() -> None:

@@ -170,7 +170,8 @@ def serve(**flags: object) -> None:
     """Run one node. Every flag has an environment variable; flags win.
 
     With no peers the node runs alone and leads itself (no etcd needed). SIGTERM or
-    SIGINT: stop accepting, finish the batch being synced, exit 0.
+    SIGINT: refuse new writes, hand the leadership over if it leads, stop accepting,
+    answer the requests in flight, close idle connections cleanly, sync, exit 0.
     """
     import logging
 

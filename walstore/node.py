@@ -10,6 +10,21 @@ The write path (leader): validate against the tentative state (``store.prepare``
 submit to the group-commit writer (indexes assigned now, no await in between), ship to the
 followers, wait for the commit index to pass the batch, wait until it is applied, answer.
 The applier task is the only writer of the state machine: committed entries, in order.
+
+Stopping (SIGTERM, ``shutdown()``), in this order:
+
+1. New writes are refused at once with 503 ``shutting_down`` (from clients and, on a
+   leader, forwarded by followers), and ``/health/ready`` says ``shutting_down``; the
+   client port stops accepting and closes idle keep-alive connections cleanly while the
+   requests in flight are answered (``walstore.http.server``).
+2. A leader hands over: it waits (``HANDOVER_APPENDS_WAIT_S`` at most, milliseconds in
+   practice) for its appends in flight to be answered, because resigning under them ends
+   the term with their commit unseen and turns each into a 504; then it resigns in etcd, so
+   the others elect a successor now instead of when this process exits.
+3. The client port's drain ends (``shutdown_grace_s``), the last batch syncs, the probe
+   port (which kept answering, so the kubelet saw the 503) closes, and the node exits.
+
+``shutdown_budget_s`` is the worst case of all that; Kubernetes' grace period covers it.
 """
 
 from __future__ import annotations
@@ -52,9 +67,24 @@ log = logging.getLogger("walstore.node")
 APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's pause
 APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
-SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long after SIGTERM
+SHUTDOWN_GRACE_S = 5.0  # the last batch gets this long to sync after the HTTP drain
+# A leader's appends in flight commit within milliseconds; one stuck behind a slow disk must
+# not hold the resignation (and so the next leader) for longer than about a lease.
+HANDOVER_APPENDS_WAIT_S = 2.0
+# The resignation is one etcd revoke, bounded by the election itself; this is a backstop.
+HANDOVER_RESIGN_S = 3.0
 # The probe port closes last; its own grace is 1 s (probe_limits).
 PROBE_STOP_S = 2.0
+# The election's close at exit revokes its lease: one RPC round over the endpoints.
+ELECTION_CLOSE_S = 3 * 0.5 + 0.1
+
+
+def shutdown_budget_s(limits: HttpLimits) -> float:
+    """The longest ``Node.run`` can take from ``shutdown()`` to its return: the HTTP drain
+    (hand-over running alongside it), the last sync, the probe port, the election's close.
+    Kubernetes' ``terminationGracePeriodSeconds`` must exceed it, or SIGKILL cuts a drain."""
+    drain = max(HANDOVER_APPENDS_WAIT_S + HANDOVER_RESIGN_S, limits.shutdown_grace_s + 1)
+    return drain + SHUTDOWN_GRACE_S + PROBE_STOP_S + ELECTION_CLOSE_S
 
 
 class _LogBodies:
@@ -95,6 +125,9 @@ class Node:
         self.http_port = 0
         self.peer_port = 0
         self.probe_port: int | None = None
+        # Appends between validation and their answer: a leader resigns only once it is 0.
+        self._appends_in_flight = 0
+        self._appends_done: trio.Event | None = None  # set when the count reaches 0
         self.started = trio.Event()
         self.stopping = False
         self.replicator: Replicator | None = None
@@ -177,10 +210,12 @@ class Node:
         )
         task_status.started(self)
         await self._shutdown.wait()
-        # The HTTP server stops accepting and returns once the requests in flight have
-        # their answers (bounded by its grace period); then the last batch syncs, and the
-        # probe port, which answered throughout, closes last.
-        with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
+        # The client port is draining already (the same event): it stops accepting and
+        # returns once the requests in flight have their answers (bounded by its grace
+        # period). Meanwhile a leader hands over; then the last batch syncs.
+        drained_by = trio.current_time() + self.http_limits.shutdown_grace_s + 1
+        await self._hand_over()
+        with trio.move_on_after(max(0.0, drained_by - trio.current_time())):
             await http_done.wait()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             await self.writer.wait_durable(self.rlog.tail_index)
@@ -188,6 +223,29 @@ class Node:
         with trio.move_on_after(PROBE_STOP_S):
             await probes_done.wait()
         nursery.cancel_scope.cancel()
+
+    async def _hand_over(self) -> None:
+        """A leader stopping: let its appends in flight be answered, then resign (see the
+        module docstring for why in this order)."""
+        replicator = self.replicator
+        if replicator is None or replicator.role is Role.FOLLOWER:
+            return
+        started = trio.current_time()
+        if self._appends_in_flight:
+            self._appends_done = trio.Event()
+            with trio.move_on_after(HANDOVER_APPENDS_WAIT_S):
+                await self._appends_done.wait()
+        waited = trio.current_time() - started
+        still = self._appends_in_flight
+        with trio.move_on_after(HANDOVER_RESIGN_S):
+            if await replicator.resign_now():
+                log.info(
+                    "stopping: resigned the leadership after %.0f ms (%d appends still in flight)",
+                    1000 * (trio.current_time() - started),
+                    still,
+                )
+                return
+        log.warning("stopping: the leadership was not resigned (waited %.0f ms for appends)", 1000 * waited)
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -360,6 +418,20 @@ class Node:
         return results
 
     async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
+        # Also the entry point of writes forwarded by followers: a stopping leader refuses
+        # them (definite: nothing written) and counts the rest, so it resigns only once
+        # each has its answer (_hand_over).
+        if self.stopping:
+            raise UnavailableError("node is shutting down", code="shutting_down")
+        self._appends_in_flight += 1
+        try:
+            return await self._append_in_term(events)
+        finally:
+            self._appends_in_flight -= 1
+            if not self._appends_in_flight and self._appends_done is not None:
+                self._appends_done.set()
+
+    async def _append_in_term(self, events: list[NewEvent]) -> list[AppendResult]:
         if self.replicator is not None and not self.replicator.writable:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
         try:

@@ -162,6 +162,18 @@ class Replicator:
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 
+    async def resign_now(self) -> bool:
+        """For a node that is stopping: end the term and give up the etcd leadership at
+        once, so that another node is elected now rather than when this one exits (or its
+        lease runs out). False if it did not lead. The campaign loop ends the term and
+        resigns too; resigning twice is harmless."""
+        leadership = self.leadership
+        if self.role is Role.FOLLOWER or leadership is None:
+            return False
+        self.step_down()
+        await self.election.resign(leadership)
+        return True
+
     async def _campaign_forever(self) -> None:
         while True:
             leadership = await self.election.campaign(self.candidate)
