@@ -53,7 +53,10 @@ it can retry a request on a clean close between requests:
 
 - Connections the kernel completed but nobody accepted yet (the listen backlog) would be
   reset by closing the listener, so they are accepted first, in one synchronous loop right
-  before the close (a SYN arriving in those microseconds is the only one still reset).
+  before the close. Linux has no way to stop listening without resetting handshakes that
+  complete at that very instant, so a connection made in those microseconds can still be
+  reset; idle connections are closed only after the listeners, so that their clients'
+  immediate reconnects are refused (definite) rather than caught in that instant.
   Each waits up to ``SHUTDOWN_FIRST_REQUEST_S`` for its request and answers it 503
   ``shutting_down`` with ``Connection: close``.
 - An idle keep-alive connection (between requests) with a request already in the kernel
@@ -375,7 +378,11 @@ class HttpServer:
             return
         self._closing = True
         if self._accept_scope is not None:
-            self._accept_scope.cancel()
+            self._accept_scope.cancel()  # serve() closes the listeners, then the idle connections
+        else:
+            self._close_idle_connections()
+
+    def _close_idle_connections(self) -> None:
         for connection in list(self._connections):
             connection.on_shutdown()
 
@@ -405,6 +412,10 @@ class HttpServer:
                     for listener in listeners:
                         self._take_backlog(listener, connections)
                         listener.socket.close()
+                    # Only now: a client whose idle connection is closed reconnects at once,
+                    # and must find the port closed (refused: definite), not a listener
+                    # about to close under its fresh connection (reset).
+                    self._close_idle_connections()
                     connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace_s
                 watchdog.cancel_scope.cancel()
         finally:
