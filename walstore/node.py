@@ -20,7 +20,9 @@ Stopping (SIGTERM, ``shutdown()``), in this order:
 2. A leader hands over: it waits (``HANDOVER_APPENDS_WAIT_S`` at most, milliseconds in
    practice) for its appends in flight to be answered, because resigning under them ends
    the term with their commit unseen and turns each into a 504; then it resigns in etcd, so
-   the others elect a successor now instead of when this process exits.
+   the others elect a successor now instead of when this process exits. It keeps running
+   (peer port included) until a successor is known and followers have stopped forwarding
+   writes to it (``FORWARD_QUIET_S``): a forward cut off by the exit is a 504 too.
 3. The client port's drain ends (``shutdown_grace_s``), the last batch syncs, the probe
    port (which kept answering, so the kubelet saw the 503) closes, and the node exits.
 
@@ -73,9 +75,16 @@ SHUTDOWN_GRACE_S = 5.0  # the last batch gets this long to sync after the HTTP d
 HANDOVER_APPENDS_WAIT_S = 2.0
 # The resignation is one etcd revoke, bounded by the election itself; this is a backstop.
 HANDOVER_RESIGN_S = 3.0
+# After resigning, the node stays until a successor is known and followers have gone this
+# long without forwarding a write here (each is refused 503 while the node runs; one in
+# flight when the process exits is a 504 for its client); at most HANDOVER_SETTLE_S.
+FORWARD_QUIET_S = 0.2
+HANDOVER_SETTLE_S = 2.0
+HANDOVER_POLL_S = 0.02
 # The probe port closes last; its own grace is 1 s (probe_limits).
 PROBE_STOP_S = 2.0
-# The election's close at exit revokes its lease: one RPC round over the endpoints.
+# The election's close at exit revokes its lease: one RPC round over the endpoints, as
+# EtcdElection._revoke_now bounds it (DEFAULT_RPC_TIMEOUT_S 0.5 s x 3 members + 0.1 s).
 ELECTION_CLOSE_S = 3 * 0.5 + 0.1
 
 
@@ -83,7 +92,7 @@ def shutdown_budget_s(limits: HttpLimits) -> float:
     """The longest ``Node.run`` can take from ``shutdown()`` to its return: the HTTP drain
     (hand-over running alongside it), the last sync, the probe port, the election's close.
     Kubernetes' ``terminationGracePeriodSeconds`` must exceed it, or SIGKILL cuts a drain."""
-    drain = max(HANDOVER_APPENDS_WAIT_S + HANDOVER_RESIGN_S, limits.shutdown_grace_s + 1)
+    drain = max(HANDOVER_APPENDS_WAIT_S + HANDOVER_RESIGN_S + HANDOVER_SETTLE_S, limits.shutdown_grace_s + 1)
     return drain + SHUTDOWN_GRACE_S + PROBE_STOP_S + ELECTION_CLOSE_S
 
 
@@ -128,6 +137,7 @@ class Node:
         # Appends between validation and their answer: a leader resigns only once it is 0.
         self._appends_in_flight = 0
         self._appends_done: trio.Event | None = None  # set when the count reaches 0
+        self._last_refused_at = -math.inf  # a write refused while stopping (trio clock)
         self.started = trio.Event()
         self.stopping = False
         self.replicator: Replicator | None = None
@@ -237,15 +247,31 @@ class Node:
                 await self._appends_done.wait()
         waited = trio.current_time() - started
         still = self._appends_in_flight
+        resigned = False
         with trio.move_on_after(HANDOVER_RESIGN_S):
-            if await replicator.resign_now():
-                log.info(
-                    "stopping: resigned the leadership after %.0f ms (%d appends still in flight)",
-                    1000 * (trio.current_time() - started),
-                    still,
-                )
-                return
-        log.warning("stopping: the leadership was not resigned (waited %.0f ms for appends)", 1000 * waited)
+            resigned = await replicator.resign_now()
+        if not resigned:
+            log.warning("stopping: the leadership was not resigned (waited %.0f ms for appends)", 1000 * waited)
+            return
+        resigned_at = trio.current_time()
+        log.info(
+            "stopping: resigned the leadership after %.0f ms (%d appends still in flight)",
+            1000 * (resigned_at - started),
+            still,
+        )
+        me = self.config.node_id
+        with trio.move_on_after(HANDOVER_SETTLE_S):
+            while True:
+                now = trio.current_time()
+                successor = replicator.leader_id
+                if successor not in (None, me) and now - max(self._last_refused_at, resigned_at) >= FORWARD_QUIET_S:
+                    break
+                await trio.sleep(HANDOVER_POLL_S)
+        log.info(
+            "stopping: successor %s; no write forwarded here for %.0f ms",
+            replicator.leader_id,
+            1000 * (trio.current_time() - max(self._last_refused_at, resigned_at)),
+        )
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -422,6 +448,7 @@ class Node:
         # them (definite: nothing written) and counts the rest, so it resigns only once
         # each has its answer (_hand_over).
         if self.stopping:
+            self._last_refused_at = trio.current_time()
             raise UnavailableError("node is shutting down", code="shutting_down")
         self._appends_in_flight += 1
         try:
