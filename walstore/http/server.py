@@ -53,12 +53,12 @@ it can retry a request on a clean close between requests:
 
 - Connections the kernel completed but nobody accepted yet (the listen backlog) would be
   reset by closing the listener, so they are accepted first, in one synchronous loop right
-  before the close. Linux has no way to stop listening without resetting handshakes that
-  complete at that very instant, so a connection made in those microseconds can still be
-  reset; idle connections are closed only after the listeners, so that their clients'
-  immediate reconnects are refused (definite) rather than caught in that instant.
-  Each waits up to ``SHUTDOWN_FIRST_REQUEST_S`` for its request and answers it 503
-  ``shutting_down`` with ``Connection: close``.
+  before the close. Each waits up to ``SHUTDOWN_FIRST_REQUEST_S`` for its request and
+  answers it 503 ``shutting_down`` with ``Connection: close``. Linux has no way to stop
+  listening without resetting a handshake that completes at that very instant, so a
+  connection made in those microseconds can still be reset; idle connections are closed
+  only after the listeners, so that their clients' immediate reconnects are refused
+  (definite) rather than caught in that instant.
 - An idle keep-alive connection (between requests) with a request already in the kernel
   gets that request read and answered 503 ``shutting_down``, ``Connection: close``. With
   nothing there it is closed cleanly: FIN first, then a lingering drain (``LINGER_S``).
