@@ -42,6 +42,7 @@ def test_every_variable_is_read() -> None:
         "HTTP_HEADER_TIMEOUT_S": "2",
         "HTTP_IDLE_TIMEOUT_S": "3",
         "HTTP_MAX_CONNECTIONS": "7",
+        "PROBE_PORT": "91",
         "LOG_LEVEL": "debug",
     }
     assert set(env) == set(ENV_VARS) - {"CLUSTER_SIZE"}
@@ -50,6 +51,7 @@ def test_every_variable_is_read() -> None:
     assert c.peers == (PeerSpec("a", "h1", 1), PeerSpec("b", "h2", 2), PeerSpec("c", "::1", 3))
     assert c.me == PeerSpec("b", "h2", 2) and c.clustered and c.cluster_size == 3
     assert (c.lease_ttl_s, c.max_body_bytes, c.http_max_connections, c.log_level) == (3.5, 4096, 7, "DEBUG")
+    assert c.probe_port == 91
 
 
 def test_statefulset_peers_are_derived_from_dns_names() -> None:

@@ -25,6 +25,8 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from walstore import config
+from walstore.http.server import HttpLimits
+from walstore.node import shutdown_budget_s
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -238,17 +240,40 @@ def test_walstore_service_name_is_the_statefulset_and_headless_service_name() ->
     assert _selects({"matchLabels": headless["spec"]["selector"]}, _pod_labels(sts))
 
 
-def test_probes_use_the_health_paths_on_the_http_port() -> None:
+def test_probes_use_the_health_paths_on_the_probe_port() -> None:
+    # Not the client port: whoever fills its connection cap would fail the liveness probe
+    # there and get the pod restarted (walstore.http.server, "Probes that strangers cannot
+    # starve").
     sts = _sts("event-store")
     container = _container(sts)
-    http_port = int(_pod_env(sts, 0)["HTTP_PORT"])
+    cfg = config.from_env(_pod_env(sts, 0))
+    assert cfg.probe_port is not None and cfg.probe_port not in (cfg.http_port, cfg.peer_port)
     expected = {"livenessProbe": "/health/live", "readinessProbe": "/health/ready"}
     if "startupProbe" in container:
         expected["startupProbe"] = "/health/live"
     for probe, path in expected.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, probe
-        assert _port_number(container, get["port"]) == http_port, probe
+        assert _port_number(container, get["port"]) == cfg.probe_port, probe
+
+
+def test_no_service_and_no_pod_reaches_the_probe_port() -> None:
+    sts = _sts("event-store")
+    container = _container(sts)
+    probe_port = config.from_env(_pod_env(sts, 0)).probe_port
+    for _, obj in _objects():
+        if obj["kind"] == "Service" and _selects({"matchLabels": obj["spec"]["selector"]}, _pod_labels(sts)):
+            for port in obj["spec"]["ports"]:
+                assert _port_number(container, port.get("targetPort", port["port"])) != probe_port, obj
+
+
+def test_termination_grace_period_covers_the_worst_case_drain() -> None:
+    sts = _sts("event-store")
+    cfg = config.from_env(_pod_env(sts, 0))
+    limits = HttpLimits(max_body_bytes=cfg.max_body_bytes, max_connections=cfg.http_max_connections)
+    grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    # A second for the kubelet's own SIGTERM delivery and the process start of exit.
+    assert grace >= shutdown_budget_s(limits) + 1, (grace, shutdown_budget_s(limits))
 
 
 def test_services_expose_the_peer_and_http_ports_the_program_binds() -> None:
@@ -257,7 +282,7 @@ def test_services_expose_the_peer_and_http_ports_the_program_binds() -> None:
     env = _pod_env(sts, 0)
     cfg = config.from_env(env)
     container_ports = {p["containerPort"] for p in container["ports"]}
-    assert container_ports == {cfg.http_port, cfg.peer_port}
+    assert container_ports == {cfg.http_port, cfg.peer_port, cfg.probe_port}
 
     headless_ports = {p["name"]: p for p in _get("Service", env["SERVICE_NAME"])["spec"]["ports"]}
     peer = headless_ports["peer"]
@@ -446,6 +471,10 @@ def test_network_policies_let_the_quorums_talk() -> None:
     etcd_port = {name: _port_number(_container(etcd), name) for name in ("client", "peer", "metrics")}
     assert allowed(store, store_labels, cfg.peer_port)
     assert allowed(store, None, cfg.http_port)
+    # The probe port: only the kubelet, whose node traffic no NetworkPolicy can block.
+    assert cfg.probe_port is not None
+    assert not allowed(store, None, cfg.probe_port)
+    assert not allowed(store, store_labels, cfg.probe_port)
     assert allowed(etcd, store_labels, etcd_port["client"])
     assert allowed(etcd, etcd_labels, etcd_port["client"])
     assert allowed(etcd, etcd_labels, etcd_port["peer"])
@@ -617,7 +646,9 @@ def test_exposed_ports_are_the_programs_and_the_statefulsets() -> None:
     defaults = config.Config()
     assert exposed == {defaults.http_port, defaults.peer_port}
     ports = {p["containerPort"] for p in _container(_sts("event-store"))["ports"]}
-    assert exposed == ports
+    # The probe port is off by default (the image's own HEALTHCHECK uses HTTP_PORT) and
+    # only the kubelet reaches it at the pod's address, so EXPOSE need not name it.
+    assert exposed == ports - {config.from_env(_pod_env(_sts("event-store"), 0)).probe_port}
 
 
 def test_entrypoint_is_walstore_serve_in_exec_form() -> None:

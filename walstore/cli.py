@@ -166,12 +166,14 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 @click.option("--cluster-size", type=int, help="CLUSTER_SIZE: peers derived from the StatefulSet's DNS names")
 @click.option("--cluster-id", help="CLUSTER_ID (default event-store)")
 @click.option("--lease-ttl-s", type=float, help="LEASE_TTL_S (default 2)")
+@click.option("--probe-port", type=int, help="PROBE_PORT: health and /metrics only, own connection cap (default off)")
 @click.option("--log-level", help="LOG_LEVEL (default INFO)")
 def serve(**flags: object) -> None:
     """Run one node. Every flag has an environment variable; flags win.
 
     With no peers the node runs alone and leads itself (no etcd needed). SIGTERM or
-    SIGINT: stop accepting, finish the batch being synced, exit 0.
+    SIGINT: refuse new writes, hand the leadership over if it leads, stop accepting,
+    answer the requests in flight, close idle connections cleanly, sync, exit 0.
     """
     import logging
 

@@ -3,7 +3,7 @@
 The seed's variables keep their names and defaults (NODE_ID, HTTP_PORT, DATA_DIR,
 ETCD_ENDPOINTS, SERVICE_NAME, NAMESPACE). Additions: PEER_PORT, CLUSTER_SIZE, PEERS,
 CLUSTER_ID, HTTP_HOST, PEER_HOST, LEASE_TTL_S, SEGMENT_SIZE_BYTES, MAX_BODY_BYTES,
-HTTP_HEADER_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, HTTP_MAX_CONNECTIONS, LOG_LEVEL.
+HTTP_HEADER_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, HTTP_MAX_CONNECTIONS, PROBE_PORT, LOG_LEVEL.
 
 With no peers (CLUSTER_SIZE=1 and PEERS empty) the node runs alone, leads itself and needs
 no etcd: the embedded default. With CLUSTER_SIZE=N>1 and no PEERS, the peers are the
@@ -42,6 +42,7 @@ ENV_VARS = (
     "HTTP_HEADER_TIMEOUT_S",
     "HTTP_IDLE_TIMEOUT_S",
     "HTTP_MAX_CONNECTIONS",
+    "PROBE_PORT",
     "LOG_LEVEL",
 )
 
@@ -80,6 +81,10 @@ class Config:
     http_header_timeout_s: float = 10.0  # a request head must arrive within this (slowloris)
     http_idle_timeout_s: float = 60.0  # keep-alive connections idle longer are closed
     http_max_connections: int = 10_000  # beyond: 503 and close; keeps file descriptors for peers
+    # Health and /metrics only, with their own connection cap (walstore.http.server). Off
+    # (None) by default: a node run by hand needs no second port, and binding one unasked
+    # could collide with something; the Kubernetes manifests turn it on. 0 = any free port.
+    probe_port: int | None = None
     log_level: str = "INFO"
 
     @property
@@ -93,9 +98,14 @@ class Config:
     def validate(self) -> Config:
         if not _NODE_ID.match(self.node_id):
             raise ConfigError(f"NODE_ID {self.node_id!r}: letters, digits, '.', '_', '-' (max 63)")
-        for name, port in (("HTTP_PORT", self.http_port), ("PEER_PORT", self.peer_port)):
+        ports = [("HTTP_PORT", self.http_port), ("PEER_PORT", self.peer_port)]
+        if self.probe_port is not None:
+            ports.append(("PROBE_PORT", self.probe_port))
+        for name, port in ports:
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} {port} is not a TCP port")
+        if self.probe_port and self.probe_port in (self.http_port, self.peer_port):
+            raise ConfigError(f"PROBE_PORT {self.probe_port} is also HTTP_PORT or PEER_PORT")
         if self.cluster_size < 1 or self.cluster_size > 15:
             raise ConfigError(f"CLUSTER_SIZE {self.cluster_size}: between 1 and 15")
         ids = [p.node_id for p in self.peers]
@@ -183,6 +193,7 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Confi
         http_header_timeout_s=_float(env, "HTTP_HEADER_TIMEOUT_S", d.http_header_timeout_s),
         http_idle_timeout_s=_float(env, "HTTP_IDLE_TIMEOUT_S", d.http_idle_timeout_s),
         http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", d.http_max_connections),
+        probe_port=_int(env, "PROBE_PORT", -1) if env.get("PROBE_PORT", "").strip() else d.probe_port,
         log_level=env.get("LOG_LEVEL", "").strip().upper() or d.log_level,
     )
     given = {k: v for k, v in overrides.items() if v is not None}

@@ -10,6 +10,23 @@ The write path (leader): validate against the tentative state (``store.prepare``
 submit to the group-commit writer (indexes assigned now, no await in between), ship to the
 followers, wait for the commit index to pass the batch, wait until it is applied, answer.
 The applier task is the only writer of the state machine: committed entries, in order.
+
+Stopping (SIGTERM, ``shutdown()``), in this order:
+
+1. New writes are refused at once with 503 ``shutting_down`` (from clients and, on a
+   leader, forwarded by followers), and ``/health/ready`` says ``shutting_down``; the
+   client port stops accepting and closes idle keep-alive connections cleanly while the
+   requests in flight are answered (``walstore.http.server``).
+2. A leader hands over: it waits (``HANDOVER_APPENDS_WAIT_S`` at most, milliseconds in
+   practice) for its appends in flight to be answered, because resigning under them ends
+   the term with their commit unseen and turns each into a 504; then it resigns in etcd, so
+   the others elect a successor now instead of when this process exits. It keeps running
+   (peer port included) until a successor is known and followers have stopped forwarding
+   writes to it (``FORWARD_QUIET_S``): a forward cut off by the exit is a 504 too.
+3. The client port's drain ends (``shutdown_grace_s``), the last batch syncs, the probe
+   port (which kept answering, so the kubelet saw the 503) closes, and the node exits.
+
+``shutdown_budget_s`` is the worst case of all that; Kubernetes' grace period covers it.
 """
 
 from __future__ import annotations
@@ -36,8 +53,8 @@ from walstore.errors import (
     ValidationError,
 )
 from walstore.event import AppendResult, NewEvent, StoredEvent
-from walstore.http.app import HttpApp
-from walstore.http.server import HttpLimits, serve_http
+from walstore.http.app import HttpApp, ProbeApp
+from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.replicator import Replicator, Role
@@ -54,7 +71,7 @@ log = logging.getLogger("walstore.node")
 APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's pause
 APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
-SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long after SIGTERM
+SHUTDOWN_GRACE_S = 5.0  # the last batch gets this long to sync after the HTTP drain
 # How often the commit index is recorded in meta.json. The record only guards against
 # truncation (the in-memory commit index guards first), so lagging by this much is fine.
 COMMIT_RECORD_INTERVAL_S = 0.5
@@ -69,6 +86,30 @@ SLOW_DISK_HOLD_S = 10.0
 STORAGE_FAILED_LINGER_S = 0.5
 # A full disk frees up when an operator acts, not in a second: retrying sooner is noise.
 DISK_FULL_RETRY_S = 5.0
+# A leader's appends in flight commit within milliseconds; one stuck behind a slow disk must
+# not hold the resignation (and so the next leader) for longer than about a lease.
+HANDOVER_APPENDS_WAIT_S = 2.0
+# The resignation is one etcd revoke, bounded by the election itself; this is a backstop.
+HANDOVER_RESIGN_S = 3.0
+# After resigning, the node stays until a successor is known and followers have gone this
+# long without forwarding a write here (each is refused 503 while the node runs; one in
+# flight when the process exits is a 504 for its client); at most HANDOVER_SETTLE_S.
+FORWARD_QUIET_S = 0.2
+HANDOVER_SETTLE_S = 2.0
+HANDOVER_POLL_S = 0.02
+# The probe port closes last; its own grace is 1 s (probe_limits).
+PROBE_STOP_S = 2.0
+# The election's close at exit revokes its lease: one RPC round over the endpoints, as
+# EtcdElection._revoke_now bounds it (DEFAULT_RPC_TIMEOUT_S 0.5 s x 3 members + 0.1 s).
+ELECTION_CLOSE_S = 3 * 0.5 + 0.1
+
+
+def shutdown_budget_s(limits: HttpLimits) -> float:
+    """The longest ``Node.run`` can take from ``shutdown()`` to its return: the HTTP drain
+    (hand-over running alongside it), the last sync, the probe port, the election's close.
+    Kubernetes' ``terminationGracePeriodSeconds`` must exceed it, or SIGKILL cuts a drain."""
+    drain = max(HANDOVER_APPENDS_WAIT_S + HANDOVER_RESIGN_S + HANDOVER_SETTLE_S, limits.shutdown_grace_s + 1)
+    return drain + SHUTDOWN_GRACE_S + PROBE_STOP_S + ELECTION_CLOSE_S
 
 
 class _LogBodies:
@@ -198,12 +239,19 @@ class Node:
         self.applied_events = Watermark()  # API (event) index applied
         self.http_port = 0
         self.peer_port = 0
+        self.probe_port: int | None = None
+        # Appends between validation and their answer: a leader resigns only once it is 0.
+        self._appends_in_flight = 0
+        self._appends_done: trio.Event | None = None  # set when the count reaches 0
+        self._last_refused_at = -math.inf  # a write refused while stopping (trio clock)
         self.started = trio.Event()
         self.stopping = False
         self.replicator: Replicator | None = None
         self._solo_epoch = 0
         self._shutdown = trio.Event()
         self._http_done = trio.Event()
+        # The probe port stops last (after the client port): set to stop it, set when done.
+        self._probes_stop, self._probes_done = trio.Event(), trio.Event()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -244,6 +292,9 @@ class Node:
                         self._shutdown.set()
                         with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
                             await self._http_done.wait()
+                        self._probes_stop.set()
+                        with trio.move_on_after(PROBE_STOP_S):
+                            await self._probes_done.wait()
                     raise
 
     async def _serve(
@@ -263,8 +314,9 @@ class Node:
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
         nursery.start_soon(self._record_commit_forever)
-        app = HttpApp(self, metrics=self.metrics)
+        app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping)
         http_done = self._http_done
+        probes_stop, probes_done = self._probes_stop, self._probes_done
 
         async def http(task_status: trio.TaskStatus[int]) -> None:
             try:
@@ -279,6 +331,23 @@ class Node:
             finally:
                 http_done.set()
 
+        async def probes(task_status: trio.TaskStatus[int]) -> None:
+            try:
+                await serve_http(
+                    ProbeApp(app),
+                    host=cfg.http_host,
+                    port=cfg.probe_port or 0,
+                    limits=probe_limits(),
+                    shutdown=probes_stop,
+                    task_status=task_status,
+                )
+            finally:
+                probes_done.set()
+
+        if cfg.probe_port is not None:
+            self.probe_port = await http_nursery.start(probes)
+        else:
+            probes_done.set()
         self.http_port = await http_nursery.start(http)
         self.started.set()
         log.info(
@@ -292,14 +361,59 @@ class Node:
         )
         task_status.started(self)
         await self._shutdown.wait()
-        # The HTTP server stops accepting and returns once the requests in flight have
-        # their answers (bounded by its grace period); then the last batch syncs.
-        with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
+        # The client port is draining already (the same event): it stops accepting and
+        # returns once the requests in flight have their answers (bounded by its grace
+        # period). Meanwhile a leader hands over; then the last batch syncs.
+        drained_by = trio.current_time() + self.http_limits.shutdown_grace_s + 1
+        await self._hand_over()
+        with trio.move_on_after(max(0.0, drained_by - trio.current_time())):
             await http_done.wait()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             await self.writer.wait_durable(self.rlog.tail_index)
             await self._record_commit()
+        probes_stop.set()
+        with trio.move_on_after(PROBE_STOP_S):
+            await probes_done.wait()
         nursery.cancel_scope.cancel()
+
+    async def _hand_over(self) -> None:
+        """A leader stopping: let its appends in flight be answered, then resign (see the
+        module docstring for why in this order)."""
+        replicator = self.replicator
+        if replicator is None or replicator.role is Role.FOLLOWER:
+            return
+        started = trio.current_time()
+        if self._appends_in_flight:
+            self._appends_done = trio.Event()
+            with trio.move_on_after(HANDOVER_APPENDS_WAIT_S):
+                await self._appends_done.wait()
+        waited = trio.current_time() - started
+        still = self._appends_in_flight
+        resigned = False
+        with trio.move_on_after(HANDOVER_RESIGN_S):
+            resigned = await replicator.resign_now()
+        if not resigned:
+            log.warning("stopping: the leadership was not resigned (waited %.0f ms for appends)", 1000 * waited)
+            return
+        resigned_at = trio.current_time()
+        log.info(
+            "stopping: resigned the leadership after %.0f ms (%d appends still in flight)",
+            1000 * (resigned_at - started),
+            still,
+        )
+        me = self.config.node_id
+        with trio.move_on_after(HANDOVER_SETTLE_S):
+            while True:
+                now = trio.current_time()
+                successor = replicator.leader_id
+                if successor not in (None, me) and now - max(self._last_refused_at, resigned_at) >= FORWARD_QUIET_S:
+                    break
+                await trio.sleep(HANDOVER_POLL_S)
+        log.info(
+            "stopping: successor %s; no write forwarded here for %.0f ms",
+            replicator.leader_id,
+            1000 * (trio.current_time() - max(self._last_refused_at, resigned_at)),
+        )
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -553,8 +667,23 @@ class Node:
         return results
 
     async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
+        # Also the entry point of writes forwarded by followers: a stopping leader refuses
+        # them (definite: nothing written) and counts the rest, so it resigns only once
+        # each has its answer (_hand_over).
         if self.writer.failure is not None:  # checked again: a forwarded append comes in here
             raise self._storage_unavailable()
+        if self.stopping:
+            self._last_refused_at = trio.current_time()
+            raise UnavailableError("node is shutting down", code="shutting_down")
+        self._appends_in_flight += 1
+        try:
+            return await self._append_in_term(events)
+        finally:
+            self._appends_in_flight -= 1
+            if not self._appends_in_flight and self._appends_done is not None:
+                self._appends_done.set()
+
+    async def _append_in_term(self, events: list[NewEvent]) -> list[AppendResult]:
         if self.replicator is not None and not self.replicator.writable:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
         try:
@@ -716,6 +845,7 @@ class Node:
             "aggregates": store.aggregate_count if self.started.is_set() else 0,
             "http_port": self.http_port,
             "peer_port": self.peer_port,
+            "probe_port": self.probe_port,
         }
         # Why not ready, most fundamental first; ready is "no reason". The disk's own reasons
         # count on every role: a follower with a full disk falls behind while it would

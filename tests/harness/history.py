@@ -27,14 +27,26 @@ or the server's once acknowledged. Outcomes:
   that could not be opened (nothing was sent).
 - ``info`` (may or may not be applied): a timeout, a connection lost after the request was
   sent, 504, any other 5xx, an unreadable answer.
+
+``retry_clean_close`` makes the workers behave like a careful HTTP/1.1 client (urllib3's
+``is_connection_dropped``, RFC 9112 9.3.1): a keep-alive connection the server has closed
+while it sat idle is noticed before reuse and replaced, and a request on a reused connection
+answered by a clean end of stream (EOF, not a byte of an answer, not a reset) is sent once
+more on a new connection. That is safe only if the server never serves a request it then
+closes on without answering, which is what walstore's graceful stop promises; a server
+that broke the promise would show up in the checker as a duplicate. What happened is counted
+in ``LoadClient.connection_events``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import itertools
 import random
+import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -69,6 +81,7 @@ class LoadConfig:
     request_timeout_s: float = 5.0  # below the server's 10 s append timeout: we see info first
     seed: int | None = None
     aggregate_prefix: str = "history"
+    retry_clean_close: bool = False  # see the module docstring
 
     def validate(self) -> LoadConfig:
         if not 1 <= self.workers <= 64:
@@ -173,6 +186,8 @@ class LoadClient:
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._deadline = 0.0
+        # closed_while_idle / reset_while_idle: noticed before reuse; clean_close_retried
+        self.connection_events: collections.Counter[str] = collections.Counter()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -351,6 +366,35 @@ class LoadClient:
         path: str,
         body: bytes | None,
     ) -> _Answer:
+        if not self.config.retry_clean_close:
+            return self._call_once(conns, node, address, method, path, body)
+        conn = conns.get(node)
+        if conn is not None and conn.sock is not None:
+            dropped = _dropped_by_peer(conn.sock)
+            if dropped is not None:
+                self._count(dropped)
+                _drop(conns, node)
+        reused = node in conns
+        answer = self._call_once(conns, node, address, method, path, body)
+        if reused and answer.error_code == "connection_lost:RemoteDisconnected":
+            # A clean close between requests (the server had not seen ours): send it again.
+            self._count("clean_close_retried")
+            answer = self._call_once(conns, node, address, method, path, body)
+        return answer
+
+    def _count(self, event: str) -> None:
+        with self._records_lock:
+            self.connection_events[event] += 1
+
+    def _call_once(
+        self,
+        conns: dict[str, http.client.HTTPConnection],
+        node: str,
+        address: tuple[str, int],
+        method: str,
+        path: str,
+        body: bytes | None,
+    ) -> _Answer:
         conn = conns.get(node)
         try:
             if conn is None or conn.sock is None:
@@ -392,6 +436,23 @@ class LoadClient:
             self._records.append(record)
             if self._out is not None:
                 self._out.write(line)
+
+
+def _dropped_by_peer(sock: socket.socket) -> str | None:
+    """Has the server ended this idle keep-alive connection? An idle connection has nothing
+    to read, so anything readable is its end: ``closed_while_idle`` (EOF, or stray bytes) or
+    ``reset_while_idle``; None if it is still open."""
+    poller = select.poll()  # not select(): a busy test process may have fds above 1024
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return None
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except ConnectionResetError:
+        return "reset_while_idle"
+    except OSError:
+        pass
+    return "closed_while_idle"
 
 
 def _drop(conns: dict[str, http.client.HTTPConnection], node: str) -> None:

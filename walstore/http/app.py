@@ -22,9 +22,14 @@ GET /status               NodeStatus: the seed's fields, then role, ready, healt
 GET /health               seed shape; 200 healthy, 503 unhealthy
 GET /health/live          200 while the process serves HTTP
 GET /health/ready         200 when ready (has a leader, caught up, its disk neither
-                          full, failed nor slow), else 503 with ``reasons``
+                          full, failed nor slow), else 503 with ``reasons``; 503
+                          ``shutting_down`` (the error shape) while the node drains
 GET /metrics              Prometheus text
 ========================  =========================================================
+
+``ProbeApp`` serves only the health paths and ``/metrics`` (anything else is 404) for the
+probe port, whose connection cap strangers on the client port cannot use up
+(``walstore.http.server``'s docstring says why a separate port).
 
 An event renders as ``{id, type, timestamp (Unix seconds, the seed's shape), aggregate_id,
 payload, metadata, version, index, recorded_at (RFC 3339, microseconds)}``; payload and
@@ -45,7 +50,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from functools import partial
 from typing import Final
 
@@ -170,8 +175,12 @@ class HttpApp:
         metrics: Metrics | None = None,
         heartbeat_interval_s: float = 15.0,
         subscribe_buffer_events: int = 1024,
+        draining: Callable[[], bool] | None = None,
     ) -> None:
         self.service = service
+        # True while the node is stopping: readiness then says so in so many words, so a
+        # probe or an operator sees why the node left the Service
+        self.draining = draining
         self.metrics = metrics if metrics is not None else Metrics()
         # an SSE comment this often keeps proxies from timing the stream out and lets
         # the server notice a vanished client
@@ -338,6 +347,15 @@ class HttpApp:
 
     async def _ready(self, request: Request) -> Response:
         status = self.service.status()
+        if self.draining is not None and self.draining():
+            return error_response(
+                503,
+                "shutting_down",
+                "this node is shutting down",
+                headers=[(b"retry-after", b"1")],
+                node_id=status.id,
+                leader_id=status.leader_id,
+            )
         body: dict[str, object] = {
             "status": "ready" if status.ready else "not_ready",
             "node_id": status.id,
@@ -367,3 +385,20 @@ async def _method_not_allowed(methods: dict[str, Handler], request: Request) -> 
         headers=[(b"allow", ", ".join(allowed).encode())],
         allowed=allowed,
     )
+
+
+PROBE_PATHS: Final[Set[str]] = frozenset(("/health", "/health/live", "/health/ready", "/metrics"))
+
+
+class ProbeApp:
+    """The probe port's application: the health paths and ``/metrics`` of ``app`` (with
+    its 405 for other methods), 404 for everything else, so the port that only the kubelet
+    can reach offers nothing that reads or writes events."""
+
+    def __init__(self, app: HttpApp) -> None:
+        self.app = app
+
+    async def handle(self, request: Request) -> Response:
+        if request.path in PROBE_PATHS:
+            return await self.app.handle(request)
+        return error_response(404, "not_found", f"the probe port serves only {', '.join(sorted(PROBE_PATHS))}")

@@ -46,9 +46,39 @@ trio socket recv/send 18.7k, this 25k. Every request still passes one scheduling
 cannot hold the event loop.
 
 Graceful stop (SIGTERM): ``HttpServer.shutdown()`` (or setting the ``shutdown`` event
-given to ``serve_http``) stops accepting, closes idle keep-alive connections, ends
-streams, lets in-flight requests finish with ``Connection: close`` for up to
-``shutdown_grace_s``, then cancels what is left and returns.
+given to ``serve_http``) stops accepting, ends streams, lets in-flight requests finish with
+``Connection: close`` for up to ``shutdown_grace_s``, then cancels what is left and returns.
+It never resets a connection, because a client cannot tell a reset from a lost answer, but
+it can retry a request on a clean close between requests:
+
+- Connections the kernel completed but nobody accepted yet (the listen backlog) would be
+  reset by closing the listener, so they are accepted first, in one synchronous loop right
+  before the close. Each waits up to ``SHUTDOWN_FIRST_REQUEST_S`` for its request and
+  answers it 503 ``shutting_down`` with ``Connection: close``. Linux has no way to stop
+  listening without resetting a handshake that completes at that very instant, so a
+  connection made in those microseconds can still be reset; idle connections are closed
+  only after the listeners, so that their clients' immediate reconnects are refused
+  (definite) rather than caught in that instant.
+- An idle keep-alive connection (between requests) with a request already in the kernel
+  gets that request read and answered 503 ``shutting_down``, ``Connection: close``. With
+  nothing there it is closed cleanly: FIN first, then a lingering drain (``LINGER_S``).
+  Bytes that arrive after the FIN are read and dropped, never served and never reset, so
+  the client sees a clean end of stream and may safely send the request again elsewhere.
+- A request whose head had begun to arrive is served (the application decides what a
+  stopping node answers), then the connection closes the same clean way.
+
+Probes that strangers cannot starve: the cap above answers everything, ``/health/live``
+included, with the fixed 503, so whoever can open ``max_connections`` idle connections
+could make Kubernetes restart the pod. The node therefore serves the probe paths on a
+second, optional port (``PROBE_PORT``) through a second ``HttpServer``: its own small cap
+and short timeouts (``probe_limits``), only GET/HEAD of the health paths and ``/metrics``
+(``walstore.http.app.ProbeApp``). The two servers share nothing but the process, so a
+flood of either port cannot use up the other's connections. Chosen over reserving capacity
+on the main port (accept past the cap, read the head within a short deadline, serve it only
+if it is a probe): that reserve is itself a shared pool a stranger fills with slow heads, it
+puts a parser and a deadline in front of every rejection, and a probe could still queue
+behind a flood in the backlog. The probe port is reachable only by the kubelet in the
+manifests (no Service lists it, no NetworkPolicy rule admits it from pods).
 
 Nothing a client sends can stop the server: every exception inside a connection is
 contained there and logged (network breakage at debug level, anything else with its
@@ -86,6 +116,9 @@ LINGER_MAX_BYTES: Final = 1024 * 1024
 # Over-capacity rejections are cheap but each holds a socket while it lingers; beyond
 # this many at once, further connections are closed without an answer.
 MAX_PENDING_REJECTIONS: Final = 256
+# A connection accepted from the backlog at shutdown waits this long for its first request
+# (already on the way, usually) to answer it 503 instead of closing under it.
+SHUTDOWN_FIRST_REQUEST_S: Final = 1.0
 # accept() failing with these means the process or kernel is out of descriptors or memory:
 # wait and retry instead of crashing the server (trio.serve_listeners does the same).
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
@@ -133,6 +166,23 @@ class HttpLimits:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"HttpLimits.{name} must be > 0, got {value!r}")
+
+
+def probe_limits() -> HttpLimits:
+    """The probe port's limits: the kubelet opens a connection per probe and Prometheus
+    one per scrape, and neither sends a body, so a small cap and short timeouts serve them
+    while a stranger who does get in holds a slot for seconds, not minutes."""
+    return HttpLimits(
+        max_body_bytes=1024,  # probes send no body
+        max_header_bytes=8 * 1024,
+        header_timeout_s=2.0,  # a probe's head is one packet; its own timeout is 2-3 s
+        body_timeout_s=2.0,
+        idle_timeout_s=10.0,  # below a 15 s scrape interval: idle scrapers do not pile up
+        request_timeout_s=5.0,  # /metrics renders in milliseconds
+        write_timeout_s=5.0,
+        max_connections=64,  # 3 probes and a scraper, with room for retries
+        shutdown_grace_s=1.0,  # probes are answered at once; nothing long to wait for
+    )
 
 
 class Request:
@@ -254,6 +304,18 @@ def _over_capacity_answer() -> bytes:
 
 
 _OVER_CAPACITY_ANSWER: Final = _over_capacity_answer()
+
+
+def _shutting_down_answer() -> bytes:
+    body = error_body("shutting_down", "this node is shutting down; retry on another node")
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+_SHUTTING_DOWN_ANSWER: Final = _shutting_down_answer()
 _NETWORK_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
 
@@ -316,7 +378,11 @@ class HttpServer:
             return
         self._closing = True
         if self._accept_scope is not None:
-            self._accept_scope.cancel()
+            self._accept_scope.cancel()  # serve() closes the listeners, then the idle connections
+        else:
+            self._close_idle_connections()
+
+    def _close_idle_connections(self) -> None:
         for connection in list(self._connections):
             connection.on_shutdown()
 
@@ -339,10 +405,17 @@ class HttpServer:
                             for listener in listeners:
                                 acceptors.start_soon(self._accept_loop, listener, connections)
                             task_status.started(self.port)
-                    # Shutting down: refuse new connections at once, then give the ones we
-                    # have their grace period; the nursery exits when the last one closes.
+                    # Shutting down: take what the kernel already accepted, close the
+                    # listeners (no await in between, so nothing new queues up unseen), then
+                    # give the connections their grace period; the nursery exits when the
+                    # last one closes.
                     for listener in listeners:
-                        await trio.aclose_forcefully(listener)
+                        self._take_backlog(listener, connections)
+                        listener.socket.close()
+                    # Only now: a client whose idle connection is closed reconnects at once,
+                    # and must find the port closed (refused: definite), not a listener
+                    # about to close under its fresh connection (reset).
+                    self._close_idle_connections()
                     connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace_s
                 watchdog.cancel_scope.cancel()
         finally:
@@ -381,6 +454,23 @@ class HttpServer:
             connection = _Connection(self, stream)
             self._connections.add(connection)
             connections.start_soon(self._run_connection, connection)
+
+    def _take_backlog(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept every connection waiting in ``listener``'s backlog, synchronously: closing
+        a listener resets them, and their clients may already have sent a request. They are
+        served as closing connections (503 ``shutting_down``), whatever the cap."""
+        # A duplicate descriptor of the same (non-blocking) socket: stdlib accept() without
+        # an await, so the listener can be closed right after the last one.
+        with socket.socket(fileno=os.dup(listener.socket.fileno())) as backlog:
+            while True:
+                try:
+                    raw, _ = backlog.accept()
+                except OSError:  # BlockingIOError: the backlog is empty
+                    return
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+                connection = _Connection(self, stream)
+                self._connections.add(connection)
+                connections.start_soon(self._run_connection, connection)
 
     async def _reject_over_capacity(self, stream: trio.SocketStream) -> None:
         try:
@@ -423,6 +513,7 @@ _NOT_EXPIRED: Final = -1
 _THEN_CONTINUE: Final = 0
 _THEN_CLOSE: Final = 1
 _THEN_LINGER: Final = 2
+_THEN_SHUTDOWN: Final = 3  # closing between requests: _close_for_shutdown
 
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
@@ -536,6 +627,8 @@ class _Connection:
                             408, "body_timeout", f"request body not received within {limits.body_timeout_s} s"
                         )
                     self.pending = (_encode_response(response, keep_alive=False), _THEN_LINGER)
+                elif expired == _IDLE and self.server.closing and not self.parser.has_buffered:
+                    self.pending = (b"", _THEN_SHUTDOWN)
                 elif not (expired == _IDLE and self.parser.has_buffered):
                     return  # idle, a write the client does not take, the linger: close
                 # else: a request arrived just as the idle deadline passed: serve it
@@ -548,6 +641,9 @@ class _Connection:
                 self.pending = None
                 if then == _THEN_LINGER:
                     await self._answer_and_linger(data)
+                    return
+                if then == _THEN_SHUTDOWN:
+                    await self._close_for_shutdown()
                     return
                 self.responding = True
                 self.phase = _WRITE
@@ -603,6 +699,10 @@ class _Connection:
             self.responding = False
             self.served = True
             if not keep_alive:
+                if head.keep_alive:
+                    # Closed only because the server is stopping: a pipelined request may
+                    # be on its way, and a plain close would reset it with our answer.
+                    await self._close_for_shutdown(answer_unread=False)
                 return
 
     async def _receive(self) -> bytes:
@@ -661,6 +761,7 @@ class _Connection:
                 return head
         else:
             if self.server.closing:
+                await self._close_for_shutdown()
                 return None
             # Nothing of the next request is here: the connection is idle, the one state
             # in which shutdown() closes it at once.
@@ -695,6 +796,29 @@ class _Connection:
             got = take()
             if got is not None:
                 return got
+
+    async def _close_for_shutdown(self, *, answer_unread: bool = True) -> None:
+        """Close between requests without ever resetting the client (see the module
+        docstring): a request already here is answered 503 ``shutting_down`` (when
+        ``answer_unread``), otherwise FIN, then drain and drop what still comes."""
+        if answer_unread and not self.served and not self.parser.has_buffered:
+            # Accepted from the backlog as the server stopped: its request is usually on
+            # the way. A deadline of its own, not the watchdog's: this runs once, at the end.
+            self.deadline = math.inf
+            with trio.move_on_after(SHUTDOWN_FIRST_REQUEST_S):
+                await _wait_readable(self.fd)
+        unread = self.parser.has_buffered
+        if not unread:
+            # Look without waiting; no await from here to the FIN, so a request either is
+            # read now (and answered) or arrives after the FIN (and is dropped unserved).
+            try:
+                data = os.read(self.fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                return  # the client has closed its side: nothing to answer, nothing to reset
+            unread = data is not None
+        await self._answer_and_linger(_SHUTTING_DOWN_ANSWER if unread and answer_unread else b"")
 
     async def _answer_and_linger(self, data: bytes) -> None:
         """Write an error answer and close after a lingering drain (bounded in bytes here,

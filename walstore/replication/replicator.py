@@ -104,6 +104,7 @@ class Replicator:
         self.peer_port = 0
         self.members: dict[str, Member] = {}  # the member records as last read
         self.registered = trio.Event()  # our incarnation is recorded (voter or learner)
+        self.stopping = False  # set by resign_now: a stopping node campaigns no more
 
     def _epoch(self) -> int:
         return self.rlog.promised_epoch
@@ -179,6 +180,19 @@ class Replicator:
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 
+    async def resign_now(self) -> bool:
+        """For a node that is stopping: end the term and give up the etcd leadership at
+        once, so that another node is elected now rather than when this one exits (or its
+        lease runs out). False if it did not lead. The campaign loop ends the term and
+        resigns too; resigning twice is harmless."""
+        leadership = self.leadership
+        if self.role is Role.FOLLOWER or leadership is None:
+            return False
+        self.stopping = True  # and never campaign again: the node is going
+        self.step_down()
+        await self.election.resign(leadership)
+        return True
+
     # -- membership ----------------------------------------------------------------------
 
     @property
@@ -209,11 +223,12 @@ class Replicator:
         self.registered.set()
 
     async def _until_voter(self) -> None:
-        """Until this node may campaign: registered, recorded as a voter, not halted."""
+        """Until this node may campaign: registered, recorded as a voter, not halted, not
+        stopping."""
         await self.registered.wait()
-        while self.rlog.halted is not None or not self.votes:
+        while self.rlog.halted is not None or self.stopping or not self.votes:
             await trio.sleep(MEMBER_REFRESH_S)
-            if self.rlog.halted is not None:
+            if self.rlog.halted is not None or self.stopping:
                 continue
             try:
                 self._set_members(await self.election.read_members())
