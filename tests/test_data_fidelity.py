@@ -11,6 +11,7 @@ from __future__ import annotations
 import calendar
 import http.client
 import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -223,3 +224,17 @@ def test_the_fast_path_stores_exactly_what_the_exact_path_stores(doc: str, space
         assert orjson.dumps(fast["payload"]) == exact
         assert fast["type"] == json.loads(label)
     assert shape(exact) == shape(doc)
+
+
+def test_a_post_without_content_length_is_411_with_a_json_body(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411 ")
+    assert json.loads(body)["error"]["code"] == "length_required"

@@ -315,6 +315,22 @@ def test_transfer_encoding_in_http_1_0_is_400() -> None:
     rejects(b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n")
 
 
+@pytest.mark.parametrize("method", [b"POST", b"PUT", b"PATCH"])
+def test_a_body_method_without_framing_is_411(method: bytes) -> None:
+    error = rejects(method + b" /events HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n\r\n", 411)
+    assert error.code == "length_required" and "Content-Length" in str(error)
+    rejects(method + b" /events HTTP/1.0\r\n\r\n", 411)
+
+
+def test_framing_that_says_empty_is_not_411() -> None:
+    head, body = parse_one(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n")
+    assert (head.method, body) == ("POST", b"")
+    head, body = parse_one(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert (head.method, body) == ("POST", b"")
+    head, body = parse_one(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")  # a GET needs none
+    assert body == b""
+
+
 def chunked_request(body: bytes) -> bytes:
     return b"POST / HTTP/1.1\r\nhost: a\r\nTransfer-Encoding: Chunked\r\n\r\n" + body
 

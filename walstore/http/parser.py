@@ -20,6 +20,7 @@ tests use as an oracle:
 - HTTP/1.1 needs exactly one Host; HTTP/1.0 at most one.
 - ``Content-Length``: digits only (at most 20), repeated values must agree (a comma list
   of equal values counts as one). ``Transfer-Encoding``: only ``chunked`` (else 501).
+  A POST, PUT or PATCH with neither is 411 (h11 takes it as an empty body).
 - Chunked bodies: chunk-size lines and chunk data end in CRLF; chunk extensions are
   ignored (bounded by ``MAX_CHUNK_LINE_BYTES``); trailers are checked like headers,
   bounded by ``max_header_bytes`` and dropped.
@@ -77,6 +78,8 @@ _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE
 # Header names the parser acts on; every other header is only collected.
 _HOST: Final = b"host"
 _CONTENT_LENGTH: Final = b"content-length"
+# Methods whose requests carry a body: without Content-Length or chunked framing, 411.
+_BODY_METHODS: Final = frozenset(("POST", "PUT", "PATCH"))
 _TRANSFER_ENCODING: Final = b"transfer-encoding"
 _CONNECTION: Final = b"connection"
 _EXPECT: Final = b"expect"
@@ -375,6 +378,13 @@ class RequestParser:
             if content_length:
                 self._state = _LENGTH_BODY
                 self._remaining = content_length
+        elif method in _BODY_METHODS:
+            # RFC 9112 reads no framing as "no body", but a client that sent one anyway
+            # would have it taken for the next request; and an event store never wants
+            # an empty write. 411 says what is missing (RFC 9110 15.5.12).
+            raise HttpParseError(
+                411, "length_required", f"a {method} request needs Content-Length or Transfer-Encoding: chunked"
+            )
         return RequestHead(
             method, target, version, fields, content_length, chunked, keep_alive, expect_continue, content_type
         )
