@@ -46,6 +46,9 @@ ENV_VARS = (
     "LOG_LEVEL",
 )
 
+# The names logging.basicConfig takes; anything else would make the node die at start-up
+# with a traceback from inside logging instead of a ConfigError naming the variable.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 
@@ -123,6 +126,8 @@ class Config:
             raise ConfigError("HTTP_HEADER_TIMEOUT_S: 0.1-600 s; HTTP_IDLE_TIMEOUT_S: 0.1-3600 s")
         if not 1 <= self.http_max_connections <= 1_000_000:
             raise ConfigError("HTTP_MAX_CONNECTIONS: between 1 and 1,000,000")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
         if self.clustered and not self.etcd_endpoints:
             raise ConfigError("a cluster needs ETCD_ENDPOINTS")
         return self
@@ -200,6 +205,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Confi
     peers_text = given.pop("peers", None) or env.get("PEERS", "")
     if "data_dir" in given:
         given["data_dir"] = Path(str(given["data_dir"]))
+    if "log_level" in given:
+        given["log_level"] = str(given["log_level"]).strip().upper()
     if "etcd_endpoints" in given and isinstance(given["etcd_endpoints"], str):
         given["etcd_endpoints"] = _split(str(given["etcd_endpoints"]))
     unknown = set(given) - set(Config.__dataclass_fields__)
