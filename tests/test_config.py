@@ -80,11 +80,19 @@ def test_flags_override_environment() -> None:
         {"MAX_BODY_BYTES": str(1 << 30)},
         {"CLUSTER_SIZE": "0"},
         {"HTTP_MAX_CONNECTIONS": "0"},
+        {"LOG_LEVEL": "verbose"},
+        {"LOG_LEVEL": "15"},
     ],
 )
 def test_bad_values_are_start_up_errors(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         from_env(env)
+
+
+def test_log_level_names_the_levels_and_flags_are_case_insensitive() -> None:
+    with pytest.raises(ConfigError, match="LOG_LEVEL 'LOUD': one of DEBUG, INFO, WARNING, ERROR, CRITICAL"):
+        from_env({}, log_level="loud")
+    assert from_env({}, log_level="warning").log_level == "WARNING"
 
 
 def test_unknown_override_is_an_error() -> None:
