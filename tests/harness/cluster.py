@@ -19,14 +19,16 @@ while C->B still works. Peer connections are used one way round (the dialler sen
 requests, the other side answers on the same connection), so the A->B link carries
 everything A asks of B; cutting both A->B and B->A separates the two completely.
 
+How a node is configured, started, waited for and recognised is ``walstore.local_cluster``'s
+launcher, shared with ``walstore cluster up``; this module adds what only tests need
+(proxies, pauses, crash accounting, log reading).
+
 Blocking (subprocess, threads): from a trio test, call it via ``trio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
 
-import http.client
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -41,13 +43,14 @@ from typing import Any
 import orjson
 import pytest
 
+from walstore import local_cluster as launcher
 from walstore.config import ENV_VARS
 from walstore.election.etcd_process import EtcdCluster, free_ports
 from walstore.errors import ConfigError, StorageError, ValidationError
 
 from .proxy import FaultProxy
 
-HOST = "127.0.0.1"
+HOST = launcher.HOST
 PORT_RACE_ATTEMPTS = 4
 # Python start-up, WAL recovery and an etcd session on a loaded 2-core machine.
 START_TIMEOUT_S = 30.0
@@ -96,15 +99,10 @@ class NodeProcess:
         return f"http://{HOST}:{self.http_port}"
 
     def log_tail(self, n_bytes: int = LOG_TAIL_BYTES) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - n_bytes))
-                return log.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return launcher.log_tail(self.log_path, n_bytes)
 
     def lost_port_race(self) -> bool:
-        return not self.running and "address already in use" in self.log_tail().lower()
+        return not self.running and launcher.lost_port_race(self.log_path)
 
 
 class ProcessCluster:
@@ -219,42 +217,34 @@ class ProcessCluster:
         return ",".join(parts)
 
     def _env_for(self, node: NodeProcess) -> dict[str, str]:
-        # The caller's walstore settings must not leak into a test node.
-        env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-        env.update(
-            NODE_ID=node.node_id,
-            HTTP_HOST=HOST,
-            HTTP_PORT=str(node.http_port),
-            PEER_HOST=HOST,
-            PEER_PORT=str(node.peer_port),
-            PEERS=self._peers_for(node.node_id),
-            DATA_DIR=str(node.data_dir),
-            CLUSTER_ID=self.cluster_id,
-            LEASE_TTL_S=str(self.lease_ttl_s),
-            SEGMENT_SIZE_BYTES=str(TEST_SEGMENT_SIZE_BYTES),
-            LOG_LEVEL=self.log_level,
-            PYTHONUNBUFFERED="1",
+        # The launcher drops the caller's walstore settings: they must not leak into a test node.
+        return launcher.node_env(
+            node_id=node.node_id,
+            http_port=node.http_port,
+            peer_port=node.peer_port,
+            peers=self._peers_for(node.node_id),
+            data_dir=node.data_dir,
+            cluster_id=self.cluster_id,
+            etcd_endpoints=self.etcd.endpoints if self.etcd is not None else (),
+            lease_ttl_s=self.lease_ttl_s,
+            overrides={
+                "SEGMENT_SIZE_BYTES": str(TEST_SEGMENT_SIZE_BYTES),
+                "LOG_LEVEL": self.log_level,
+                **self.env_overrides,
+            },
         )
-        if self.etcd is not None:
-            env["ETCD_ENDPOINTS"] = ",".join(self.etcd.endpoints)
-        env.update(self.env_overrides)
-        return env
 
     def _spawn(self, node: NodeProcess) -> None:
         if node.running:
             raise ConfigError(f"{node.node_id} is already running (pid {node.pid})")
         node.data_dir.parent.mkdir(parents=True, exist_ok=True)
         node.starts += 1
-        with open(node.log_path, "ab") as log:
-            log.write(f"=== harness: start #{node.starts} of {node.node_id} ===\n".encode())
-            log.flush()
-            node.process = subprocess.Popen(
-                [*self.command_prefixes.get(node.node_id, []), sys.executable, "-m", "walstore", "serve"],
-                env=node.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        node.process = launcher.spawn_server(
+            node.env,
+            node.log_path,
+            prefix=self.command_prefixes.get(node.node_id, ()),
+            banner=f"=== harness: start #{node.starts} of {node.node_id} ===",
+        )
         node.paused = False
         node.expected_running = True
 
@@ -264,7 +254,7 @@ class ProcessCluster:
         while True:
             if not node.running:
                 raise TimeoutError(f"{node.node_id} exited with code {node.exit_code}; log tail:\n{node.log_tail()}")
-            answer = _http_json(node.http_port, "GET", "/health/live", STATUS_TIMEOUT_S)
+            answer = launcher.http_answer(node.http_port, "/health/live", STATUS_TIMEOUT_S)
             if answer is not None and answer[0] == 200:
                 return
             if time.monotonic() > deadline:
@@ -463,7 +453,7 @@ class ProcessCluster:
 
     def status(self, node_id: str) -> dict[str, Any] | None:
         """The node's /status, or None if it does not answer within a second."""
-        answer = _http_json(self.node(node_id).http_port, "GET", "/status", STATUS_TIMEOUT_S)
+        answer = launcher.http_answer(self.node(node_id).http_port, "/status", STATUS_TIMEOUT_S)
         if answer is None or answer[0] != 200 or not isinstance(answer[1], dict):
             return None
         return answer[1]
@@ -518,7 +508,7 @@ class ProcessCluster:
         events: list[dict[str, Any]] = []
         next_index = 1
         while True:
-            answer = _http_json(port, "GET", f"/events?from_index={next_index}&limit={READ_PAGE_EVENTS}", timeout_s)
+            answer = launcher.http_answer(port, f"/events?from_index={next_index}&limit={READ_PAGE_EVENTS}", timeout_s)
             if answer is None or answer[0] != 200 or not isinstance(answer[1], dict):
                 raise TimeoutError(f"{node_id}: GET /events from {next_index} failed: {answer}")
             page = answer[1].get("events")
@@ -585,23 +575,6 @@ def events_from_dump(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return events
-
-
-def _http_json(port: int, method: str, path: str, timeout_s: float) -> tuple[int, Any] | None:
-    """(status, decoded JSON or None) or None when the node does not answer in time."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
-    try:
-        conn.request(method, path)
-        response = conn.getresponse()
-        raw = response.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-    try:
-        return response.status, orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        return response.status, None
 
 
 # -- pytest fixtures (``pytest_plugins = ["harness.cluster"]`` in a test module) -------------------
