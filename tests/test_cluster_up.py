@@ -227,3 +227,38 @@ def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_after_up_is_killed_hard_its_processes_are_named_until_stopped(tmp_path: Path) -> None:
+    up = Up(tmp_path)
+    try:
+        up.wait_for("Ctrl-C stops everything")
+        # etcd can be broken and mended like a node
+        assert walstore("cluster", "kill", "etcd0", "--dir", str(tmp_path)).returncode == 0
+        assert _ps(tmp_path)["etcd0"]["state"] == "exited"
+        done = walstore("cluster", "start", "etcd0", "--dir", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert _ps(tmp_path)["etcd0"]["state"] == "running"
+        up.proc.kill()  # the supervisor dies without stopping anything
+        up.proc.wait()
+        done = walstore("cluster", "up", "--dir", str(tmp_path))
+        assert done.returncode == 1 and "of the earlier run still runs" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        for name, row in _ps(tmp_path).items():
+            assert row["state"] == "running"
+            assert walstore("cluster", "stop", name, "--dir", str(tmp_path)).returncode == 0
+        assert all(row["state"] == "exited" for row in _ps(tmp_path).values())
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait()
+        for name in ("node-0", "node-1", "node-2", "etcd0"):  # whatever a failure left running
+            walstore("cluster", "kill", name, "--dir", str(tmp_path))
+    resumed = Up(tmp_path)
+    try:
+        assert "resumed" in resumed.wait_for("Ctrl-C stops everything")
+        assert resumed.stop() == 0
+    finally:
+        if resumed.proc.poll() is None:
+            resumed.proc.kill()
+            resumed.proc.wait()

@@ -718,6 +718,7 @@ def cluster() -> None:
     walstore cluster kill node-1 --dir DIR   SIGKILL one node (a crash), and watch the failover
     walstore cluster start node-1 --dir DIR  bring it back on its old ports and data
     walstore cluster stop|restart NODE --dir DIR
+    (NODE may also be etcd0: stop, kill and start work on the cluster's etcd too.)
 
     The commands act only on processes DIR/cluster.json says this cluster started, and
     only after checking each pid is still that process (its start time). Exit 1 when the

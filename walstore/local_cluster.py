@@ -420,9 +420,10 @@ class LocalCluster:
         for entry in entries:
             record = record_of(entry)
             if record is not None and record.alive:
+                name = entry.get("id") or entry.get("name")
                 raise ClusterError(
-                    f"{entry.get('id') or entry.get('name')} (pid {record.pid}) of the earlier run still runs; "
-                    f"stop it first: walstore cluster stop {entry.get('id') or 'etcd'} --dir {self.directory}"
+                    f"{name} (pid {record.pid}) of the earlier run still runs; "
+                    f"stop it first: walstore cluster stop {name} --dir {self.directory}"
                 )
         recorded = len(previous["nodes"])
         if recorded != self.size:
@@ -665,12 +666,18 @@ def _report_changes(
 # -- ps, stop, kill, start, restart ----------------------------------------------------------
 
 
-def _node_entry(description: Mapping[str, Any], node_id: str) -> dict[str, Any]:
+def _entry(description: Mapping[str, Any], name: str) -> tuple[str, dict[str, Any]]:
+    """("node" | "etcd", its record) for a node id or an etcd member's name."""
     for entry in description["nodes"]:
-        if entry["id"] == node_id:
-            return dict(entry)
-    names = ", ".join(n["id"] for n in description["nodes"])
-    raise ConfigError(f"no node {node_id!r} in this cluster ({names})")
+        if entry["id"] == name:
+            return "node", dict(entry)
+    for member in description.get("etcd", {}).get("members", []):
+        if member["name"] == name:
+            return "etcd", dict(member)
+    names = [n["id"] for n in description["nodes"]] + [
+        m["name"] for m in description.get("etcd", {}).get("members", [])
+    ]
+    raise ConfigError(f"no node {name!r} in this cluster ({', '.join(names)})")
 
 
 def process_rows(directory: Path) -> list[dict[str, Any]]:
@@ -704,13 +711,14 @@ def process_rows(directory: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def signal_node(directory: Path, node_id: str, sig: int, timeout_s: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM (then SIGKILL after ``timeout_s``) or SIGKILL one node of the cluster in
-    DIR, and wait until it has gone; returns its pid. ClusterError if it is not running."""
-    entry = _node_entry(read_description(directory), node_id)
+def signal_node(directory: Path, name: str, sig: int, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM (then SIGKILL after ``timeout_s``) or SIGKILL one node or etcd member of the
+    cluster in DIR, and wait until it has gone; returns its pid. ClusterError if it is not
+    running."""
+    _, entry = _entry(read_description(directory), name)
     record = record_of(entry)
     if record is None or not record.alive:
-        raise ClusterError(f"{node_id} is not running")
+        raise ClusterError(f"{name} is not running")
     if sig == signal.SIGKILL:
         record.signal(signal.SIGKILL)
         record.wait_gone(timeout_s)
@@ -719,35 +727,69 @@ def signal_node(directory: Path, node_id: str, sig: int, timeout_s: float = STOP
     return record.pid
 
 
-def start_node(directory: Path, node_id: str, timeout_s: float = READY_TIMEOUT_S) -> tuple[int, str]:
-    """Start a stopped node of the cluster in DIR again: its ports, data directory and
-    settings as recorded (the other nodes' PEERS name those ports). Returns (pid, URL)."""
+def start_node(directory: Path, name: str, timeout_s: float = READY_TIMEOUT_S) -> tuple[int, str]:
+    """Start a stopped node (or etcd member) of the cluster in DIR again: its ports, data
+    directory and settings as recorded (the other nodes' PEERS name those ports). Returns
+    (pid, URL)."""
     with locked(directory):
         description = read_description(directory)
-        entry = _node_entry(description, node_id)
+        kind, entry = _entry(description, name)
         record = record_of(entry)
         if record is not None and record.alive:
-            raise ClusterError(f"{node_id} is already running (pid {record.pid})")
-        log = Path(entry["log"])
-        env = node_env(
-            node_id=node_id,
-            http_port=int(entry["http_port"]),
-            peer_port=int(entry["peer_port"]),
-            peers="",
-            data_dir=Path(entry["data_dir"]),
-            cluster_id="",
-            etcd_endpoints=(),
-            lease_ttl_s=0,
-            overrides=entry["env"],  # exactly what it ran with before
-        )
-        proc = spawn_server(env, log, banner=f"=== walstore cluster: start of {node_id} ===", new_session=True)
-        try:
-            wait_live(int(entry["http_port"]), running(proc), timeout_s)
-        except TimeoutError:
-            stop_process(proc)
-            why = "its port is taken by another process" if lost_port_race(log) else "it exited"
-            raise ClusterError(f"{node_id} did not start: {why}; see {log}") from None
-        entry.update(ProcessRecord.of(proc.pid).to_json())
-        description["nodes"] = [entry if n["id"] == node_id else n for n in description["nodes"]]
+            raise ClusterError(f"{name} is already running (pid {record.pid})")
+        if kind == "etcd":
+            pid, url = _start_etcd_member(directory, description, entry)
+        else:
+            pid, url = _start_node(entry, timeout_s)
+        entry.update(ProcessRecord.of(pid).to_json())
+        if kind == "etcd":
+            etcd = description["etcd"]
+            etcd["members"] = [entry if m["name"] == name else m for m in etcd["members"]]
+            etcd["pids"] = [m["pid"] for m in etcd["members"]]
+        else:
+            description["nodes"] = [entry if n["id"] == name else n for n in description["nodes"]]
         write_description(directory, description)
-        return proc.pid, str(entry["http"])
+        return pid, url
+
+
+def _start_etcd_member(directory: Path, description: Mapping[str, Any], entry: Mapping[str, Any]) -> tuple[int, str]:
+    member = EtcdMember(entry["name"], directory / "etcd", int(entry["client_port"]), int(entry["peer_port"]))
+    member.spawn(
+        find_etcd_binary(),
+        f"{member.name}={member.peer_url}",
+        str(description["etcd"].get("token", "walstore-local")),
+        DEFAULT_HEARTBEAT_MS,
+        DEFAULT_ELECTION_TIMEOUT_MS,
+    )
+    try:
+        member.wait_ready()
+    except ElectionError:
+        member.stop()
+        why = "its port is taken by another process" if member.lost_port_race() else "it exited"
+        raise ClusterError(f"{member.name} did not start: {why}; see {member.log_path}") from None
+    assert member.pid is not None  # spawned just now and healthy
+    return member.pid, member.client_url
+
+
+def _start_node(entry: Mapping[str, Any], timeout_s: float) -> tuple[int, str]:
+    node_id = str(entry["id"])
+    log = Path(entry["log"])
+    env = node_env(
+        node_id=node_id,
+        http_port=int(entry["http_port"]),
+        peer_port=int(entry["peer_port"]),
+        peers="",
+        data_dir=Path(entry["data_dir"]),
+        cluster_id="",
+        etcd_endpoints=(),
+        lease_ttl_s=0,
+        overrides=entry["env"],  # exactly what it ran with before
+    )
+    proc = spawn_server(env, log, banner=f"=== walstore cluster: start of {node_id} ===", new_session=True)
+    try:
+        wait_live(int(entry["http_port"]), running(proc), timeout_s)
+    except TimeoutError:
+        stop_process(proc)
+        why = "its port is taken by another process" if lost_port_race(log) else "it exited"
+        raise ClusterError(f"{node_id} did not start: {why}; see {log}") from None
+    return proc.pid, str(entry["http"])
