@@ -211,19 +211,21 @@ def spawn_server(
     log_path: Path,
     *,
     prefix: Sequence[str] = (),
+    command: Sequence[str] | None = None,
     banner: str | None = None,
     new_session: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start one node, its output appended to ``log_path`` (after ``banner``, a line that
-    marks where this start's output begins). ``new_session`` keeps a Ctrl-C in the shell
-    that ran ``walstore cluster start`` from reaching the node."""
+    marks where this start's output begins). ``command`` replaces the whole argv (the
+    benchmarks' ``server_argv`` seam); ``new_session`` keeps a Ctrl-C in the shell that ran
+    ``walstore cluster start`` from reaching the node."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         if banner is not None:
             log.write(f"{banner}\n".encode())
             log.flush()
         return subprocess.Popen(
-            server_command(prefix),
+            list(command) if command is not None else server_command(prefix),
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=log,
