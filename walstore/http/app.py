@@ -351,7 +351,9 @@ class HttpApp:
         return Response(200 if status.ready else 503, orjson.dumps(body))
 
     async def _metrics(self, request: Request) -> Response:
-        return Response(200, self.metrics.render(), content_type=_METRICS_CONTENT_TYPE)
+        # The state gauges come from the same status as /status, so the two agree.
+        state = self.metrics.state_families(self.service.status())
+        return Response(200, self.metrics.render(state), content_type=_METRICS_CONTENT_TYPE)
 
 
 async def _not_found(request: Request) -> Response:
