@@ -248,3 +248,19 @@ def test_fsync_histograms() -> None:
     assert sample(metrics, "walstore_wal_fsync_seconds_bucket", le="0.002") == 0
     assert sample(metrics, "walstore_wal_fsync_batch_events_bucket", le="32.0") == 1
     assert sample(metrics, "walstore_wal_fsync_batch_events_bucket", le="16.0") == 0
+
+
+def test_the_readme_lists_every_metric() -> None:
+    """The README's Metrics table is the reference: a metric added without a row fails here."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `walstore_")}
+    metrics = Metrics()
+    peers = [PeerStatus(id="n1", address="a:1", connected=True, match_index=3, lag=0)]
+    text = metrics.render(metrics.state_families(leader_status(peers))).decode()
+    exported = {
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("walstore_") and not f.name.endswith("_created")  # a counter's start time
+    }
+    assert exported == rows
