@@ -107,3 +107,28 @@ async def test_every_node_reports_its_status_and_an_ex_leader_drops_follower_ser
         assert replication_series(ex_leader) == []  # they stayed forever before
         assert value(ex_leader, "walstore_step_downs_total") == 1
         assert (value(ex_leader, "walstore_leader_changes_total") or 0) >= 2
+
+
+async def test_lag_in_entries_and_seconds_while_a_follower_is_down(tmp_path: Path) -> None:
+    async with in_process_cluster(tmp_path, lease_ttl_s=1.0) as cluster:
+        await cluster.start_all()
+        leader = await cluster.leader()
+        await leader.append([NewEvent(str(uuid.uuid4()), "T", "agg", b"{}", b"{}", None)])
+        await settled(cluster, leader, applied=1)
+        me = leader.config.node_id
+        down, up = sorted(set(cluster.nodes) - {me})
+        samples = await scrape(cluster, me)
+        for peer in (down, up):
+            assert value(samples, "walstore_replication_lag_entries", peer=peer) == 0
+            assert value(samples, "walstore_replication_lag_seconds", peer=peer) == 0
+        await cluster.stop(down)
+        for _ in range(3):
+            await leader.append([NewEvent(str(uuid.uuid4()), "T", "agg", b"{}", b"{}", None)])
+        behind_since = trio.current_time()
+        await trio.sleep(0.5)
+        samples = await scrape(cluster, me)
+        assert value(samples, "walstore_replication_lag_entries", peer=down) == 3
+        lag_s = value(samples, "walstore_replication_lag_seconds", peer=down)
+        assert lag_s is not None and 0.5 <= lag_s <= trio.current_time() - behind_since + 0.5
+        assert value(samples, "walstore_replication_peer_connected", peer=down) == 0
+        assert value(samples, "walstore_replication_lag_seconds", peer=up) == 0
