@@ -4,16 +4,20 @@ extensions, bad input with its status and code, error mapping, and Server-Sent E
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
 import pytest
 import trio
 from fakes import FakeEventService, HttpTestClient, HttpTestResponse, start_server
+from prometheus_client.core import Metric
 
 from walstore.errors import OutcomeUnknown, StorageError, UnavailableError
 from walstore.http.app import HttpApp
+from walstore.metrics import Metrics
 from walstore.service import NodeStatus, PeerStatus
 
 SEED_EVENT = {
@@ -462,3 +466,35 @@ async def test_subscribe_bad_from_index_is_400(client: HttpTestClient) -> None:
     response = await client.request("GET", "/subscribe?from_index=0")
     assert response.status == 400
     assert error_of(response)["parameter"] == "from_index"
+
+
+async def test_metrics_renders_off_the_event_loop(nursery: trio.Nursery, service: FakeEventService) -> None:
+    """A render costs milliseconds of CPU; on the loop it held every other request."""
+    render_s = 0.3
+
+    class SlowMetrics(Metrics):
+        def render(self, state: Sequence[Metric] = ()) -> bytes:
+            self.thread = threading.get_ident()
+            time.sleep(render_s)  # holds the thread it runs in, as a real render's CPU does
+            return super().render(state)
+
+    metrics = SlowMetrics()
+    _, bound = await start_server(nursery, app=HttpApp(service, metrics=metrics))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    nursery.start_soon(tick)
+    connection = await HttpTestClient.connect(bound)
+    try:
+        started = ticks
+        response = await connection.request("GET", "/metrics")
+    finally:
+        await connection.aclose()
+    assert response.status == 200 and b"walstore_term" in response.body
+    assert metrics.thread != threading.get_ident()
+    assert ticks - started >= render_s / 0.01 / 3  # the loop kept running meanwhile

@@ -271,6 +271,7 @@ class Node:
         # The writer sets this gauge from WAL rounds alone; the node also knows about a full
         # disk that failed a promise (metadata), so the gauge reports what health reports.
         self.metrics.wal_disk_full.set_function(lambda: float(self.disk_full))
+        self.metrics.track_wal_directory(cfg.data_dir)
         self.rlog = ReplicaLog(self.wal, self.writer, on_halt=self._on_halt)
         self.store = EventStore(_LogBodies(self.wal))
         async with AsyncExitStack() as stack:
@@ -448,8 +449,6 @@ class Node:
         await pending.wait_durable()
         self.commit.advance(pending.last_index)
         self._solo_epoch = epoch
-        self.metrics.is_leader.set(1)
-        self.metrics.term.set(epoch)
 
     def _make_election(self) -> Election:
         if self._election is not None:
@@ -467,7 +466,6 @@ class Node:
         # Entries up to the recorded commit index were committed when we learned it, and
         # are never truncated: they can be applied before any leader is heard from.
         self.commit.advance(self.wal.known_commit)
-        self.metrics.known_commit_index.set(self.wal.known_commit)
         http_host = self.config.me.host if self.config.me else "localhost"
         self.replicator = Replicator(
             self.config,
@@ -529,7 +527,6 @@ class Node:
         index = min(self.commit.value, self.writer.durable_index, self.wal.last_index)
         if index > self.wal.known_commit:
             await self.rlog.persist_commit(index)
-            self.metrics.known_commit_index.set(self.wal.known_commit)
 
     def _on_halt(self, reason: str) -> None:
         """``ReplicaLog.halt``: a safety invariant was about to break. Stop taking writes
@@ -576,8 +573,6 @@ class Node:
     def _publish_applied(self) -> None:
         self.applied.advance(self.store.last_applied_log_index)
         self.applied_events.advance(self.store.last_applied_event_index)
-        self.metrics.commit_index.set(self.commit.value)
-        self.metrics.last_applied.set(self.store.last_applied_event_index)
 
     def _on_term_end(self) -> None:
         self.store.pending_clear()
@@ -606,7 +601,6 @@ class Node:
         Appends waiting for their commit are woken now: none of them can be applied here any
         more, and each answers 504 (it was submitted, so it may be on disk or on followers)."""
         log.critical("write-ahead log failed, the node stops: %s: %s", type(error).__name__, error)
-        self.metrics.is_leader.set(0)
         self.commit.interrupt()
         self.applied.interrupt()
         self.applied_events.interrupt()  # min_index reads: nothing more will be applied here

@@ -146,6 +146,7 @@ class Replicator:
 
     async def _watch_leader(self) -> None:
         async for leader in self.election.watch_leader():
+            self.metrics.leader_observed(leader.node_id if leader else None, leader.epoch if leader else 0)
             if self.role is not Role.LEADER:
                 self.leader = leader
 
@@ -290,7 +291,7 @@ class Replicator:
         while True:
             await self._until_voter()
             leadership = await self.election.campaign(self.candidate)
-            self.metrics.elections_total.inc()
+            self.metrics.elections_won_total.inc()
             try:
                 await self._lead(leadership)
             finally:
@@ -339,6 +340,8 @@ class Replicator:
                     return
                 body = orjson.dumps({"epoch": epoch, "leader": self.config.node_id})
                 pending = self.rlog.submit([(KIND_EPOCH_START, FLAG_BATCH_END, body)], epoch)
+                self.metrics.append_times.clear()
+                self.metrics.append_times.appended(pending.first_index)
                 self.term = LeaderTerm(
                     epoch=epoch,
                     start_index=pending.first_index,
@@ -349,14 +352,11 @@ class Replicator:
                     commit=self.commit,
                     heartbeat_s=self.config.lease_ttl_s / 8,
                     on_higher_epoch=self._on_higher_epoch,
-                    on_progress=self._on_progress,
                     votes=self._votes,
                     incarnation=self.rlog.incarnation,
                 )
                 self.term.appended(pending)
                 self.role = Role.LEADER
-                self.metrics.is_leader.set(1)
-                self.metrics.term.set(epoch)
                 nursery.start_soon(self.term.run)
                 nursery.start_soon(self._maintain_members, self.term, leadership)
                 while self.commit.value < pending.first_index:
@@ -433,13 +433,7 @@ class Replicator:
         self.leader = self.election.current_leader()
         if self.leader is not None and self.leader.node_id == self.config.node_id:
             self.leader = None
-        self.metrics.is_leader.set(0)
         self.on_term_end()
-
-    def _on_progress(self, progress: FollowerProgress) -> None:
-        peer = progress.peer.node_id
-        self.metrics.replication_match_index.labels(peer).set(progress.match_index)
-        self.metrics.replication_lag_entries.labels(peer).set(max(0, self.rlog.tail_index - progress.match_index))
 
     # -- used by the node ----------------------------------------------------------------
 
@@ -451,6 +445,7 @@ class Replicator:
             # Definite: nothing was written. Better a quick 503 than a 504 after a timeout.
             raise UnavailableError("no quorum of followers reachable", code="no_quorum", leader_id=self.leader_id)
         pending = self.rlog.submit(entries, self.term.epoch)
+        self.metrics.append_times.appended(pending.first_index)
         self.term.appended(pending)
         return pending
 

@@ -279,6 +279,7 @@ class GroupCommitWriter:
         self._last_full_log = -math.inf
         if metrics is not None:
             metrics.wal_round_in_flight_seconds.set_function(self.round_in_flight_s)
+            metrics.wal_logical_bytes.set(log.data_bytes)  # what recovery found, before any round
 
     @property
     def log(self) -> WriteAheadLog:
@@ -562,10 +563,12 @@ class GroupCommitWriter:
             for p in batch:
                 p._finish(None)
             if self._metrics is not None:
+                entries = batch[-1].last_index - batch[0].first_index + 1
                 self._metrics.wal_fsync_seconds.observe(elapsed)
-                self._metrics.wal_fsync_batch_events.observe(batch[-1].last_index - batch[0].first_index + 1)
+                self._metrics.wal_fsync_batch_events.observe(entries)
+                self._metrics.wal_entries_written_total.inc(entries)
                 self._metrics.wal_bytes_written_total.inc(nbytes)
-                self._metrics.wal_size_bytes.set(self._log.data_bytes)
+                self._metrics.wal_logical_bytes.set(self._log.data_bytes)
             self._notify_durable()
             self._seen()
             return
