@@ -16,7 +16,7 @@ BENCH_PKGS := postgresql-15 wrk etcd-server
 HTTP_PORT ?= 8080
 DATA_DIR  ?= ./data/wal
 
-.PHONY: install system-deps test-deps build-native dist run test test-fast bench bench-wal lint fuzz chaos clean
+.PHONY: install system-deps test-deps build-native dist openapi run test test-fast bench bench-wal lint fuzz chaos clean
 
 # apt only for what is missing, so a machine with everything installed never needs root.
 define apt_ensure
@@ -59,6 +59,11 @@ build-native: $(STAMP)
 # The sdist, and the wheel built from it, in dist/ (tests/test_package.py installs both).
 dist: install
 	$(BIN)/python -m build --no-isolation --outdir dist .
+
+# docs/openapi.yaml is the API's description; the node serves it from this JSON copy at
+# GET /openapi.json (no YAML parser at run time). tests/test_openapi.py keeps them equal.
+openapi: install
+	$(BIN)/python -c 'import json, sys, yaml; json.dump(yaml.safe_load(open("docs/openapi.yaml")), sys.stdout, indent=1, ensure_ascii=False); print()' > walstore/http/openapi.json
 
 run: install
 	mkdir -p $(DATA_DIR)

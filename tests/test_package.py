@@ -203,6 +203,8 @@ def smoke(venv: Path, workdir: Path) -> None:
             written = client.append({"type": "Smoke", "aggregate_id": "pkg", "payload": payload})
             assert (written["index"], written["version"]) == (1, 1)
             read = client.read("pkg")
+            # package data ships too: the API description served from inside the package
+            assert client.request("GET", "/openapi.json").body["openapi"].startswith("3.1.")
         assert node.stop() == 0, node.log_path.read_text()
     assert read["count"] == 1
     assert read["events"][0]["payload"] == payload
@@ -229,11 +231,11 @@ def test_sdist_and_wheel_each_install_in_a_fresh_venv_and_serve(tmp_path: Path) 
     with tarfile.open(sdist) as archive:
         members = {m.split("/", 1)[1] for m in archive.getnames() if "/" in m}
     assert {"native/build_native.py", "native/walstore_native.c", "native/walstore_native.h"} <= members
-    assert {"walstore/py.typed", "setup.py", "pyproject.toml", "README.md"} <= members
+    assert {"walstore/py.typed", "walstore/http/openapi.json", "setup.py", "pyproject.toml", "README.md"} <= members
     assert not [m for m in members if m.endswith((".so", ".o")) or "_walstore_native.c" in m]
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    assert "walstore/py.typed" in names
+    assert {"walstore/py.typed", "walstore/http/openapi.json"} <= names
     assert [n for n in names if re.fullmatch(r"walstore/_walstore_native\..*so", n)]
 
     wheels = wheelhouse()

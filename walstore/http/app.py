@@ -24,6 +24,7 @@ GET /health/live          200 while the process serves HTTP
 GET /health/ready         200 when ready (has a leader, caught up, its disk neither
                           full, failed nor slow), else 503 with ``reasons``
 GET /metrics              Prometheus text
+GET /openapi.json         this API's OpenAPI 3.1 description (docs/openapi.yaml)
 ========================  =========================================================
 
 An event renders as ``{id, type, timestamp (Unix seconds, the seed's shape), aggregate_id,
@@ -47,6 +48,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from importlib.resources import files
 from typing import Final
 
 import orjson
@@ -188,6 +190,7 @@ class HttpApp:
             "/health/live": ("/health/live", {get: self._live}),
             "/health/ready": ("/health/ready", {get: self._ready}),
             "/metrics": ("/metrics", {get: self._metrics}),
+            "/openapi.json": ("/openapi.json", {get: self._openapi}),
         }
         self._aggregate_route: tuple[str, dict[str, Handler]] = (
             _AGGREGATE_ROUTE,
@@ -352,6 +355,15 @@ class HttpApp:
 
     async def _metrics(self, request: Request) -> Response:
         return Response(200, self.metrics.render(), content_type=_METRICS_CONTENT_TYPE)
+
+    async def _openapi(self, request: Request) -> Response:
+        return Response(200, _openapi_document())
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    # docs/openapi.yaml as JSON (`make openapi`), shipped inside the package.
+    return files("walstore.http").joinpath("openapi.json").read_bytes()
 
 
 async def _not_found(request: Request) -> Response:
