@@ -6,6 +6,10 @@
 # the runtime stage gets only the finished virtualenv, so no compiler, headers or pip
 # cache ship. Both stages use the same base image on purpose: the venv's python is a
 # symlink to the base image's /usr/local/bin/python3.11.
+#
+# Every Python package, the build tools included, comes at the version pinned in
+# constraints.txt (tests/test_package.py checks the pins cover every dependency and that
+# each pip command here uses them), so the same commit builds the same image.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -16,11 +20,13 @@ RUN python -m venv /opt/walstore
 ENV PATH=/opt/walstore/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY setup.py pyproject.toml ./
+COPY constraints.txt setup.py pyproject.toml MANIFEST.in README.md ./
 COPY native/ native/
 COPY walstore/ walstore/
-RUN pip install --no-cache-dir -U pip setuptools wheel \
- && pip install --no-cache-dir .
+# The build tools first, pinned, then the package built with exactly those (no isolated
+# build env that would fetch unpinned ones).
+RUN pip install --no-cache-dir -c constraints.txt -U pip setuptools wheel cffi \
+ && pip install --no-cache-dir -c constraints.txt --no-build-isolation .
 # Fail the build, not the first pod, if the extension did not compile or the CLI cannot
 # import. Run from / so the source tree in /src cannot shadow the installed package.
 RUN cd / \

@@ -16,7 +16,7 @@ BENCH_PKGS := postgresql-15 wrk etcd-server
 HTTP_PORT ?= 8080
 DATA_DIR  ?= ./data/wal
 
-.PHONY: install system-deps test-deps build-native run test test-fast bench bench-wal lint fuzz chaos clean
+.PHONY: install system-deps test-deps build-native dist openapi run test test-fast bench bench-wal lint fuzz chaos clean
 
 # apt only for what is missing, so a machine with everything installed never needs root.
 define apt_ensure
@@ -36,11 +36,14 @@ apt-build-pkgs:
 test-deps: install
 	$(call apt_ensure,$(TEST_PKGS))
 
-$(STAMP): setup.py pyproject.toml $(wildcard native/*.c native/*.h native/*.cdef native/*.py)
+# Every extra (test, lint, fuzz) goes into the one dev venv; versions that ship in the
+# package (and the build tools) are the ones pinned in constraints.txt, as in the image.
+# The package check (tests/test_package.py) keeps a wheel cache in $(VENV)/wheelhouse.
+$(STAMP): setup.py pyproject.toml MANIFEST.in constraints.txt $(wildcard native/*.c native/*.h native/*.cdef native/*.py)
 	$(MAKE) --no-print-directory system-deps
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip setuptools wheel
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -U pip setuptools wheel cffi
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,fuzz]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,8 +53,17 @@ install: $(STAMP)
 # the same pip build, never a second build that could leave a stale copy elsewhere.
 build-native: $(STAMP)
 	rm -f walstore/_walstore_native*.so walstore/_walstore_native.c
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q -c constraints.txt --no-deps --no-build-isolation -e .
 	$(BIN)/python -c 'import walstore._native as n; print("native module:", n.module_path())'
+
+# The sdist, and the wheel built from it, in dist/ (tests/test_package.py installs both).
+dist: install
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
+# docs/openapi.yaml is the API's description; the node serves it from this JSON copy at
+# GET /openapi.json (no YAML parser at run time). tests/test_openapi.py keeps them equal.
+openapi: install
+	$(BIN)/python -c 'import json, sys, yaml; json.dump(yaml.safe_load(open("docs/openapi.yaml")), sys.stdout, indent=1, ensure_ascii=False); print()' > walstore/http/openapi.json
 
 run: install
 	mkdir -p $(DATA_DIR)
@@ -74,7 +86,6 @@ bench-wal: install
 	$(BIN)/walstore bench wal
 
 fuzz: install
-	$(BIN)/pip install -q atheris
 	$(BIN)/python -m walstore.fuzz --seconds $${FUZZ_SECONDS:-60}
 
 lint: install

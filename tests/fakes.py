@@ -1,9 +1,12 @@
-"""Test doubles for the HTTP layer: an in-memory ``EventService`` and a raw HTTP client.
+"""Test doubles for the HTTP layer: an ``EventService`` over the real store, and a raw HTTP client.
 
-``FakeEventService`` keeps the store's rules (gap-free versions from 1, global indexes from
-1, idempotent ids, expected_version, all-or-nothing batches, catch-up-then-live
-subscriptions) without a WAL or replication, and lets a test inject failures
-(``failures["append"] = UnavailableError(...)``) or hold appends in flight (``append_gate``).
+``FakeEventService`` is the product's ``EventStore`` (the state machine is I/O-free) over
+an in-memory log, applied as soon as it is written: no WAL, no replication, no leader.
+Every rule and every error code (``wrong_expected_version``, ``duplicate_event_id``,
+``duplicate_id_in_batch``, ...) is therefore the store's own, not a copy that could
+drift. Around it the fake lets a test inject failures
+(``failures["append"] = UnavailableError(...)``), hold appends in flight
+(``append_gate``), wake subscribers (``wake``) and see what reads were asked for.
 
 ``HttpTestClient`` writes raw bytes to a real socket and parses responses with its own small
 parser (not h11), so the server's output is checked by a second implementation and tests
@@ -21,22 +24,34 @@ from typing import Any
 import orjson
 import trio
 
-from walstore.errors import ConflictError, UnavailableError
+from walstore.errors import LogStateError, UnavailableError
 from walstore.event import AppendResult, NewEvent, StoredEvent
 from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits, HttpServer
 from walstore.service import AggregateRead, Direction, LogRead, NodeStatus
+from walstore.store import KIND_EVENT, EventStore
 
 BASE_TIMESTAMP_US = 1_700_000_000_000_000
 
 
+class MemoryLog:
+    """Encoded event bodies at log indexes 1..N: the ``BodyReader`` the store reads back."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def body(self, log_index: int) -> bytes:
+        if not 1 <= log_index <= len(self.bodies):
+            raise LogStateError(f"no record at log index {log_index}")
+        return self.bodies[log_index - 1]
+
+
 class FakeEventService:
-    """In-memory EventService with the store's rules and fault injection."""
+    """The real ``EventStore`` behind the ``EventService`` interface, with fault injection."""
 
     def __init__(self, node_id: str = "node-0", *, min_index_wait_s: float = 0.5) -> None:
-        self.log: list[StoredEvent] = []
-        self.by_id: dict[str, StoredEvent] = {}
-        self.by_aggregate: dict[str, list[StoredEvent]] = {}
+        self.memory_log = MemoryLog()
+        self.store = EventStore(self.memory_log)
         self.node_status = NodeStatus(
             id=node_id, is_leader=True, leader_id=node_id, term=1, commit_index=0, last_applied=0
         )
@@ -52,12 +67,18 @@ class FakeEventService:
         self.subscription_closed = trio.Event()
         self._changed = trio.Event()
 
+    @property
+    def log(self) -> list[StoredEvent]:
+        """Every applied event, in index order (read back through the store)."""
+        return self.store.read_log(1, self.store.last_applied_event_index).events
+
     def _maybe_fail(self, method: str) -> None:
         error = self.failures.get(method)
         if error is not None:
             raise error
 
-    def _notify(self) -> None:
+    def wake(self) -> None:
+        """Wake every waiter (subscriptions, ``min_index`` reads) as an append would."""
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
@@ -67,56 +88,25 @@ class FakeEventService:
             self.append_entered.set()
             await self.append_gate.wait()
         await trio.lowlevel.checkpoint()
-        results: list[AppendResult] = []
-        staged: list[StoredEvent] = []
-        versions: dict[str, int] = {}
-        # Check everything before changing anything: a batch is all or nothing.
-        for event in events:
-            existing = self.by_id.get(event.id)
-            if existing is not None:
-                if not event.same_content(existing):
-                    raise ConflictError(
-                        f"event id {event.id!r} already used with other content",
-                        code="id_conflict",
-                        event_id=event.id,
-                    )
-                results.append(AppendResult(existing.id, existing.index, existing.version))
-                continue
-            current = versions.get(event.aggregate_id, len(self.by_aggregate.get(event.aggregate_id, ())))
-            if event.expected_version is not None and event.expected_version != current:
-                raise ConflictError(
-                    f"aggregate {event.aggregate_id!r} is at version {current}",
-                    code="version_conflict",
-                    aggregate_id=event.aggregate_id,
-                    expected_version=event.expected_version,
-                    current_version=current,
-                )
-            versions[event.aggregate_id] = current + 1
-            index = len(self.log) + len(staged) + 1
-            stored = StoredEvent(
-                index=index,
-                version=current + 1,
-                timestamp_us=BASE_TIMESTAMP_US + index * 1_000_000,
-                id=event.id,
-                type=event.type,
-                aggregate_id=event.aggregate_id,
-                payload=event.payload,
-                metadata=event.metadata,
-            )
-            staged.append(stored)
-            results.append(AppendResult(event.id, index, current + 1))
-        for stored in staged:
-            self.log.append(stored)
-            self.by_id[stored.id] = stored
-            self.by_aggregate.setdefault(stored.aggregate_id, []).append(stored)
-        self._notify()
-        return results
+        store = self.store
+        # One timestamp per batch, as the leader stamps it: whole seconds from the index
+        # make the seed's ``timestamp`` predictable in tests.
+        next_event_index = store.last_applied_event_index + 1
+        prepared = store.prepare(events, timestamp_us=BASE_TIMESTAMP_US + next_event_index * 1_000_000)
+        if prepared.bodies:
+            first = len(self.memory_log.bodies) + 1
+            self.memory_log.bodies.extend(prepared.bodies)
+            store.pending_added(first, prepared)
+            for log_index in range(first, first + len(prepared.bodies)):
+                store.apply(log_index, KIND_EVENT, self.memory_log.bodies[log_index - 1])
+            self.wake()
+        return store.results(prepared)
 
     async def _wait_for_index(self, min_index: int | None) -> None:
         if min_index is None:
             return
         with trio.move_on_after(self.min_index_wait_s):
-            while len(self.log) < min_index:
+            while self.store.last_applied_event_index < min_index:
                 await self._changed.wait()
             return
         raise UnavailableError(
@@ -145,19 +135,13 @@ class FakeEventService:
             }
         )
         await self._wait_for_index(min_index)
-        events = self.by_aggregate.get(aggregate_id, [])
-        if direction == "forward":
-            selected = events[from_version - 1 : from_version - 1 + limit]
-        else:
-            top = min(from_version, len(events))
-            selected = events[max(0, top - limit) : top][::-1]
-        return AggregateRead(events=list(selected), version=len(events))
+        return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
 
     async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
         self._maybe_fail("read_log")
         self.read_calls.append({"from_index": from_index, "limit": limit, "min_index": min_index})
         await self._wait_for_index(min_index)
-        return LogRead(events=self.log[from_index - 1 : from_index - 1 + limit], last_index=len(self.log))
+        return self.store.read_log(from_index, limit)
 
     async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
         self._maybe_fail("subscribe")
@@ -167,9 +151,10 @@ class FakeEventService:
             next_index = from_index
             while True:
                 changed = self._changed  # taken before reading, so no append is missed
-                while next_index <= len(self.log):
-                    yield self.log[next_index - 1]
-                    next_index += 1
+                while next_index <= self.store.last_applied_event_index:
+                    for event in self.store.read_log(next_index, 100).events:
+                        yield event
+                        next_index = event.index + 1
                 await changed.wait()
                 self._maybe_fail("subscribe")
         finally:
@@ -178,7 +163,7 @@ class FakeEventService:
 
     def status(self) -> NodeStatus:
         self._maybe_fail("status")
-        last = len(self.log)
+        last = self.store.last_applied_event_index
         return dataclasses.replace(self.node_status, commit_index=last, last_applied=last)
 
 

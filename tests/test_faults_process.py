@@ -73,7 +73,7 @@ POLL_S = 0.05
 ETCD_LOSS_MARGIN_S = 2.5
 # The far-behind follower: 1 MiB segments and 256 KiB events, and enough of them to push the
 # first ones out of the leader's in-memory tail cache, so the follower can only be fed from
-# the leader's segment files (DESIGN.md, replication 6), not from memory.
+# the leader's segment files (docs/protocol.md, "Catch-up"), not from memory.
 SMALL_SEGMENT_BYTES = 1024 * 1024
 BIG_PAYLOAD_BYTES = 256 * 1024
 BIG_EVENTS = TAIL_CACHE_BYTES * 6 // 5 // BIG_PAYLOAD_BYTES + 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,22 @@ def test_http_parser_target_catches_a_parser_that_breaks_its_contract(monkeypatc
     monkeypatch.setattr(parser.RequestParser, "feed", broken_feed)
     with pytest.raises(IndexError):
         load("http_parser")(b"\x00GET / HTTP/1.1\r\n\r\n")
+
+
+def test_artifacts_default_to_a_new_private_temp_directory(tmp_path: Path) -> None:
+    from walstore.fuzz.__main__ import artifacts_dir
+
+    first, second = artifacts_dir(None), artifacts_dir(None)
+    try:
+        assert first != second  # never a fixed path two runs share
+        for path in (first, second):
+            assert Path(path).is_dir()
+            assert Path(path).parent == Path(tempfile.gettempdir())
+            assert Path(path).name.startswith("walstore-fuzz-")
+            assert Path(path).stat().st_mode & 0o077 == 0  # mkdtemp: only its owner
+    finally:
+        os.rmdir(first)
+        os.rmdir(second)
+    asked = tmp_path / "given" / "dir"
+    assert artifacts_dir(str(asked)) == str(asked)
+    assert asked.is_dir()

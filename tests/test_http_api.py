@@ -1,5 +1,8 @@
 """The HTTP API over real sockets: every route's shape (the seed's keys exactly), the
-extensions, bad input with its status and code, error mapping, and Server-Sent Events."""
+extensions, bad input with its status and code, error mapping, and Server-Sent Events.
+
+The service behind the routes is the product's ``EventStore`` (``fakes.FakeEventService``
+wraps it with fault injection only), so the codes asserted here are the ones users get."""
 
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ async def test_post_with_client_id_is_idempotent_and_conflicts_on_other_content(
     response = await client.request("POST", "/events", json={**SEED_EVENT, "id": "evt-1", "type": "Other"})
     assert response.status == 409
     error = error_of(response)
-    assert error["code"] == "id_conflict"
+    assert error["code"] == "duplicate_event_id"
     assert error["event_id"] == "evt-1"
 
 
@@ -97,7 +100,7 @@ async def test_expected_version_mismatch_is_409_with_details(client: HttpTestCli
     response = await client.request("POST", "/events", json={**SEED_EVENT, "expected_version": 0})
     assert response.status == 409
     error = error_of(response)
-    assert error["code"] == "version_conflict"
+    assert error["code"] == "wrong_expected_version"
     assert error["current_version"] == 1
     assert error["expected_version"] == 0
 
@@ -123,6 +126,24 @@ async def test_batch_conflict_appends_nothing(client: HttpTestClient, service: F
     events = [{**SEED_EVENT, "aggregate_id": "a"}, {**SEED_EVENT, "aggregate_id": "b", "expected_version": 3}]
     response = await client.request("POST", "/events/batch", json={"events": events})
     assert response.status == 409
+    assert service.log == []
+
+
+async def test_batch_repeated_whole_returns_the_first_answer(client: HttpTestClient, service: FakeEventService) -> None:
+    events = [{**SEED_EVENT, "id": "b-1", "aggregate_id": "a"}, {**SEED_EVENT, "id": "b-2", "aggregate_id": "a"}]
+    first = await client.request("POST", "/events/batch", json={"events": events})
+    again = await client.request("POST", "/events/batch", json={"events": events})
+    assert (first.status, again.status) == (201, 201)
+    assert again.json() == first.json()
+    assert len(service.log) == 2
+
+
+async def test_same_id_twice_in_one_batch_is_400(client: HttpTestClient, service: FakeEventService) -> None:
+    events = [{**SEED_EVENT, "id": "twice"}, {**SEED_EVENT, "id": "twice", "aggregate_id": "other"}]
+    response = await client.request("POST", "/events/batch", json={"events": events})
+    assert response.status == 400
+    error = error_of(response)
+    assert (error["code"], error["field"], error["event_index"]) == ("duplicate_id", "id", 1)
     assert service.log == []
 
 
@@ -444,7 +465,7 @@ async def test_subscription_ending_ends_the_stream_cleanly(client: HttpTestClien
     head = await client.read_head()
     assert head.header("connection") == "close"
     service.failures["subscribe"] = UnavailableError("stepping down")
-    await service.append([])  # wakes the subscription, which then fails
+    service.wake()  # wakes the subscription, which then fails
     with trio.fail_after(5):
         assert await client.read_chunk() == b""  # the terminating chunk: a clean end
         assert await client.read_until_closed() == b""

@@ -15,6 +15,7 @@ import functools
 import json
 import re
 import shlex
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -608,8 +609,8 @@ def test_build_stage_pip_installs_the_project_as_make_install_does() -> None:
 
 
 def test_the_images_install_contains_every_walstore_module() -> None:
-    # The image installs a wheel (not editable), which holds only the packages setup.py's
-    # find_packages() finds: a folder of modules without __init__.py works in the checkout
+    # The image installs a wheel (not editable), which holds only the packages pyproject.toml's
+    # packages.find finds: a folder of modules without __init__.py works in the checkout
     # and is missing from the image.
     from setuptools import find_packages  # type: ignore[import-untyped]
 
@@ -656,7 +657,8 @@ def test_entrypoint_is_walstore_serve_in_exec_form() -> None:
     (entrypoint,) = final.all("ENTRYPOINT")
     # Exec form: the program is PID 1 and receives the SIGTERM itself, not a shell.
     assert json.loads(entrypoint) == ["walstore", "serve"]
-    assert re.search(r"['\"]walstore\s*=\s*walstore\.cli:main['\"]", (ROOT / "setup.py").read_text())
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["walstore"] == "walstore.cli:main"
     for check in final.all("HEALTHCHECK"):
         assert "/health/live" in check
 

@@ -1,4 +1,4 @@
-"""The WAL's codec, segments, recovery and log never import trio (DESIGN.md): only
+"""The WAL's codec, segments, recovery and log never import trio (docs/architecture.md): only
 walstore.wal.writer does."""
 
 from __future__ import annotations

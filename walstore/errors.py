@@ -174,7 +174,7 @@ class UnavailableError(WalstoreError):
 
 class OutcomeUnknown(UnavailableError):
     """The append reached the log but its commit was not seen in time: it may still
-    appear. Never reported as a definite failure (promise 2 of TESTING.md)."""
+    appear. Never reported as a definite failure (promise 2 in docs/fault-model.md)."""
 
     http_status = 504
     code = "outcome_unknown"

@@ -633,7 +633,7 @@ class Node:
         # A lease TTL, not the append timeout: a leader that has not answered by then is
         # paused, cut off or failing over, and it resigns within that time when it cannot
         # reach a majority (Replicator._quorum_grace_s); waiting longer only holds the
-        # client while another leader may already be serving (it was ~10 s in a partition).
+        # client while another leader may already be serving.
         forward_s = self.config.lease_ttl_s
         deadline = trio.current_time() + forward_s
         try:

@@ -5,7 +5,7 @@
 - ``proxy``: a TCP fault proxy (delay, drop, blackhole, reset, corrupt) with its own trio loop.
 - ``history``: a load client that records every operation as a JSON line.
 - ``checker``: checks a recorded history against the nodes' final logs (promises 1-4 of
-  TESTING.md).
+  docs/fault-model.md).
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""Check a recorded history against the nodes' final logs: promises 1-4 of TESTING.md.
+"""Check a recorded history against the nodes' final logs: promises 1-4 of docs/fault-model.md.
 
 Inputs. ``history`` is the list of operation records ``harness.history`` writes (one JSON
 object per line)::

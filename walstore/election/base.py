@@ -11,7 +11,7 @@ How a leadership works (both backends)
   (one transaction). The key's value is the candidate as JSON (``Candidate.to_json``).
 * The **epoch** of the leadership is the key's ``create_revision``: etcd's revision counter
   only grows, so every later leadership, on any node, has a strictly higher epoch. The
-  replication layer uses it as the fencing number (DESIGN.md, takeover).
+  replication layer uses it as the fencing number (docs/protocol.md, "Takeover").
 * The holder renews the lease every TTL/3. ``Leadership.deadline()`` is the trio monotonic
   time until which the lease is surely still ours: the send time of the last keep-alive
   that succeeded, plus the TTL, minus a safety margin. The server counts the TTL from when

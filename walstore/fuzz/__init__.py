@@ -2,7 +2,7 @@
 
 Each target is a plain function of one byte string (no atheris needed to call it, so a
 test can replay a crash input directly). A target raises only when the code under test
-breaks its contract; the contract of each boundary is one error family (STYLE.md 3):
+breaks its contract; the contract of each boundary is one error family (docs/architecture.md, "Errors"):
 
     frames  peer bytes -> PeerConnection / FrameDecoder: only ProtocolError. Whatever
             decodes must encode back to the very same bytes (one encoding per message).

@@ -94,19 +94,29 @@ def run_target(name: str, seconds: int, artifacts: str) -> tuple[str, str]:
     return "failed", f"exit status {rc}; log {log_path}:\n    {tail}"
 
 
+def artifacts_dir(requested: str | None) -> str:
+    """Where logs and crash inputs go: the directory asked for (created if missing), or a
+    new private temporary directory, so two runs (or two users) never share or clobber
+    each other's files through a fixed path."""
+    if requested:
+        os.makedirs(requested, exist_ok=True)
+        return requested
+    return tempfile.mkdtemp(prefix="walstore-fuzz-")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m walstore.fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=60, help="total fuzzing time (default 60)")
     parser.add_argument("--target", choices=TARGET_NAMES, help="one target (default: all)")
-    parser.add_argument("--artifacts", help="where logs and crash inputs go (default: a temp directory)")
+    parser.add_argument("--artifacts", help="where logs and crash inputs go (default: a new temp directory)")
     parser.add_argument("--child", choices=TARGET_NAMES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.seconds < 1:
         parser.error("--seconds must be at least 1")
-    artifacts = args.artifacts or os.path.join(tempfile.gettempdir(), "walstore-fuzz")
-    os.makedirs(artifacts, exist_ok=True)
     if args.child:
-        run_child(args.child, args.seconds, artifacts)
+        # A child always gets --artifacts from its parent: every target of one run shares it.
+        run_child(args.child, args.seconds, artifacts_dir(args.artifacts))
+    artifacts = artifacts_dir(args.artifacts)
 
     targets = [args.target] if args.target else list(TARGET_NAMES)
     deadline = time.monotonic() + args.seconds
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         status, detail = run_target(name, share, artifacts)
         print(f"{name}: {status} ({detail})", flush=True)
         failed = failed or status == "failed"
+    print(f"logs and crash inputs: {artifacts}", flush=True)
     return 1 if failed else 0
 
 

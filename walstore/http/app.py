@@ -25,6 +25,7 @@ GET /health/ready         200 when ready (has a leader, caught up, its disk neit
                           full, failed nor slow), else 503 with ``reasons``; 503
                           ``shutting_down`` (the error shape) while the node drains
 GET /metrics              Prometheus text
+GET /openapi.json         this API's OpenAPI 3.1 description (docs/openapi.yaml)
 ========================  =========================================================
 
 ``ProbeApp`` serves only the health paths and ``/metrics`` (anything else is 404) for the
@@ -52,6 +53,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Set
 from functools import partial
+from importlib.resources import files
 from typing import Final
 
 import orjson
@@ -198,6 +200,7 @@ class HttpApp:
             "/health/live": ("/health/live", {get: self._live}),
             "/health/ready": ("/health/ready", {get: self._ready}),
             "/metrics": ("/metrics", {get: self._metrics}),
+            "/openapi.json": ("/openapi.json", {get: self._openapi}),
         }
         self._aggregate_route: tuple[str, dict[str, Handler]] = (
             _AGGREGATE_ROUTE,
@@ -379,6 +382,15 @@ class HttpApp:
         # a burst of scrapes cannot crowd the loop out of the GIL.
         body = await trio.to_thread.run_sync(self.metrics.render, state, limiter=self._render_limiter)
         return Response(200, body, content_type=_METRICS_CONTENT_TYPE)
+
+    async def _openapi(self, request: Request) -> Response:
+        return Response(200, _openapi_document())
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    # docs/openapi.yaml as JSON (`make openapi`), shipped inside the package.
+    return files("walstore.http").joinpath("openapi.json").read_bytes()
 
 
 async def _not_found(request: Request) -> Response:

@@ -5,7 +5,8 @@
 byte length and that many bytes of UTF-8, and ``rest`` is every byte to the end of the
 payload (the WAL record bytes of APPEND / FETCH_RESULT, the JSON of FORWARD*):
 
-    HELLO          u16 protocol_version, u64 epoch, str cluster_id, str node_id
+    HELLO          u16 protocol_version, u64 epoch, str cluster_id, str node_id,
+                   str incarnation (from version 2; <= 32 bytes, empty or 32 hex digits)
     PREPARE        u64 epoch, str leader_id
     PROMISE        u64 epoch, bool ok, u64 promised_epoch, u64 last_epoch, u64 last_index,
                    u64 commit_index, u32 n, n x (u64 epoch, u64 first_index)
@@ -206,7 +207,7 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Prepare:
-    """A new leader of ``epoch`` asks for a promise (takeover, DESIGN.md step 2)."""
+    """A new leader of ``epoch`` asks for a promise (docs/protocol.md, "Takeover")."""
 
     TYPE: ClassVar[FrameType] = FrameType.PREPARE
     epoch: int

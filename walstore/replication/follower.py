@@ -1,6 +1,6 @@
 """The follower side: answer a leader's PREPARE, APPEND and FETCH on one connection.
 
-Rules (DESIGN.md "Replication and leadership"):
+Rules (docs/protocol.md, "Replication"):
 
 * Epoch fencing. A frame whose epoch is below our promised epoch is refused with our
   promised epoch in the answer. A *higher* epoch is accepted only when the election

@@ -15,7 +15,7 @@ to what it has matched on that link (see follower.py), so it needs no log-matchi
 of its own; liveness and quorum still come from the answers to APPENDs, and an idle link
 still gets an empty APPEND every ``heartbeat_s``.
 
-Commit rule (DESIGN.md 4): the highest index held durably by a majority of voters (the
+Commit rule (docs/protocol.md, "Commit"): the highest index held durably by a majority of voters (the
 leader's own durable index counts; a learner's acknowledgements do not, see
 ``walstore.election.membership``) that is at or after this epoch's EPOCH_START entry;
 everything before a committed entry of the current epoch is committed with it.
@@ -48,9 +48,7 @@ WINDOW = 8  # APPEND frames in flight per follower while it catches up
 # entries wait (a follower catching up). Under client load, one frame in flight means the
 # batches that arrive during a follower's fsync travel as one frame, not one frame each:
 # every frame costs both sides a wake-up, a decode and an answer, and the follower syncs
-# what has arrived in one round either way. 3 nodes, 16 connections: ~7 -> ~10 client
-# batches a frame; ~1,250 -> ~1,600-2,150 writes/s (64 connections: ~2,200-2,650 ->
-# ~2,850-3,400), alternating A/B runs.
+# what has arrived in one round either way (measured: docs/performance-notes.md).
 PIPELINE_MIN_ENTRIES = 1024
 MAX_APPEND_BYTES = min(4 << 20, MAX_APPEND_ENTRIES_BYTES)  # per frame; bounds follower memory
 TAIL_CACHE_BYTES = 64 << 20  # recent batches kept in memory for followers

@@ -1,6 +1,6 @@
 """One node's part in the cluster: the role state machine and everything it starts.
 
-Roles and transitions, in one place (STYLE.md 5):
+Roles and transitions, in one place (docs/architecture.md, "State machines"):
 
     FOLLOWER  --campaign won------------------->  TAKEOVER
     TAKEOVER  --majority promised, log adopted->  LEADER (writable once EPOCH_START commits)

@@ -8,32 +8,18 @@ epoch; the C part drops the GIL, so the event loop keeps going) and hands them t
 new batches queue up for the next round, so the cost of an fsync is shared by everyone who
 arrived during the last one. Outcomes go back to the event loop with ``run_sync_soon``.
 
-Why a thread of our own rather than ``trio.to_thread.run_sync`` per round: a round used to
-wait for the writer task to be scheduled, for to_thread's checkpoint, for the thread to
-start, and after the fsync for the loop to resume the writer task before the next round
-could begin. In a 3-node cluster at 16 connections that was ~1.0 ms before and ~0.5-1.1
-ms after each ~1 ms write+fdatasync (measured per round on each node). This thread is
-woken straight from ``submit`` (a plain lock), and starts the next round as soon as the
-loop has handled the last one's outcome (one ``run_sync_soon`` callback), not a task
-switch and a to_thread later. Not sooner: starting it the moment the fsync returned halved
-the rounds' size under load, and the per-round costs (in the loop and in fighting for the
-GIL) took 20 % off a single node at 64 connections; waiting for the loop also keeps a
-DiskFullError's rollback ahead of any later write. Alternating A/B runs against
-to_thread: single node, 1 connection ~775 -> ~900 writes/s (median of 4); 3 nodes, 16
-connections ~1,630 -> ~1,930 (median of 3); single node, 64 connections no better and
-perhaps 5-15 % worse (~30 us more CPU a write, not explained yet: rounds are as frequent,
-~26 instead of ~31 events each).
+Why a thread of our own rather than ``trio.to_thread.run_sync`` per round: ``submit``
+wakes this thread directly (a plain lock), and the next round starts as soon as the event
+loop has handled the last round's outcome (one ``run_sync_soon`` callback), not after a
+task switch and a to_thread start. Not sooner: a round started the moment the fsync
+returns is smaller, and the per-round costs outweigh the earlier start; waiting for the
+loop also keeps a DiskFullError's rollback ahead of any later write. The measurements
+behind these choices are in docs/performance-notes.md.
 
 A leader ships ``pending.data`` to its followers while its own fsync runs: that encodes
 the batch alone on first use (same bytes, as index and epoch are fixed at submit), and the
 round then writes those bytes rather than encoding the batch again (whichever the thread
 sees: both are the same bytes).
-
-Cost (256 trio tasks each appending one 300-byte event and awaiting it; Python 3.11):
-~43k instructions per append, of which ~25k are trio's own park/reschedule/resume of
-the waiting task (no writer design avoids that), ~9.5k are submit (PendingAppend alone
-~3k) and ~7k the round's share (take, encode, write); before rounds were encoded at once
-and waiters parked without a trio.Event each it was ~79k.
 
 Failures:
 
@@ -100,7 +86,7 @@ class PendingAppend:
     """
 
     # Slots and the parked task itself instead of a trio.Event (an Event, its ParkingLot and
-    # that lot's dict per append): part of the 79k -> 43k instructions per append above.
+    # that lot's dict per append): this object is made once per append.
     # The usual single waiter is kept in _waiter; _more holds any others (a leader's
     # durability watcher waits on the same batch as the client that submitted it).
     __slots__ = (
@@ -332,8 +318,8 @@ class GroupCommitWriter:
         first = self._submitted_index + 1
         nbytes = 0
         if len(entries) == 1 and 0 < epoch < _U64 and first < _U64:
-            # encoded_size's checks for one entry, inline: encoded_size costs ~3.9k
-            # instructions a call (of ~43k per append). Anything unusual falls through to
+            # encoded_size's checks for one entry, inline: a call of it is a noticeable share
+            # of an append's cost (docs/performance-notes.md). Anything unusual falls through to
             # it for the checks and their error messages.
             kind, flags, body = entries[0]
             n = len(body)
