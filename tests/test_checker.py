@@ -419,7 +419,7 @@ def test_complete_nodes_must_have_logs() -> None:
 
 
 def test_twenty_thousand_operations_check_clean() -> None:
-    """A history of TESTING.md's size checks clean. Its speed is printed, not asserted: a
+    """A history of 20,000 appends and reads checks clean. Its speed is printed, not asserted: a
     timed assertion in a test fails on a loaded machine (it did, at 1.07 s of CPU against a
     1 s line, in a full run beside other work), and speed is the benchmarks' job."""
     history, logs = simulate(20_000, seed=21)
