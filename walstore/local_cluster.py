@@ -57,6 +57,7 @@ from walstore.election.etcd_process import (
     EtcdMember,
     find_etcd_binary,
     free_ports,
+    stop_child,
 )
 from walstore.errors import ConfigError, ElectionError, WalstoreError
 
@@ -292,15 +293,9 @@ def running(process: subprocess.Popen[bytes]) -> Callable[[], bool]:
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM our child (by its Popen handle), SIGKILL after ``timeout_s``, then reap it."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.send_signal(signal.SIGCONT)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """SIGTERM our child (by its Popen handle), SIGKILL after ``timeout_s``, then reap it:
+    etcd_process.stop_child with a node's longer timeout (a node drains before it exits)."""
+    stop_child(process, timeout_s)
 
 
 # -- DIR/cluster.json ------------------------------------------------------------------------

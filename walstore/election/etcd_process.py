@@ -54,6 +54,19 @@ _HEALTH_REQUEST_TIMEOUT_S = 0.25
 _LOG_TAIL_BYTES = 2000
 
 
+def stop_child(process: subprocess.Popen[bytes], timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+    """SIGTERM our child (by its Popen handle; a SIGSTOPped one is continued so that it sees
+    it), SIGKILL if it has not exited within ``timeout_s``, then reap it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGCONT)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def find_etcd_binary(explicit: str | None = None) -> str:
     """The etcd server executable: ``explicit``, else ``$WALSTORE_ETCD_BINARY``, else ``etcd``
     on PATH, else Debian's ``/usr/bin/etcd``. ConfigError if it is not an executable file
@@ -237,14 +250,7 @@ class EtcdMember:
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.send_signal(signal.SIGCONT)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process, timeout_s)
         self._process = None
 
     def kill(self) -> None:
