@@ -134,7 +134,8 @@ class Forwarder:
         self._channel: PeerChannel | None = None
         self._channel_peer: str | None = None
         self._channel_epoch = 0  # our promised epoch when the channel was opened
-        self._waiting: dict[int, tuple[trio.Event, list[ForwardResult]]] = {}
+        # request id -> (set when answered or its connection ended, the answer, that connection)
+        self._waiting: dict[int, tuple[trio.Event, list[ForwardResult], PeerChannel]] = {}
         self._connect_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -166,7 +167,7 @@ class Forwarder:
             raise UnavailableError(f"no connection to leader {leader.node_id} within {connect_s:g}s", code="no_leader")
         request_id = next(self._ids)
         done, box = trio.Event(), list[ForwardResult]()
-        self._waiting[request_id] = (done, box)
+        self._waiting[request_id] = (done, box, channel)
         sent = False
         try:
             with trio.move_on_at(deadline):
@@ -210,7 +211,7 @@ class Forwarder:
             while True:
                 message = await channel.receive()
                 if isinstance(message, ForwardResult) and message.request_id in self._waiting:
-                    done, box = self._waiting[message.request_id]
+                    done, box, _ = self._waiting[message.request_id]
                     box.append(message)
                     done.set()
         except (PeerClosed, WalstoreError) as exc:
@@ -218,9 +219,11 @@ class Forwarder:
         finally:
             if self._channel is channel:
                 self._channel = None
-            # Wake everyone who waited on this connection: their outcome is unknown.
-            for done, _ in list(self._waiting.values()):
-                done.set()
+            # Wake everyone who waited on this connection (their outcome is unknown), and
+            # only them: a request sent on a newer connection may still get its answer.
+            for done, _, sent_on in list(self._waiting.values()):
+                if sent_on is channel:
+                    done.set()
             await channel.aclose()
 
     async def _drop(self) -> None:
