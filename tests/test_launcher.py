@@ -1,4 +1,4 @@
-"""The one launcher (walstore.local_cluster) that `cluster up` and the fault harness share:
+"""The one launcher (walstore.launcher) that `cluster up` and the fault harness share:
 a node's environment never inherits the caller's walstore settings, overrides win, the log
 gets a banner before each start's output, and a lost port race is recognised from the
 words `walstore serve` prints."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from walstore.local_cluster import lost_port_race, node_env, spawn_server, stop_process, wait_live
+from walstore.launcher import lost_port_race, node_env, spawn_server, stop_process, wait_live
 
 
 def test_node_env_drops_the_callers_walstore_settings_and_overrides_win(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ while C->B still works. Peer connections are used one way round (the dialler sen
 requests, the other side answers on the same connection), so the A->B link carries
 everything A asks of B; cutting both A->B and B->A separates the two completely.
 
-How a node is configured, started, waited for and recognised is ``walstore.local_cluster``'s
-launcher, shared with ``walstore cluster up``; this module adds what only tests need
-(proxies, pauses, crash accounting, log reading).
+How a node is configured, started, waited for and stopped is the one launcher,
+``walstore.launcher``, shared with ``walstore cluster up`` and the benchmarks; this module
+adds what only tests need (proxies, pauses, crash accounting, log reading).
 
 Blocking (subprocess, threads): from a trio test, call it via ``trio.to_thread.run_sync``.
 """
@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 import pytest
 
-from walstore import local_cluster as launcher
+from walstore import launcher
 from walstore.config import ENV_VARS
 from walstore.election.etcd_process import EtcdCluster, free_ports
 from walstore.errors import ConfigError, StorageError, ValidationError
