@@ -85,6 +85,7 @@ class ProcessRecord:
 
     @classmethod
     def of(cls, pid: int) -> ProcessRecord:
+        """The record of a process we just started; LaunchError if it is already gone."""
         ticks = process_start_ticks(pid)
         if ticks is None:
             raise LaunchError(f"process {pid} exited as soon as it started")
@@ -92,10 +93,12 @@ class ProcessRecord:
 
     @property
     def alive(self) -> bool:
+        """The pid still names this process: running (or paused), not exited, not reused."""
         return process_start_ticks(self.pid) == self.start_ticks
 
     @property
     def paused(self) -> bool:
+        """Alive and stopped by SIGSTOP (``cluster ps`` shows it as paused)."""
         return self.alive and process_state(self.pid) in ("T", "t")
 
     def signal(self, sig: int) -> bool:
@@ -109,6 +112,7 @@ class ProcessRecord:
         return True
 
     def wait_gone(self, timeout_s: float) -> bool:
+        """Until it has exited; False if it still runs after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while self.alive:
             if time.monotonic() > deadline:
@@ -125,6 +129,7 @@ class ProcessRecord:
                 self.wait_gone(timeout_s)
 
     def to_json(self) -> dict[str, int]:
+        """As cluster.json keeps it (``local_cluster.record_of`` reads it back)."""
         return {"pid": self.pid, "start_ticks": self.start_ticks}
 
 
@@ -208,6 +213,7 @@ def spawn_server(
 
 
 def log_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> str:
+    """The last ``n_bytes`` of a log, for an error message; empty if it cannot be read."""
     try:
         with open(path, "rb") as log:
             log.seek(max(0, log.seek(0, os.SEEK_END) - n_bytes))

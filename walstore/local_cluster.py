@@ -85,10 +85,12 @@ class ClusterDescriptionError(ClusterError):
 
 
 def description_path(directory: Path) -> Path:
+    """Where the cluster in ``directory`` is described."""
     return directory / "cluster.json"
 
 
 def read_description(directory: Path) -> dict[str, Any]:
+    """cluster.json, checked for shape and version; ClusterDescriptionError says what is wrong."""
     path = description_path(directory)
     try:
         data = json.loads(path.read_text())
@@ -127,6 +129,7 @@ def locked(directory: Path) -> Iterator[None]:
 
 
 def record_of(entry: Mapping[str, Any]) -> ProcessRecord | None:
+    """The process a cluster.json entry names, or None if it names none (never started)."""
     pid, ticks = entry.get("pid"), entry.get("start_ticks")
     return ProcessRecord(int(pid), int(ticks)) if isinstance(pid, int) and isinstance(ticks, int) else None
 

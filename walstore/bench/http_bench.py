@@ -183,12 +183,15 @@ class WalstoreNodeProcess:
         self._process = launcher.spawn_server(env, self.log_path, command=argv)
 
     def log_tail(self) -> str:
+        """The end of this node's log, for a BenchError."""
         return launcher.log_tail(self.log_path, _LOG_TAIL_BYTES)
 
     def lost_port_race(self) -> bool:
+        """It exited because another process took its port: the start is retried."""
         return not self.running and launcher.lost_port_race(self.log_path)
 
     def check_running(self) -> None:
+        """BenchError with its exit code and log tail if it has exited."""
         if not self.running:
             code = None if self._process is None else self._process.returncode
             raise BenchError(f"walstore {self.node_id}", f"exited with code {code}", self.log_tail())
