@@ -10,6 +10,16 @@
 # Every Python package, the build tools included, comes at the version pinned in
 # constraints.txt (tests/test_package.py checks the pins cover every dependency and that
 # each pip command here uses them), so the same commit builds the same image.
+#
+# The base image should be pinned by digest, so that a rebuild gets the very same Debian
+# and CPython bytes (tests/test_k8s_manifests.py expects it and fails once it is). It is
+# pinned by tag only for now: the digest has to be read from the registry, and the machine
+# this was written on could not reach Docker Hub. Where it can, read the digest of the
+# multi-arch index and put it here, tag kept for readers:
+#   docker buildx imagetools inspect python:3.11-slim-bookworm   (the "Digest:" line)
+#   or: docker pull python:3.11-slim-bookworm && docker images --digests python
+# ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<that digest>
+# A build can pin it without an edit: docker build --build-arg PYTHON_IMAGE=...@sha256:...
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

@@ -1,17 +1,16 @@
 """One ``walstore serve`` process for tests that need a live node from the outside: the
 installed-package smoke test runs the ``walstore`` script of a fresh venv, the schemathesis
-run drives the dev install. Ports come from the OS; the process is stopped by its pid."""
+run drives the dev install. Ports come from the OS; the process is started, waited for and
+stopped (by its pid) by the one launcher, ``walstore.launcher``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from walstore.client import WalstoreClient
+from walstore import launcher
 from walstore.election.etcd_process import free_ports
 
 
@@ -31,45 +30,32 @@ class ServedNode:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
+        """Start it through the one launcher (``walstore.launcher``) and wait until ready."""
         http_port, peer_port = free_ports(2)
         self.port = http_port
-        env = dict(
-            self.env if self.env is not None else os.environ,
-            NODE_ID="solo",
-            HTTP_HOST="127.0.0.1",
-            HTTP_PORT=str(http_port),
-            PEER_HOST="127.0.0.1",
-            PEER_PORT=str(peer_port),
-            DATA_DIR=str(self.workdir / "data"),
-            SEGMENT_SIZE_BYTES=str(1 << 20),
+        env = launcher.node_env(
+            node_id="solo",
+            http_port=http_port,
+            peer_port=peer_port,
+            peers="",
+            data_dir=self.workdir / "data",
+            overrides={"SEGMENT_SIZE_BYTES": str(1 << 20)},
+            base=self.env,
         )
-        with self.log_path.open("ab") as log:
-            # cwd is the test's own directory, so no source tree can shadow what is installed
-            self.proc = subprocess.Popen(self.command, env=env, cwd=self.workdir, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.command} exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                with WalstoreClient(self.url, timeout_s=1) as client:
-                    if client.request("GET", "/health/ready", check=False).status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"not ready within {timeout_s} s:\n{self.log_path.read_text()}")
+        # cwd is the test's own directory, so no source tree can shadow what is installed
+        self.proc = launcher.spawn_server(env, self.log_path, command=self.command, cwd=self.workdir)
+        try:
+            launcher.wait_live(
+                http_port, launcher.running(self.proc), timeout_s, self.log_path.read_text, path="/health/ready"
+            )
+        except TimeoutError as e:
+            raise AssertionError(f"{self.command}: {e}") from None
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after 10 s; the exit status (None if never started)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        launcher.stop_process(self.proc, 10)
         return self.proc.returncode
 
     def __enter__(self) -> ServedNode:

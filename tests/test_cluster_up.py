@@ -211,7 +211,7 @@ def test_up_on_another_shape_or_a_foreign_dir_says_why(tmp_path: Path) -> None:
 
 
 def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
-    from walstore.local_cluster import ProcessRecord, process_start_ticks
+    from walstore.launcher import ProcessRecord, process_start_ticks
 
     sleeper = subprocess.Popen(["sleep", "30"])
     try:

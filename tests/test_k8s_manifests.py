@@ -575,6 +575,27 @@ def _makefile_install_command() -> str:
     return lines[0]
 
 
+# The tag, and the digest that pins it (sha256 of the image index, 64 hex digits) once known.
+BASE_IMAGE = re.compile(r"python:3\.11-slim-bookworm(?P<digest>@sha256:[0-9a-f]{64})?")
+
+
+def test_every_stage_starts_from_the_one_base_image_argument() -> None:
+    # One ARG names the base, so a digest pinned there (or passed as --build-arg) pins
+    # every stage; a FROM with an image of its own would escape it.
+    froms = [line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.upper().startswith("FROM ")]
+    assert froms and set(froms) == {"${PYTHON_IMAGE}"}, froms
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not pinned yet: Docker Hub was unreachable where the Dockerfile was last edited "
+    "(see the comment above its PYTHON_IMAGE); pin it and remove this mark",
+)
+def test_the_base_image_is_pinned_by_digest() -> None:
+    match = BASE_IMAGE.fullmatch(_stages()[0].base)
+    assert match is not None and match["digest"], "the base image is pinned by tag only"
+
+
 def test_dockerfile_parser_joins_continuations_and_splits_stages() -> None:
     stages = parse_dockerfile(
         "# syntax=docker/dockerfile:1\nARG BASE=img:1\nFROM ${BASE} AS build\n"
@@ -590,7 +611,8 @@ def test_dockerfile_builds_in_one_stage_and_runs_from_another_on_the_same_base()
     assert len(stages) >= 2
     build, final = stages[0], stages[-1]
     assert build.name
-    assert build.base == final.base == "python:3.11-slim-bookworm"
+    assert build.base == final.base
+    assert BASE_IMAGE.fullmatch(build.base), build.base
     installs = " ".join(build.all("RUN"))
     assert "gcc" in installs and "libc6-dev" in installs
     # The runtime stage takes the built virtualenv and installs no toolchain of its own.

@@ -1,14 +1,17 @@
-"""The one launcher (walstore.local_cluster) that `cluster up` and the fault harness share:
-a node's environment never inherits the caller's walstore settings, overrides win, the log
-gets a banner before each start's output, and a lost port race is recognised from the
-words `walstore serve` prints."""
+"""The one launcher (walstore.launcher) that `cluster up`, the benchmarks and the fault
+harness share: a node's environment never inherits the caller's walstore settings,
+overrides win, the log gets a banner before each start's output, a lost port race is
+recognised from the words `walstore serve` prints, and no other module of walstore/
+starts a server process of its own."""
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
-from walstore.local_cluster import lost_port_race, node_env, spawn_server, stop_process, wait_live
+import walstore
+from walstore.launcher import lost_port_race, node_env, spawn_server, stop_process, wait_live
 
 
 def test_node_env_drops_the_callers_walstore_settings_and_overrides_win(tmp_path: Path) -> None:
@@ -57,3 +60,24 @@ def test_spawn_writes_a_banner_then_the_output_and_a_dead_node_is_reported(tmp_p
         stop_process(proc)
     assert log.read_text().splitlines()[0] == "=== start #1 ==="
     assert lost_port_race(log)
+
+
+def _popen_callers_and_launcher_imports() -> tuple[set[str], set[str]]:
+    """(modules of walstore/ that call subprocess.Popen, walstore modules launcher.py imports)."""
+    package = Path(walstore.__file__).parent
+    callers: set[str] = set()
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "Popen":
+                callers.add(path.relative_to(package).as_posix())
+    launcher_tree = ast.parse((package / "launcher.py").read_text())
+    imported = {n.module for n in ast.walk(launcher_tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return callers, {m for m in imported if m.startswith("walstore")}
+
+
+def test_only_the_launchers_start_server_processes() -> None:
+    callers, launcher_imports = _popen_callers_and_launcher_imports()
+    # walstore nodes, etcd members, and the benchmarks' PostgreSQL: nothing else starts servers.
+    assert callers == {"launcher.py", "election/etcd_process.py", "bench/peers.py"}
+    assert not launcher_imports & {"walstore.local_cluster", "walstore.bench", "walstore.bench.http_bench"}

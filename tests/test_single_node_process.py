@@ -8,7 +8,6 @@ at start-up, refusal to start on mid-log corruption (naming file and offset, lik
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from walstore import launcher
 from walstore.client import ClientError, WalstoreClient
 from walstore.election.etcd_process import free_ports
 
@@ -34,34 +34,28 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True, segment_size: int = 1 << 20) -> None:
-        self.port = free_ports(1)[0]
-        env = dict(
-            os.environ,
-            NODE_ID="solo",
-            HTTP_HOST="127.0.0.1",
-            HTTP_PORT=str(self.port),
-            DATA_DIR=str(self.data_dir),
-            SEGMENT_SIZE_BYTES=str(segment_size),
+        """Start ``walstore serve`` through the one launcher (``walstore.launcher``)."""
+        self.port, peer_port = free_ports(2)
+        env = launcher.node_env(
+            node_id="solo",
+            http_port=self.port,
+            peer_port=peer_port,
+            peers="",
+            data_dir=self.data_dir,
+            overrides={"SEGMENT_SIZE_BYTES": str(segment_size)},
         )
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "walstore", "serve"], env=env, stdout=log, stderr=log)
+        self.proc = launcher.spawn_server(env, self.log_path)
         if wait:
             self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                with WalstoreClient(self.url, timeout_s=1) as c:
-                    if c.request("GET", "/health/ready", check=False).status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready:\n{self.log_path.read_text()}")
+        assert self.proc is not None
+        try:
+            launcher.wait_live(
+                self.port, launcher.running(self.proc), timeout_s, self.log_path.read_text, path="/health/ready"
+            )
+        except TimeoutError as e:
+            raise AssertionError(f"server not ready: {e}") from None
 
     @property
     def url(self) -> str:

@@ -732,11 +732,11 @@ def _cluster_errors(fn: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> None:
         from walstore.errors import ConfigError, ElectionError
-        from walstore.local_cluster import ClusterError
+        from walstore.launcher import LaunchError  # ClusterError is one
 
         try:
             fn(*args, **kwargs)
-        except (ClusterError, ConfigError, ElectionError) as e:
+        except (LaunchError, ConfigError, ElectionError) as e:
             fail(str(e).splitlines()[0])
 
     return wrapper

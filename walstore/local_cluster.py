@@ -1,16 +1,11 @@
-"""Local walstore processes: the one launcher, and ``walstore cluster`` on top of it.
+"""``walstore cluster up|ps|stop|kill|start|restart --dir DIR``: a local cluster and its
+description, DIR/cluster.json.
 
-Two layers, one module:
-
-* **The launcher** (``node_env``, ``spawn_server``, ``wait_live``, ``stop_process``,
-  ``ProcessRecord``): how a ``walstore serve`` process is configured, started, waited for,
-  stopped, and recognised again by pid. ``walstore cluster`` uses it and so does the fault
-  tests' ``ProcessCluster`` (tests/harness/cluster.py), so a fix to how nodes start reaches
-  both. (The benchmarks' ``WalstoreServers`` in ``walstore/bench/http_bench.py`` still has
-  its own copy.)
-* **``LocalCluster``** behind ``walstore cluster up|ps|stop|kill|start|restart --dir DIR``:
-  one etcd (Debian's ``etcd`` from PATH, unless ``--etcd-endpoints`` names an existing one)
-  and N nodes on free loopback ports, described in ``DIR/cluster.json``.
+``LocalCluster`` runs one etcd (Debian's ``etcd`` from PATH, unless ``--etcd-endpoints``
+names an existing one) and N nodes on free loopback ports, and writes down every process
+it started. Each process is started, waited for and stopped by the one launcher,
+``walstore.launcher`` (nodes) and ``walstore.election.etcd_process`` (etcd); this module
+decides which processes a cluster has, where they live, and what cluster.json says.
 
 Layout of ``DIR``::
 
@@ -21,8 +16,8 @@ Layout of ``DIR``::
     node-<i>.log      each node's stdout and stderr, appended on every start
 
 Only processes this cluster started are ever signalled, by pid, and only after checking
-that the pid still names that process: its start time (``/proc/PID/stat`` field 22) must be
-the one recorded when it was started. A pid reused by another program is left alone.
+that the pid still names that process (``launcher.ProcessRecord``: its start time must be
+the one recorded when it was started). A pid reused by another program is left alone.
 
 ``cluster up`` supervises: a node that exits is reported and the others keep running, so
 a failover can be watched; ``cluster start NODE`` brings it back on its old ports (the
@@ -39,15 +34,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-import orjson
 
 from walstore.config import ENV_VARS
 from walstore.election.etcd_process import (
@@ -57,25 +48,32 @@ from walstore.election.etcd_process import (
     EtcdMember,
     find_etcd_binary,
     free_ports,
-    stop_child,
 )
-from walstore.errors import ConfigError, ElectionError, WalstoreError
+from walstore.errors import ConfigError, ElectionError
+from walstore.launcher import (
+    HOST,
+    READY_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    LaunchError,
+    ProcessRecord,
+    http_answer,
+    lost_port_race,
+    node_env,
+    running,
+    spawn_server,
+    stop_process,
+    stop_processes,
+    wait_live,
+)
 
-HOST = "127.0.0.1"
-# Python start-up, WAL recovery and an etcd session on a loaded 2-core machine.
-READY_TIMEOUT_S = 30.0
-# A node finishes its in-flight batch on SIGTERM (its SHUTDOWN_GRACE_S is 5 s); then SIGKILL.
-STOP_TIMEOUT_S = 8.0
-POLL_INTERVAL_S = 0.05
 SUPERVISE_INTERVAL_S = 0.2
 PORT_RACE_ATTEMPTS = 4
-LOG_TAIL_BYTES = 4000
 DESCRIPTION_VERSION = 1
 # The node ids `cluster up` gives, in order.
 NODE_PREFIX = "node-"
 
 
-class ClusterError(WalstoreError):
+class ClusterError(LaunchError):
     """A ``walstore cluster`` request that cannot be done, saying why (one line)."""
 
 
@@ -83,229 +81,16 @@ class ClusterDescriptionError(ClusterError):
     """DIR/cluster.json is missing, unreadable, or describes another shape of cluster."""
 
 
-# -- processes by pid ------------------------------------------------------------------------
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None if no live process has
-    that pid (a zombie counts as gone: it has exited, only its parent has not reaped it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may itself contain ") ".
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def process_state(pid: int) -> str | None:
-    """``R``/``S``/``D``/``T`` (stopped)...; None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[0]
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessRecord:
-    """A process we started, as written down: its pid and when it started. Signalling goes
-    through here so that a pid the kernel has since given to another program is never hit."""
-
-    pid: int
-    start_ticks: int
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessRecord:
-        ticks = process_start_ticks(pid)
-        if ticks is None:
-            raise ClusterError(f"process {pid} exited as soon as it started")
-        return cls(pid, ticks)
-
-    @property
-    def alive(self) -> bool:
-        return process_start_ticks(self.pid) == self.start_ticks
-
-    @property
-    def paused(self) -> bool:
-        return self.alive and process_state(self.pid) in ("T", "t")
-
-    def signal(self, sig: int) -> bool:
-        """Send ``sig`` if this is still our process; False if it is gone."""
-        if not self.alive:
-            return False
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def wait_gone(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while self.alive:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_INTERVAL_S)
-        return True
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM (and SIGCONT, so a paused process sees it); SIGKILL after ``timeout_s``."""
-        if self.signal(signal.SIGTERM):
-            self.signal(signal.SIGCONT)
-            if not self.wait_gone(timeout_s):
-                self.signal(signal.SIGKILL)
-                self.wait_gone(timeout_s)
-
-    def to_json(self) -> dict[str, int]:
-        return {"pid": self.pid, "start_ticks": self.start_ticks}
-
-
-# -- the launcher ----------------------------------------------------------------------------
-
-
-def node_env(
-    *,
-    node_id: str,
-    http_port: int,
-    peer_port: int,
-    peers: str,
-    data_dir: Path,
-    cluster_id: str,
-    etcd_endpoints: Sequence[str],
-    lease_ttl_s: float,
-    overrides: Mapping[str, str] | None = None,
-    base: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The environment of one ``walstore serve`` on loopback. The caller's own walstore
-    settings (NODE_ID, PEERS, ...) are dropped first: a node must never pick up the shell's
-    idea of which cluster it is in. ``overrides`` win over everything here."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in ENV_VARS}
-    env.update(
-        NODE_ID=node_id,
-        HTTP_HOST=HOST,
-        HTTP_PORT=str(http_port),
-        PEER_HOST=HOST,
-        PEER_PORT=str(peer_port),
-        PEERS=peers,
-        DATA_DIR=str(data_dir),
-        CLUSTER_ID=cluster_id,
-        LEASE_TTL_S=str(lease_ttl_s),
-        # Log lines reach the file as they happen, not when a buffer fills (or never, on SIGKILL).
-        PYTHONUNBUFFERED="1",
-    )
-    if etcd_endpoints:
-        env["ETCD_ENDPOINTS"] = ",".join(etcd_endpoints)
-    env.update(overrides or {})
-    return env
-
-
-def server_command(prefix: Sequence[str] = ()) -> list[str]:
-    """argv of a node; ``prefix`` (e.g. ``env LD_PRELOAD=...``) must exec it, not fork it:
-    the pid we signal is the pid of the first program."""
-    return [*prefix, sys.executable, "-m", "walstore", "serve"]
-
-
-def spawn_server(
-    env: Mapping[str, str],
-    log_path: Path,
-    *,
-    prefix: Sequence[str] = (),
-    command: Sequence[str] | None = None,
-    banner: str | None = None,
-    new_session: bool = False,
-) -> subprocess.Popen[bytes]:
-    """Start one node, its output appended to ``log_path`` (after ``banner``, a line that
-    marks where this start's output begins). ``command`` replaces the whole argv (the
-    benchmarks' ``server_argv`` seam); ``new_session`` keeps a Ctrl-C in the shell that ran
-    ``walstore cluster start`` from reaching the node."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        if banner is not None:
-            log.write(f"{banner}\n".encode())
-            log.flush()
-        return subprocess.Popen(
-            list(command) if command is not None else server_command(prefix),
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=new_session,
-        )
-
-
-def log_tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - n_bytes))
-            return log.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def lost_port_race(log_path: Path) -> bool:
-    """The node's last words say another process took its port (``walstore serve`` prints
-    "address already in use" for that, whatever the errno's wording)."""
-    return "address already in use" in log_tail(log_path).lower()
-
-
-def http_answer(port: int, path: str, timeout_s: float = 1.0) -> tuple[int, Any] | None:
-    """(status, decoded JSON or None) of ``GET path`` on a loopback node, or None when it
-    does not answer in time."""
-    import http.client
-
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        raw = response.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-    try:
-        # orjson: the harness reads whole logs through here, page by page, and fast.
-        return response.status, orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        return response.status, None
-
-
-def wait_live(
-    port: int, running: Callable[[], bool], timeout_s: float, describe: Callable[[], str] = lambda: ""
-) -> None:
-    """Until the node on ``port`` answers /health/live. TimeoutError (with ``describe()``,
-    e.g. a log tail) if it exits first or takes longer than ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if not running():
-            raise TimeoutError(f"exited before serving HTTP; {describe()}")
-        answer = http_answer(port, "/health/live")
-        if answer is not None and answer[0] == 200:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"did not serve HTTP within {timeout_s}s; {describe()}")
-        time.sleep(POLL_INTERVAL_S)
-
-
-def running(process: subprocess.Popen[bytes]) -> Callable[[], bool]:
-    return lambda: process.poll() is None
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM our child (by its Popen handle), SIGKILL after ``timeout_s``, then reap it:
-    etcd_process.stop_child with a node's longer timeout (a node drains before it exits)."""
-    stop_child(process, timeout_s)
-
-
 # -- DIR/cluster.json ------------------------------------------------------------------------
 
 
 def description_path(directory: Path) -> Path:
+    """Where the cluster in ``directory`` is described."""
     return directory / "cluster.json"
 
 
 def read_description(directory: Path) -> dict[str, Any]:
+    """cluster.json, checked for shape and version; ClusterDescriptionError says what is wrong."""
     path = description_path(directory)
     try:
         data = json.loads(path.read_text())
@@ -344,6 +129,7 @@ def locked(directory: Path) -> Iterator[None]:
 
 
 def record_of(entry: Mapping[str, Any]) -> ProcessRecord | None:
+    """The process a cluster.json entry names, or None if it names none (never started)."""
     pid, ticks = entry.get("pid"), entry.get("start_ticks")
     return ProcessRecord(int(pid), int(ticks)) if isinstance(pid, int) and isinstance(ticks, int) else None
 
@@ -574,11 +360,7 @@ class LocalCluster:
     # -- stop ----------------------------------------------------------------------------------
 
     def _stop_nodes(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            stop_process(proc)
+        stop_processes(self.procs.values())
 
     def stop(self) -> None:
         """Stop every process of this cluster: our children, and any node ``cluster start``

@@ -19,9 +19,9 @@ while C->B still works. Peer connections are used one way round (the dialler sen
 requests, the other side answers on the same connection), so the A->B link carries
 everything A asks of B; cutting both A->B and B->A separates the two completely.
 
-How a node is configured, started, waited for and recognised is ``walstore.local_cluster``'s
-launcher, shared with ``walstore cluster up``; this module adds what only tests need
-(proxies, pauses, crash accounting, log reading).
+How a node is configured, started, waited for and stopped is the one launcher,
+``walstore.launcher``, shared with ``walstore cluster up`` and the benchmarks; this module
+adds what only tests need (proxies, pauses, crash accounting, log reading).
 
 Blocking (subprocess, threads): from a trio test, call it via ``trio.to_thread.run_sync``.
 """
@@ -43,9 +43,9 @@ from typing import Any
 import orjson
 import pytest
 
-from walstore import local_cluster as launcher
+from walstore import launcher
 from walstore.config import ENV_VARS
-from walstore.election.etcd_process import EtcdCluster, free_ports
+from walstore.election.etcd_process import EtcdCluster, free_ports, reap_child
 from walstore.errors import ConfigError, StorageError, ValidationError
 
 from .proxy import FaultProxy
@@ -250,18 +250,12 @@ class ProcessCluster:
 
     def _wait_http(self, node: NodeProcess, timeout_s: float) -> None:
         """Until the node answers /health/live. TimeoutError if it exits or takes too long."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if not node.running:
-                raise TimeoutError(f"{node.node_id} exited with code {node.exit_code}; log tail:\n{node.log_tail()}")
-            answer = launcher.http_answer(node.http_port, "/health/live", STATUS_TIMEOUT_S)
-            if answer is not None and answer[0] == 200:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{node.node_id} did not serve HTTP within {timeout_s}s; log tail:\n{node.log_tail()}"
-                )
-            time.sleep(POLL_INTERVAL_S)
+        launcher.wait_live(
+            node.http_port,
+            lambda: node.running,
+            timeout_s,
+            lambda: f"{node.node_id}, exit code {node.exit_code}; log tail:\n{node.log_tail()}",
+        )
 
     def stop_all(self) -> None:
         """Stop every node, proxy and etcd member this cluster started. Runs every step and
@@ -276,16 +270,11 @@ class ProcessCluster:
             raise errors[0]
 
     def _stop_nodes(self) -> None:
-        live = [node for node in self.nodes.values() if node.running]
         for node in self.nodes.values():
             node.expected_running = False
-        for node in live:
-            self._signal(node, signal.SIGTERM)
-            if node.paused:
-                self._signal(node, signal.SIGCONT)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for node in live:
-            self._reap(node, max(0.1, deadline - time.monotonic()))
+        launcher.stop_processes([n.process for n in self.nodes.values() if n.process is not None], STOP_TIMEOUT_S)
+        for node in self.nodes.values():
+            node.paused = False
 
     def _stop_proxies(self) -> None:
         for link in self.links.values():
@@ -391,14 +380,8 @@ class ProcessCluster:
             node.process.send_signal(sig)
 
     def _reap(self, node: NodeProcess, timeout_s: float) -> None:
-        process = node.process
-        if process is None:
-            return
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if node.process is not None:
+            reap_child(node.process, timeout_s)
         node.paused = False
 
     # -- etcd ---------------------------------------------------------------------------------

@@ -33,9 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -44,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from walstore import launcher
 from walstore.bench import peers
 from walstore.bench.report import Measurement, Row, print_table
 from walstore.bench.wal_bench import describe_filesystem
 from walstore.client import ClientError, WalstoreClient
-from walstore.config import ENV_VARS
 from walstore.election.etcd_process import EtcdCluster, free_ports
 from walstore.errors import BenchError, ConfigError
 
@@ -72,12 +70,7 @@ _SERVER_READY_TIMEOUT_S = 60.0
 _SERVER_STOP_TIMEOUT_S = 10.0  # node.py gives in-flight requests 5 s after SIGTERM
 _POLL_INTERVAL_S = 0.1
 _POPULATE_BATCH = 100
-_LOG_TAIL_CHARS = 3000
-
-
-def server_command() -> list[str]:
-    """``python -m walstore serve`` with this interpreter (so the venv's walstore runs)."""
-    return [sys.executable, "-m", "walstore", "serve"]
+_LOG_TAIL_BYTES = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +146,8 @@ def bench_event(aggregate_id: str) -> dict[str, Any]:
 
 
 class WalstoreNodeProcess:
-    """One ``walstore serve`` process on loopback ports chosen by the caller."""
+    """One ``walstore serve`` process on loopback ports chosen by the caller, started and
+    stopped by the one launcher (``walstore.launcher``) as ``walstore cluster up`` starts its."""
 
     def __init__(self, node_id: str, base_dir: Path, http_port: int, peer_port: int) -> None:
         self.node_id = node_id
@@ -165,55 +159,47 @@ class WalstoreNodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{peers.HOST}:{self.http_port}"
+        return f"http://{launcher.HOST}:{self.http_port}"
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def spawn(self, argv: Sequence[str], extra_env: dict[str, str]) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-        env.update(
-            NODE_ID=self.node_id,
-            HTTP_HOST=peers.HOST,
-            HTTP_PORT=str(self.http_port),
-            DATA_DIR=str(self.data_dir),
+    def spawn(
+        self, argv: Sequence[str], peers_text: str, etcd_endpoints: Sequence[str], cluster_id: str | None
+    ) -> None:
+        """Start it without waiting; ``peers_text`` empty (and no etcd) for a single node."""
+        env = launcher.node_env(
+            node_id=self.node_id,
+            http_port=self.http_port,
+            peer_port=self.peer_port,
+            peers=peers_text,
+            data_dir=self.data_dir,
+            cluster_id=cluster_id,
+            etcd_endpoints=etcd_endpoints,
             # per-request INFO lines would cost the server CPU the benchmark is measuring
-            LOG_LEVEL="WARNING",
-            **extra_env,
+            overrides={"LOG_LEVEL": "WARNING"},
         )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
+        self._process = launcher.spawn_server(env, self.log_path, command=argv)
 
     def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-_LOG_TAIL_CHARS:]
-        except OSError:
-            return ""
+        """The end of this node's log, for a BenchError."""
+        return launcher.log_tail(self.log_path, _LOG_TAIL_BYTES)
 
     def lost_port_race(self) -> bool:
-        return not self.running and "in use" in self.log_tail()
+        """It exited because another process took its port: the start is retried."""
+        return not self.running and launcher.lost_port_race(self.log_path)
 
     def check_running(self) -> None:
+        """BenchError with its exit code and log tail if it has exited."""
         if not self.running:
             code = None if self._process is None else self._process.returncode
             raise BenchError(f"walstore {self.node_id}", f"exited with code {code}", self.log_tail())
 
     def stop(self) -> None:
         """SIGTERM our process (by pid), SIGKILL if it outlives the grace period. Idempotent."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(_SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self._process is not None:
+            launcher.stop_process(self._process, _SERVER_STOP_TIMEOUT_S)
         self._process = None
 
 
@@ -235,7 +221,7 @@ class WalstoreServers:
         self.base_dir = base_dir
         self.size = size
         self.etcd_endpoints = tuple(etcd_endpoints)
-        self.argv = list(server_argv) if server_argv is not None else server_command()
+        self.argv = list(server_argv) if server_argv is not None else launcher.server_command()
         self.nodes: list[WalstoreNodeProcess] = []
         self.leader_url = ""
 
@@ -259,17 +245,13 @@ class WalstoreServers:
                     shutil.rmtree(node.data_dir, ignore_errors=True)
 
     def _spawn_all(self) -> None:
-        extra: dict[str, str] = {}
+        peers_text, cluster_id = "", None
         if self.size > 1:
-            extra = {
-                "PEERS": ",".join(f"{n.node_id}={peers.HOST}:{n.peer_port}" for n in self.nodes),
-                "PEER_HOST": peers.HOST,
-                "ETCD_ENDPOINTS": ",".join(self.etcd_endpoints),
-                # distinct per run: a leftover election key of an earlier run cannot matter
-                "CLUSTER_ID": f"bench-{uuid.uuid4().hex[:12]}",
-            }
+            peers_text = ",".join(f"{n.node_id}={launcher.HOST}:{n.peer_port}" for n in self.nodes)
+            # distinct per run: a leftover election key of an earlier run cannot matter
+            cluster_id = f"bench-{uuid.uuid4().hex[:12]}"
         for node in self.nodes:
-            node.spawn(self.argv, {**extra, "PEER_PORT": str(node.peer_port)})
+            node.spawn(self.argv, peers_text, self.etcd_endpoints, cluster_id)
 
     def _wait_leader(self) -> str:
         """Poll until some node says it leads, then until a write through it commits (the

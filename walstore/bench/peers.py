@@ -54,6 +54,7 @@ import orjson
 from walstore.bench.report import Measurement
 from walstore.election.etcd_process import EtcdCluster, free_ports
 from walstore.errors import BenchError, ConfigError
+from walstore.launcher import log_tail
 
 HOST = "127.0.0.1"
 BATCH_EVENTS = 100  # events per batch request / rows per batch transaction (the row)
@@ -119,15 +120,6 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float | None:
 
 def _tail(text: str) -> str:
     return text[-_OUTPUT_TAIL_CHARS:]
-
-
-def _file_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - _OUTPUT_TAIL_CHARS))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def _clean_env(prefixes: Sequence[str]) -> dict[str, str]:
@@ -405,7 +397,7 @@ class PostgresServer:
                 self._wait_ready()
                 return
             except BenchError:
-                log = _file_tail(self.log_path)
+                log = log_tail(self.log_path, _OUTPUT_TAIL_CHARS)
                 self.stop()
                 if "could not bind" not in log or attempt == PORT_RACE_ATTEMPTS:
                     raise
@@ -441,7 +433,7 @@ class PostgresServer:
             process = self._process
             if process is None or process.poll() is not None:
                 code = None if process is None else process.returncode
-                raise BenchError("postgres", f"exited with code {code}", _file_tail(self.log_path))
+                raise BenchError("postgres", f"exited with code {code}", log_tail(self.log_path, _OUTPUT_TAIL_CHARS))
             probe = subprocess.run(
                 [pg_isready, "-q", "-h", HOST, "-p", str(self.port), "-U", "postgres", "-t", "1"],
                 capture_output=True,
@@ -451,7 +443,8 @@ class PostgresServer:
             if probe.returncode == 0:
                 return
             if time.monotonic() > deadline:
-                raise BenchError("postgres", f"not ready after {_PG_READY_TIMEOUT_S:.0f}s", _file_tail(self.log_path))
+                tail = log_tail(self.log_path, _OUTPUT_TAIL_CHARS)
+                raise BenchError("postgres", f"not ready after {_PG_READY_TIMEOUT_S:.0f}s", tail)
             time.sleep(_POLL_INTERVAL_S)
 
     def psql(self, sql: str) -> str:

@@ -60,11 +60,18 @@ def stop_child(process: subprocess.Popen[bytes], timeout_s: float = DEFAULT_STOP
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         process.send_signal(signal.SIGCONT)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        reap_child(process, timeout_s)
+
+
+def reap_child(process: subprocess.Popen[bytes], timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+    """Wait for a child that has been signalled already; SIGKILL it if it has not exited
+    within ``timeout_s``. Never a second SIGTERM: a walstore node restores SIGTERM's default
+    action once it has seen one, so another would kill it in the middle of its drain."""
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def find_etcd_binary(explicit: str | None = None) -> str:
