@@ -12,7 +12,7 @@
 # each pip command here uses them), so the same commit builds the same image.
 #
 # The base image should be pinned by digest, so that a rebuild gets the very same Debian
-# and CPython bytes (tests/test_k8s_manifests.py expects it and fails once it is). It is
+# and CPython bytes (tests/test_k8s_manifests.py accepts the tag with or without a well-formed digest). It is
 # pinned by tag only for now: the digest has to be read from the registry, and the machine
 # this was written on could not reach Docker Hub. Where it can, read the digest of the
 # multi-arch index and put it here, tag kept for readers:
