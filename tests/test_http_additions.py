@@ -495,7 +495,9 @@ async def test_too_many_events_names_the_configured_limit(nursery: trio.Nursery)
 
 
 async def test_a_10000_event_batch_is_one_atomic_append(client: HttpTestClient, service: FakeEventService) -> None:
-    events = [{"type": "T", "aggregate_id": f"agg-{i % 97}", "payload": {"i": i}} for i in range(10_000)]
+    events: list[dict[str, Any]] = [
+        {"type": "T", "aggregate_id": f"agg-{i % 97}", "payload": {"i": i}} for i in range(10_000)
+    ]
     events[-1]["expected_version"] = 0  # agg-... already has events by then: the whole batch fails
     response = await client.request("POST", "/events/batch", json={"events": events})
     assert response.status == 409 and service.log == []

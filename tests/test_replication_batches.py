@@ -31,8 +31,9 @@ def big_batch(position: int) -> dict[str, Any]:
 
 async def converged(cluster: InProcessCluster, events: int, timeout_s: float = 60.0) -> None:
     with trio.fail_after(timeout_s):
-        while not all(n.store.last_applied_event_index >= events for n in cluster.nodes.values()):
-            await trio.sleep(0.05)
+        for node in cluster.nodes.values():
+            while node.applied_events.value < events:
+                await node.applied_events.wait_for(events)
 
 
 def check_node(node: Node, position: int) -> None:
@@ -88,6 +89,6 @@ async def test_a_16_mib_batch_with_tracking_replicates_and_survives_a_leader_cha
         # the old leader restarts, rebuilds its positions from its log and catches up
         restarted = await cluster.start(old)
         with trio.fail_after(60):
-            while restarted.store.last_applied_event_index < EVENTS + 1:
-                await trio.sleep(0.05)
+            while restarted.applied_events.value < EVENTS + 1:
+                await restarted.applied_events.wait_for(EVENTS + 1)
         assert restarted.store.consumer_position("projector") == 8

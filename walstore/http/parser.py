@@ -202,12 +202,12 @@ class RequestParser:
     __slots__ = (
         "_body_size",
         "_buf",
+        "_limit",
         "_parts",
         "_pos",
         "_remaining",
         "_scan",
         "_state",
-        "_limit",
         "large_bodies",
         "max_body_bytes",
         "max_header_bytes",
