@@ -40,14 +40,20 @@ def batch_body(events: int, max_bytes: int) -> bytes:
         orjson.dumps({"events": [{"id": "e-0", "type": "Big", "aggregate_id": "a-0", "payload": {"s": ""}}]})
     )
     per_event = (max_bytes - 64) // events - (overhead - 12)
-    items = [
-        {"id": f"e-{i}", "type": "Big", "aggregate_id": f"a-{i % 100}", "payload": {"s": "x" * max(per_event - 24, 0)}}
-        for i in range(events)
-    ]
-    body = orjson.dumps({"events": items})
-    while len(body) > max_bytes:  # trim the last payloads until it fits
-        items[-1]["payload"] = {"s": "x" * max(len(items[-1]["payload"]["s"]) - (len(body) - max_bytes), 0)}
-        body = orjson.dumps({"events": items})
+    fill = max(per_event - 24, 0)
+    sizes = [fill] * events
+
+    def encode() -> bytes:
+        items = [
+            {"id": f"e-{i}", "type": "Big", "aggregate_id": f"a-{i % 100}", "payload": {"s": "x" * n}}
+            for i, n in enumerate(sizes)
+        ]
+        return orjson.dumps({"events": items})
+
+    body = encode()
+    while len(body) > max_bytes and sizes[-1]:  # trim the last payload until it fits
+        sizes[-1] = max(sizes[-1] - (len(body) - max_bytes), 0)
+        body = encode()
     return body
 
 
