@@ -16,7 +16,7 @@ can send bytes no well-behaved client would.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,11 +25,11 @@ import orjson
 import trio
 
 from walstore.errors import LogStateError, UnavailableError
-from walstore.event import AppendResult, NewEvent, StoredEvent
+from walstore.event import MAX_BATCH_EVENTS, AppendResult, NewEvent, StoredEvent, Tracking
 from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits, HttpServer
-from walstore.service import AggregateRead, Direction, LogRead, NodeStatus
-from walstore.store import KIND_EVENT, EventStore
+from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, NodeStatus, subscription
+from walstore.store import SCAN_BUDGET_EVENTS, EventStore
 
 BASE_TIMESTAMP_US = 1_700_000_000_000_000
 
@@ -62,6 +62,8 @@ class FakeEventService:
         self.append_gate: trio.Event | None = None
         self.append_entered = trio.Event()
         self.read_calls: list[dict[str, Any]] = []
+        self.scan_budget = SCAN_BUDGET_EVENTS  # a test may make the log reads' scans short
+        self.max_batch_events = MAX_BATCH_EVENTS
         self.subscriptions_open = 0
         self.subscription_opened = trio.Event()
         self.subscription_closed = trio.Event()
@@ -82,7 +84,7 @@ class FakeEventService:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+    async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
         self._maybe_fail("append")
         if self.append_gate is not None:
             self.append_entered.set()
@@ -92,15 +94,26 @@ class FakeEventService:
         # One timestamp per batch, as the leader stamps it: whole seconds from the index
         # make the seed's ``timestamp`` predictable in tests.
         next_event_index = store.last_applied_event_index + 1
-        prepared = store.prepare(events, timestamp_us=BASE_TIMESTAMP_US + next_event_index * 1_000_000)
+        prepared = store.prepare(
+            events,
+            timestamp_us=BASE_TIMESTAMP_US + next_event_index * 1_000_000,
+            tracking=tracking,
+            max_events=self.max_batch_events,
+        )
         if prepared.bodies:
             first = len(self.memory_log.bodies) + 1
-            self.memory_log.bodies.extend(prepared.bodies)
+            records = prepared.records()
+            self.memory_log.bodies.extend(body for _, _, body in records)
             store.pending_added(first, prepared)
-            for log_index in range(first, first + len(prepared.bodies)):
-                store.apply(log_index, KIND_EVENT, self.memory_log.bodies[log_index - 1])
+            for log_index, (kind, _, body) in enumerate(records, first):
+                store.apply(log_index, kind, body)
             self.wake()
         return store.results(prepared)
+
+    async def consumer_position(self, consumer: str, *, min_index: int | None = None) -> int | None:
+        self._maybe_fail("consumer_position")
+        await self._wait_for_index(min_index)
+        return self.store.consumer_position(consumer)
 
     async def _wait_for_index(self, min_index: int | None) -> None:
         if min_index is None:
@@ -137,26 +150,53 @@ class FakeEventService:
         await self._wait_for_index(min_index)
         return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
 
-    async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
+    async def read_log(
+        self,
+        *,
+        from_index: int,
+        limit: int,
+        min_index: int | None,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+    ) -> LogRead:
         self._maybe_fail("read_log")
-        self.read_calls.append({"from_index": from_index, "limit": limit, "min_index": min_index})
+        call: dict[str, Any] = {"from_index": from_index, "limit": limit, "min_index": min_index}
+        if direction != "forward" or types is not None or aggregate_prefix is not None:
+            call.update(direction=direction, types=types, aggregate_prefix=aggregate_prefix)
+        self.read_calls.append(call)
         await self._wait_for_index(min_index)
-        return self.store.read_log(from_index, limit)
+        return self.store.read_log(
+            from_index,
+            limit,
+            direction=direction,
+            types=types,
+            aggregate_prefix=aggregate_prefix,
+            scan_budget=self.scan_budget,
+        )
 
-    async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
+    async def subscribe(
+        self, *, from_index: int, types: Collection[str] | None = None, aggregate_prefix: str | None = None
+    ) -> AsyncIterator[StoredEvent | Checkpoint]:
         self._maybe_fail("subscribe")
         self.subscriptions_open += 1
         self.subscription_opened.set()
-        try:
-            next_index = from_index
-            while True:
-                changed = self._changed  # taken before reading, so no append is missed
-                while next_index <= self.store.last_applied_event_index:
-                    for event in self.store.read_log(next_index, 100).events:
-                        yield event
-                        next_index = event.index + 1
-                await changed.wait()
+
+        def read(next_index: int) -> LogRead:
+            page = min(100, self.scan_budget)  # a short scan budget makes short pages
+            return self.store.read_log(
+                next_index, page, types=types, aggregate_prefix=aggregate_prefix, scan_budget=self.scan_budget
+            )
+
+        async def wait_for(event_index: int) -> None:
+            while self.store.last_applied_event_index < event_index:
+                await self._changed.wait()
                 self._maybe_fail("subscribe")
+
+        try:
+            filtered = types is not None or bool(aggregate_prefix)
+            async for item in subscription(read, wait_for, from_index, filtered=filtered):
+                yield item
         finally:
             self.subscriptions_open -= 1
             self.subscription_closed.set()

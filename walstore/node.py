@@ -35,7 +35,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -52,13 +52,13 @@ from walstore.errors import (
     UnavailableError,
     ValidationError,
 )
-from walstore.event import AppendResult, NewEvent, StoredEvent
+from walstore.event import AppendResult, NewEvent, StoredEvent, Tracking
 from walstore.http.app import HttpApp, ProbeApp
 from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.replicator import Replicator, Role
-from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, PeerStatus
+from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, NodeStatus, PeerStatus, subscription
 from walstore.store import EventStore
 from walstore.wal.fs import Buffer, FileSystem, RealFileSystem, WalFile
 from walstore.wal.log import WalOptions, WriteAheadLog
@@ -71,6 +71,7 @@ log = logging.getLogger("walstore.node")
 APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's pause
 APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
+SUBSCRIBE_PAGE_EVENTS = 512  # a subscription reads the log this many events at a time
 SHUTDOWN_GRACE_S = 5.0  # the last batch gets this long to sync after the HTTP drain
 # How often the commit index is recorded in meta.json. The record only guards against
 # truncation (the in-memory commit index guards first), so lagging by this much is fine.
@@ -230,6 +231,7 @@ class Node:
         self._space = _SpaceWatch(fs if fs is not None else RealFileSystem())
         self.http_limits = http_limits or HttpLimits(
             max_body_bytes=config.max_body_bytes,
+            max_batch_body_bytes=config.max_batch_bytes,
             header_timeout_s=config.http_header_timeout_s,
             idle_timeout_s=config.http_idle_timeout_s,
             max_connections=config.http_max_connections,
@@ -315,7 +317,7 @@ class Node:
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
         nursery.start_soon(self._record_commit_forever)
-        app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping)
+        app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping, max_batch_events=cfg.max_batch_events)
         http_done = self._http_done
         probes_stop, probes_done = self._probes_stop, self._probes_done
 
@@ -620,7 +622,7 @@ class Node:
 
     # -- EventService ------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+    async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
         if self.writer.failure is not None:
             raise self._storage_unavailable()
         if self.stopping:
@@ -628,7 +630,7 @@ class Node:
         if self.rlog.halted is not None:
             raise UnavailableError(f"this node stopped taking writes: {self.rlog.halted}", code="safety_halt")
         if self.replicator is None or self.replicator.writable:
-            return await self._append_as_leader(list(events))
+            return await self._append_as_leader(list(events), tracking)
         leader = self.replicator.leader_peer()
         # A lease TTL, not the append timeout: a leader that has not answered by then is
         # paused, cut off or failing over, and it resigns within that time when it cannot
@@ -639,7 +641,9 @@ class Node:
         try:
             if leader is None:
                 raise UnavailableError("no leader elected right now", code="no_leader")
-            results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, forward_s)
+            results: list[AppendResult] = await self.replicator.forwarder.forward(
+                leader, events, forward_s, tracking=tracking
+            )
         except UnavailableError as exc:
             if exc.code == "no_leader" and self.disk_full:
                 # The likely reason there is no leader: with every disk full no takeover
@@ -654,13 +658,13 @@ class Node:
         # leader is down; the write, which the leader did acknowledge, is answered anyway.
         # Not at all while our own log cannot take records (disk full): they will not
         # arrive in time, and the write is already committed on the leader.
-        target = max(r.index for r in results)
+        target = max((r.index for r in results), default=0)
         with trio.move_on_at(max(deadline, trio.current_time() + forward_s / 8)):
             while self.applied_events.value < target and not self.writer.disk_full:
                 await self.applied_events.wait_for(target)
         return results
 
-    async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
+    async def _append_as_leader(self, events: list[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
         # Also the entry point of writes forwarded by followers: a stopping leader refuses
         # them (definite: nothing written) and counts the rest, so it resigns only once
         # each has its answer (_hand_over).
@@ -671,31 +675,34 @@ class Node:
             raise UnavailableError("node is shutting down", code="shutting_down")
         self._appends_in_flight += 1
         try:
-            return await self._append_in_term(events)
+            return await self._append_in_term(events, tracking)
         finally:
             self._appends_in_flight -= 1
             if not self._appends_in_flight and self._appends_done is not None:
                 self._appends_done.set()
 
-    async def _append_in_term(self, events: list[NewEvent]) -> list[AppendResult]:
+    async def _append_in_term(self, events: list[NewEvent], tracking: Tracking | None) -> list[AppendResult]:
         if self.replicator is not None and not self.replicator.writable:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
         try:
             prepared = self.store.prepare(
-                events, timestamp_us=time.time_ns() // 1000, next_log_index=self.rlog.tail_index + 1
+                events,
+                timestamp_us=time.time_ns() // 1000,
+                next_log_index=self.rlog.tail_index + 1,
+                tracking=tracking,
+                max_events=self.config.max_batch_events,
             )
         except LogStateError as exc:  # the log holds entries not applied yet (a new term)
             raise UnavailableError(f"catching up: {exc}", code="not_caught_up", retry_after_s=0.2) from exc
         own: PendingAppend | None = None
         if prepared.bodies:
-            entries = [(KIND_EVENT, 0, body) for body in prepared.bodies]
-            entries[-1] = (KIND_EVENT, FLAG_BATCH_END, entries[-1][2])
+            entries = prepared.records()
             if self.replicator is None:
                 pending = self.rlog.submit(entries, self._solo_epoch)
             else:
                 pending = self.replicator.submit(entries)
             self.store.pending_added(pending.first_index, prepared)
-            self.metrics.events_appended_total.inc(len(entries))
+            self.metrics.events_appended_total.inc(len(entries) - (entries[-1][0] != KIND_EVENT))
             if self.replicator is None:
                 own = pending  # alone, durable is committed: the applier commits it
         # With new records, wait_log_index is the last of them (pending.last_index).
@@ -775,24 +782,37 @@ class Node:
         except StorageError as exc:
             raise self._storage_read_error(exc) from exc
 
-    async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
+    async def read_log(
+        self,
+        *,
+        from_index: int,
+        limit: int,
+        min_index: int | None,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+    ) -> LogRead:
         await self._wait_for_event_index(min_index)
         try:
-            return self.store.read_log(from_index, limit)
+            return self.store.read_log(
+                from_index, limit, direction=direction, types=types, aggregate_prefix=aggregate_prefix
+            )
         except StorageError as exc:
             raise self._storage_read_error(exc) from exc
 
-    async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
+    async def subscribe(
+        self, *, from_index: int, types: Collection[str] | None = None, aggregate_prefix: str | None = None
+    ) -> AsyncIterator[StoredEvent | Checkpoint]:
         if from_index < 0:
             raise ValidationError("from_index must be >= 0")
-        next_index = max(from_index, 1)
-        while True:
-            batch = self.store.read_log(next_index, 512)
-            for event in batch.events:
-                yield event
-                next_index = event.index + 1
-            if not batch.events:
-                await self.applied_events.wait_for(next_index)
+        store = self.store
+
+        def read(next_index: int) -> LogRead:
+            return store.read_log(next_index, SUBSCRIBE_PAGE_EVENTS, types=types, aggregate_prefix=aggregate_prefix)
+
+        filtered = types is not None or bool(aggregate_prefix)
+        async for item in subscription(read, self.applied_events.wait_for, max(from_index, 1), filtered=filtered):
+            yield item
 
     @property
     def disk_full(self) -> bool:
@@ -822,6 +842,10 @@ class Node:
         if slow_now or slow_lately:
             reasons.append("slow_disk")
         return reasons
+
+    async def consumer_position(self, consumer: str, *, min_index: int | None = None) -> int | None:
+        await self._wait_for_event_index(min_index)
+        return self.store.consumer_position(consumer)
 
     def status(self) -> NodeStatus:
         store = self.store

@@ -49,6 +49,7 @@ Decisions where the design is silent:
   counted in ``duplicate_ids_applied`` rather than refusing to start.
 - ``expected_version`` of an event is checked against the version just before it,
   including earlier events of the same batch: ``[A exp 0, A exp 1]`` appends two events.
+  ``"exists"`` asks for a version of at least 1 (``[A exp 0, A exp "exists"]`` passes).
   A repeat (same id, same content) skips the check: it was checked the first time.
 - Backward reads start at ``from_version``, or at the newest event when it is 0 or above
   the current version. Reading an unknown aggregate gives no events and version 0.
@@ -60,7 +61,7 @@ import struct
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,13 +69,18 @@ from walstore._native import U64Map
 from walstore.errors import ConflictError, CorruptionError, LogStateError, ValidationError
 from walstore.event import (
     BODY_FORMAT,
+    EXISTS,
     MAX_BATCH_EVENTS,
+    MAX_CONSUMER_BYTES,
     PREFIX_BYTES,
     AppendResult,
     NewEvent,
     StoredEvent,
+    Tracking,
     decode_event_body,
+    decode_tracking_body,
     encode_event_body,
+    encode_tracking_body,
 )
 from walstore.json_text import same_json_value
 from walstore.service import AggregateRead, Direction, LogRead
@@ -84,7 +90,9 @@ from walstore.service import AggregateRead, Direction, LogRead
 KIND_EVENT = 1
 KIND_EPOCH_START = 2
 KIND_NOOP = 3
+KIND_TRACKING = 4  # a consumer position (walstore.event's tracking body); not an event
 _SYSTEM_KINDS = frozenset((KIND_EPOCH_START, KIND_NOOP))
+FLAG_BATCH_END = 1  # the record flag that ends an atomic batch (walstore.wal.record)
 
 # Aggregates longer than this get a per-aggregate array of log indexes (8 bytes per event
 # plus one object per aggregate); shorter ones walk their chain, at most this many links.
@@ -95,6 +103,10 @@ HASH_MASK = (1 << 64) - 1
 _KEY_LEN_BITS = 16  # the body format stores key lengths in u16 fields
 _KEY_LEN_MASK = (1 << _KEY_LEN_BITS) - 1
 _WHERE = "<event store>"  # CorruptionError's "path" for damage the store detects
+# A log read looks at most this many events (or ``limit``, if more): a filter that matches
+# rarely answers a page with fewer events and a ``next_index`` further on, instead of
+# scanning the whole log in one request. ~10,000 key checks are a few tens of ms.
+SCAN_BUDGET_EVENTS = 10_000
 
 
 class BodyReader(Protocol):
@@ -136,12 +148,23 @@ class Prepared:
     ``results(prepared)``. A batch of repeats only has no bodies and skips the write.
     """
 
-    __slots__ = ("_first_log_index", "_planned", "_token", "_wait", "bodies")
+    __slots__ = ("_first_log_index", "_planned", "_token", "_tracking", "_wait", "bodies", "tracking")
 
-    def __init__(self, bodies: list[bytes], planned: list[_Planned], token: int) -> None:
+    def __init__(
+        self,
+        bodies: list[bytes],
+        planned: list[_Planned],
+        token: int,
+        tracking: Tracking | None = None,
+        tracking_plan: _TrackingPlan | None = None,
+    ) -> None:
         self.bodies = bodies
         self._planned = planned
         self._token = token
+        # The batch's consumer position: answered back on success. Written as the last
+        # body when ``_tracking`` is set; None there for an idempotent repeat.
+        self.tracking = tracking
+        self._tracking = tracking_plan
         self._first_log_index = 0
         # Repeats of pending events wait for their original; set again by pending_added.
         self._wait = max((p.log_index for p in planned), default=0)
@@ -150,6 +173,17 @@ class Prepared:
     def added(self) -> bool:
         return self._first_log_index > 0
 
+    def records(self) -> list[tuple[int, int, bytes]]:
+        """(kind, flags, body) of what to write: the events, then the tracking record if
+        any; the last one carries BATCH_END."""
+        entries = [(KIND_EVENT, 0, body) for body in self.bodies]
+        if self._tracking is not None:
+            entries[-1] = (KIND_TRACKING, 0, self.bodies[-1])
+        if entries:
+            kind, _, body = entries[-1]
+            entries[-1] = (kind, FLAG_BATCH_END, body)
+        return entries
+
     @property
     def wait_log_index(self) -> int:
         """The log index to wait for before ``results``: the last new record, or the
@@ -157,6 +191,16 @@ class Prepared:
         if self.bodies and not self.added:
             raise LogStateError("wait_log_index of a prepared batch before pending_added")
         return self._wait
+
+
+@dataclass(slots=True)
+class _TrackingPlan:
+    """The tracking record of a prepared batch (always its last body)."""
+
+    tracking: Tracking
+    body: bytes
+    log_index: int = 0  # set by pending_added
+    applied: bool = False  # applied as written at log_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +217,8 @@ def _same_content(a: NewEvent, b: NewEvent) -> bool:
     return (
         a.type == b.type
         and a.aggregate_id == b.aggregate_id
-        and same_json_value(a.payload, b.payload)
+        and a.binary == b.binary
+        and (a.payload == b.payload if a.binary else same_json_value(a.payload, b.payload))
         and same_json_value(a.metadata, b.metadata)
     )
 
@@ -200,6 +245,15 @@ def _event_keys(body: bytes | memoryview, log_index: int) -> tuple[bytes, bytes,
     return event_id, aggregate_id, version  # type: ignore[return-value]
 
 
+def _check_tracking(tracking: Tracking) -> None:
+    name = _utf8(tracking.consumer, "consumer")
+    if not name or len(name) > MAX_CONSUMER_BYTES:
+        raise ValidationError(f"a consumer name has 1..{MAX_CONSUMER_BYTES} bytes", code="invalid_tracking")
+    position = tracking.position
+    if type(position) is not int or not 1 <= position < 1 << 63:
+        raise ValidationError("a tracking position is an integer >= 1", code="invalid_tracking")
+
+
 def _utf8(text: str, what: str) -> bytes:
     try:
         return text.encode()
@@ -212,6 +266,33 @@ def _decode(body: bytes | memoryview, event_index: int, log_index: int) -> Store
         return decode_event_body(body, event_index)
     except UnicodeDecodeError as exc:
         raise CorruptionError(_WHERE, log_index, f"event text is not UTF-8: {exc}") from None
+
+
+_Match = Callable[[bytes | memoryview, int], bool]
+_NAME_LENGTHS = struct.Struct("<HHH")  # id, aggregate_id and type lengths, at body offset 2
+
+
+def _matcher(types: Collection[str] | None, aggregate_prefix: str | None) -> _Match | None:
+    """A test of an event body against the log filters, on its key bytes only (None: no
+    filter). The body's lengths were checked when it was applied."""
+    wanted = None if types is None else frozenset(_utf8(t, "type") for t in types)
+    prefix = _utf8(aggregate_prefix, "aggregate_prefix") if aggregate_prefix else b""
+    if wanted is None and not prefix:
+        return None
+    prefix_n = len(prefix)
+
+    def match(body: bytes | memoryview, log_index: int) -> bool:
+        try:
+            id_n, agg_n, type_n = _NAME_LENGTHS.unpack_from(body, 2)
+        except struct.error:
+            raise CorruptionError(_WHERE, log_index, "event body shorter than its prefix") from None
+        start = PREFIX_BYTES + id_n
+        if prefix_n and (agg_n < prefix_n or body[start : start + prefix_n] != prefix):
+            return False
+        start += agg_n
+        return wanted is None or body[start : start + type_n] in wanted
+
+    return match
 
 
 class EventStore:
@@ -244,6 +325,11 @@ class EventStore:
         self._pending_versions: dict[str, int] = {}
         self._pending_last = 0
         self._token = 0  # bumped by anything that invalidates an outstanding Prepared
+        # consumer positions: applied, and the leader's pending ones (by log index, and the
+        # highest pending position per consumer)
+        self._consumers: dict[str, int] = {}
+        self._pending_tracking: dict[int, _TrackingPlan] = {}
+        self._pending_positions: dict[str, int] = {}
 
     # ------------------------------------------------------------------ positions
 
@@ -298,14 +384,51 @@ class EventStore:
             raise LogStateError(f"apply of log index {log_index}, expected {len(self._prev) + 1}")
         if kind == KIND_EVENT:
             self._apply_event(log_index, body, True)
+        elif kind == KIND_TRACKING:
+            self._apply_tracking(log_index, body)
         elif kind in _SYSTEM_KINDS:
             self._sys_adj.append(log_index - len(self._sys))
             self._sys.append(log_index)
             self._prev.append(0)
-            if log_index in self._pending_by_log:
+            if log_index in self._pending_by_log or log_index in self._pending_tracking:
                 self._drop_pending()  # our append there was replaced: the log diverged
         else:
             raise CorruptionError(_WHERE, log_index, f"unknown record kind {kind}")
+
+    def _apply_tracking(self, log_index: int, body: bytes | memoryview) -> None:
+        try:
+            tracking = decode_tracking_body(body, log_index)
+        except CorruptionError as exc:
+            raise CorruptionError(_WHERE, log_index, exc.reason) from None
+        stored = self._consumers.get(tracking.consumer, 0)
+        # The invariant a tracking conflict protects: a consumer's position only grows.
+        # Checked on every apply (not an assert, which -O would strip): a log that breaks
+        # it was written by a bug, and the state machine refuses it like any damage.
+        if tracking.position <= stored:
+            raise CorruptionError(
+                _WHERE,
+                log_index,
+                f"consumer {tracking.consumer!r} is at position {stored}; the record moves it to {tracking.position}",
+            )
+        if log_index in self._pending_by_log:
+            self._drop_pending()  # an event of ours was to be here: the log diverged
+        self._sys_adj.append(log_index - len(self._sys))
+        self._sys.append(log_index)
+        self._prev.append(0)
+        self._consumers[tracking.consumer] = tracking.position
+        tracked = self._pending_tracking.pop(log_index, None)
+        if tracked is None:
+            return
+        if tracked.tracking != tracking:
+            self._drop_pending()
+            return
+        tracked.applied = True
+        if self._pending_positions.get(tracking.consumer) == tracking.position:
+            del self._pending_positions[tracking.consumer]
+
+    def consumer_position(self, consumer: str) -> int | None:
+        """The applied position of a consumer, None when it never stored one."""
+        return self._consumers.get(consumer)
 
     def apply_own(self, upto: int) -> int:
         """Apply, from memory, the leader's own pending events that come next in the log,
@@ -323,7 +446,13 @@ class EventStore:
         while log_index <= upto:
             pending = pending_by_log.get(log_index)
             if pending is None:
-                break
+                tracked = self._pending_tracking.get(log_index)
+                if tracked is None:
+                    break
+                self._apply_tracking(log_index, tracked.body)
+                n += 1
+                log_index += 1
+                continue
             self._apply_event(log_index, pending.body, True)
             n += 1
             log_index += 1
@@ -337,7 +466,7 @@ class EventStore:
         were applied, some hash repeated (a collision or a duplicate id) and a later put
         replaced an earlier one: the ids of the rebuilt range are indexed again, verified.
         """
-        if len(self._ids) or self._id_overflow or self._pending_by_log:
+        if len(self._ids) or self._id_overflow or self._pending_by_log or self._pending_tracking:
             n = 0
             for record in records:
                 self.apply(record.index, record.kind, record.body)
@@ -476,6 +605,8 @@ class EventStore:
             positions.append(log_index)
         if self._pending_by_log:
             self._pending_applied(log_index, event_id, version)
+        if self._pending_tracking and log_index in self._pending_tracking:
+            self._drop_pending()  # our tracking record was to be here: the log diverged
 
     def _find_aggregate(self, aggregate_id: bytes) -> int:
         """The slot of an applied aggregate, or -1."""
@@ -579,26 +710,80 @@ class EventStore:
             events.reverse()
         return AggregateRead(events, current)
 
-    def read_log(self, from_index: int = 1, limit: int = 100) -> LogRead:
-        """At most ``limit`` applied events from API index ``from_index`` (0 means 1)."""
-        if from_index < 0 or limit < 0:
+    def read_log(
+        self,
+        from_index: int = 1,
+        limit: int = 100,
+        *,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+        scan_budget: int = SCAN_BUDGET_EVENTS,
+    ) -> LogRead:
+        """At most ``limit`` applied events that match the filters, from API index
+        ``from_index``: forward (0 means 1), or backward (0 or past the end means the last).
+
+        ``types`` (an event matches when its type is one of them) and ``aggregate_prefix``
+        (its aggregate id starts with it) are checked on the record body's fixed prefix and
+        key bytes: a non-matching event's JSON is never decoded. At most
+        ``max(scan_budget, limit)`` events are looked at, so a rare filter answers with
+        fewer events (maybe none) and ``next_index`` says where the scan stopped: forward
+        the next index to read, backward the next lower one (0 = the start was reached)."""
+        if from_index < 0 or limit < 0 or scan_budget < 1:
             raise ValidationError("from_index and limit must not be negative", from_index=from_index, limit=limit)
+        if direction not in ("forward", "backward"):
+            raise ValidationError("direction must be forward or backward", direction=direction)
+        match = _matcher(types, aggregate_prefix)
         last = self.last_applied_event_index
+        budget = max(scan_budget, limit)
+        if direction == "backward":
+            return self._read_log_backward(last if not 0 < from_index <= last else from_index, limit, budget, match)
         first = max(from_index, 1)
         if limit == 0 or first > last:
-            return LogRead([], last)
+            return LogRead([], last, first)
+        end = min(last, first + budget - 1)
         log_index = self.event_to_log_index(first)
         sys_log = self._sys
         k = bisect_right(sys_log, log_index)  # next system record at or after log_index + 1
+        reader = self._reader
         events: list[StoredEvent] = []
-        for event_index in range(first, min(last, first + limit - 1) + 1):
-            body = self._reader.body(log_index)
-            events.append(_decode(body, event_index, log_index))
+        event_index = first
+        while event_index <= end:
+            body = reader.body(log_index)
+            if match is None or match(body, log_index):
+                events.append(_decode(body, event_index, log_index))
+            event_index += 1
+            if len(events) == limit:
+                break
             log_index += 1
             while k < len(sys_log) and sys_log[k] == log_index:
                 log_index += 1
                 k += 1
-        return LogRead(events, last)
+        return LogRead(events, last, event_index)
+
+    def _read_log_backward(self, start: int, limit: int, budget: int, match: _Match | None) -> LogRead:
+        last = self.last_applied_event_index
+        if limit == 0 or start < 1:
+            return LogRead([], last, max(start, 0))
+        end = max(1, start - budget + 1)
+        log_index = self.event_to_log_index(start)
+        sys_log = self._sys
+        k = bisect_right(sys_log, log_index) - 1  # last system record below log_index
+        reader = self._reader
+        events: list[StoredEvent] = []
+        event_index = start
+        while event_index >= end:
+            body = reader.body(log_index)
+            if match is None or match(body, log_index):
+                events.append(_decode(body, event_index, log_index))
+            event_index -= 1
+            if len(events) == limit:
+                break
+            log_index -= 1
+            while k >= 0 and sys_log[k] == log_index:
+                log_index -= 1
+                k -= 1
+        return LogRead(events, last, event_index)
 
     def _is_event(self, log_index: int) -> bool:
         k = bisect_right(self._sys, log_index)
@@ -615,6 +800,8 @@ class EventStore:
         *,
         timestamp_us: int | None = None,
         next_log_index: int | None = None,
+        tracking: Tracking | None = None,
+        max_events: int = MAX_BATCH_EVENTS,
     ) -> Prepared:
         """Validate an atomic batch against applied + pending state and encode what to write.
 
@@ -624,17 +811,26 @@ class EventStore:
         refuse (LogStateError, before anything is written) when the log holds records it
         has neither applied nor seen as pending: versions computed without them could
         collide with theirs. A new leader therefore applies through its epoch start first.
+
+        ``tracking``: the batch also stores that consumer position (its last record), and
+        is refused with ConflictError ``tracking_conflict`` unless the position is above
+        the consumer's applied and pending ones. A batch whose events are all repeats of
+        earlier appends is their idempotent answer when the position is already stored
+        (it committed with them), and writes nothing. With a ``tracking``, ``events`` may
+        be empty.
         """
         if next_log_index is not None and next_log_index != self.next_log_index:
             raise LogStateError(
                 f"the log's next index is {next_log_index} but the store knows the log up to "
                 f"{self.next_log_index - 1}: apply the rest before preparing"
             )
-        if not events:
+        if not events and tracking is None:
             raise ValidationError("a batch needs at least one event", code="empty_batch")
-        if len(events) > MAX_BATCH_EVENTS:
+        if tracking is not None:
+            _check_tracking(tracking)
+        if len(events) > max_events:
             raise ValidationError(
-                f"a batch holds at most {MAX_BATCH_EVENTS} events",
+                f"a batch holds at most {max_events} events",
                 code="batch_too_large",
                 count=len(events),
             )
@@ -651,9 +847,10 @@ class EventStore:
         planned: list[_Planned] = []
         bodies: list[bytes] = []
         for event in events:
-            if event.expected_version is not None and event.expected_version < 0:
+            expected = event.expected_version
+            if expected is not None and expected != EXISTS and (type(expected) is not int or expected < 0):
                 raise ValidationError(
-                    "expected_version must not be negative",
+                    'expected_version must be an integer >= 0 or "exists"',
                     code="invalid_expected_version",
                     event_id=event.id,
                 )
@@ -667,9 +864,10 @@ class EventStore:
             current = batch_versions.get(event.aggregate_id)
             if current is None:
                 current = self._tentative_version(event.aggregate_id)
-            if event.expected_version is not None and event.expected_version != current:
+            if expected is not None and (current == 0 if expected == EXISTS else expected != current):
+                wanted = "at least one event" if expected == EXISTS else f"version {expected}"
                 raise ConflictError(
-                    f"aggregate {event.aggregate_id!r} is at version {current}, not {event.expected_version}",
+                    f"aggregate {event.aggregate_id!r} is at version {current}; expected {wanted}",
                     code="wrong_expected_version",
                     aggregate_id=event.aggregate_id,
                     expected_version=event.expected_version,
@@ -683,8 +881,26 @@ class EventStore:
             batch_versions[event.aggregate_id] = version
             planned.append(_Planned(event, id_utf8, version, len(bodies), 0, None))
             bodies.append(body)
+        tracked = None
+        if tracking is not None:
+            stored = self._tentative_position(tracking.consumer)
+            if not (events and not bodies and stored >= tracking.position):  # not a whole repeat
+                if tracking.position <= stored:
+                    raise ConflictError(
+                        f"consumer {tracking.consumer!r} is at position {stored}, not below {tracking.position}",
+                        code="tracking_conflict",
+                        consumer=tracking.consumer,
+                        position=tracking.position,
+                        stored_position=stored,
+                    )
+                tracked = _TrackingPlan(tracking, encode_tracking_body(tracking))
+                bodies.append(tracked.body)
         self._token += 1
-        return Prepared(bodies, planned, self._token)
+        return Prepared(bodies, planned, self._token, tracking, tracked)
+
+    def _tentative_position(self, consumer: str) -> int:
+        pending = self._pending_positions.get(consumer)
+        return pending if pending is not None else self._consumers.get(consumer, 0)
 
     def _find_repeat(self, event: NewEvent, id_utf8: bytes) -> _Planned | None:
         """The plan for an id seen before (applied or pending); ConflictError if it was
@@ -737,6 +953,11 @@ class EventStore:
             self._pending_ids[plan.event.id] = pending
             self._pending_by_log[plan.log_index] = pending
             self._pending_versions[plan.event.aggregate_id] = plan.version
+        tracked = prepared._tracking
+        if tracked is not None:
+            tracked.log_index = first_log_index + len(prepared.bodies) - 1
+            self._pending_tracking[tracked.log_index] = tracked
+            self._pending_positions[tracked.tracking.consumer] = tracked.tracking.position
         self._pending_last = first_log_index + len(prepared.bodies) - 1
         prepared._wait = max(prepared._wait, self._pending_last)
 
@@ -749,6 +970,8 @@ class EventStore:
         self._pending_ids.clear()
         self._pending_by_log.clear()
         self._pending_versions.clear()
+        self._pending_tracking.clear()
+        self._pending_positions.clear()
         self._pending_last = 0
         self._token += 1
 
@@ -777,6 +1000,13 @@ class EventStore:
         wait = prepared.wait_log_index
         if wait > len(self._prev):
             raise LogStateError(f"batch not applied yet: waiting for {wait}, applied {len(self._prev)}")
+        tracked = prepared._tracking
+        if tracked is not None and not tracked.applied:
+            # Not seen applied as written (the overlay was dropped meanwhile): look.
+            where = tracked.log_index
+            if self._is_event(where) or self._reader.body(where) != tracked.body:
+                raise LogStateError(f"the tracking record written at log index {where} was replaced")
+            tracked.applied = True
         out: list[AppendResult] = []
         for plan in prepared._planned:
             if plan.result is not None:

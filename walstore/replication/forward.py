@@ -9,10 +9,12 @@ sent is an *unknown outcome* (504): the leader may have appended it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import trio
@@ -28,7 +30,7 @@ from walstore.errors import (
     ValidationError,
     WalstoreError,
 )
-from walstore.event import AppendResult, NewEvent
+from walstore.event import EXISTS, AppendResult, ExpectedVersion, NewEvent, Tracking
 from walstore.protocol import Forward, ForwardResult
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 
@@ -49,38 +51,75 @@ EPOCH_POLL_S = 0.05
 CONNECT_SHARE = 0.25
 
 
-def encode_events(events: Sequence[NewEvent]) -> bytes:
-    return orjson.dumps(
-        [
-            {
-                "id": e.id,
-                "type": e.type,
-                "aggregate_id": e.aggregate_id,
-                "payload": orjson.Fragment(e.payload),
-                "metadata": orjson.Fragment(e.metadata),
-                "expected_version": e.expected_version,
-            }
-            for e in events
-        ]
+def _event_item(e: NewEvent) -> dict[str, object]:
+    item: dict[str, object] = {"id": e.id, "type": e.type, "aggregate_id": e.aggregate_id}
+    if e.binary:
+        item["payload_base64"] = base64.b64encode(e.payload).decode("ascii")
+    else:
+        item["payload"] = orjson.Fragment(e.payload)
+    item["metadata"] = orjson.Fragment(e.metadata)
+    item["expected_version"] = e.expected_version
+    return item
+
+
+def encode_events(events: Sequence[NewEvent], tracking: Tracking | None = None) -> bytes:
+    """A JSON list of the events; with tracking, ``{"events": [...], "tracking": {...}}``
+    (a leader of an older version refuses that as a bad request, never misreads it)."""
+    items = [_event_item(e) for e in events]
+    if tracking is None:
+        return orjson.dumps(items)
+    return orjson.dumps({"events": items, "tracking": {"consumer": tracking.consumer, "position": tracking.position}})
+
+
+def _expected(value: object) -> ExpectedVersion:
+    if value is None or value == EXISTS:
+        return cast(ExpectedVersion, value)
+    if type(value) is not int:
+        raise ValueError(f"expected_version {value!r}")
+    return value
+
+
+def _exact(encoded: bytes) -> bytes:
+    # orjson's result keeps its output buffer's allocation (4 KiB at least): a copy of its
+    # own size, as these live until the event is applied (walstore.http.validation._encoded)
+    return bytes(memoryview(encoded))
+
+
+def _decode_event(i: dict[str, Any]) -> NewEvent:
+    binary = "payload_base64" in i
+    return NewEvent(
+        id=str(i["id"]),
+        type=str(i["type"]),
+        aggregate_id=str(i["aggregate_id"]),
+        payload=(
+            base64.b64decode(i["payload_base64"], validate=True)
+            if binary
+            else _exact(orjson.dumps(i["payload"], option=orjson.OPT_SORT_KEYS))
+        ),
+        metadata=_exact(orjson.dumps(i["metadata"], option=orjson.OPT_SORT_KEYS)),
+        expected_version=_expected(i["expected_version"]),
+        binary=binary,
     )
 
 
 def decode_events(body: bytes) -> list[NewEvent]:
+    return decode_request(body)[0]
+
+
+def decode_request(body: bytes) -> tuple[list[NewEvent], Tracking | None]:
     """The follower validated these already; a peer that sends junk is a protocol error."""
     try:
-        items = orjson.loads(body)
-        return [
-            NewEvent(
-                id=str(i["id"]),
-                type=str(i["type"]),
-                aggregate_id=str(i["aggregate_id"]),
-                payload=orjson.dumps(i["payload"], option=orjson.OPT_SORT_KEYS),
-                metadata=orjson.dumps(i["metadata"], option=orjson.OPT_SORT_KEYS),
-                expected_version=None if i["expected_version"] is None else int(i["expected_version"]),
-            )
-            for i in items
-        ]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        data = orjson.loads(body)
+        tracking = None
+        if isinstance(data, dict):
+            t = data["tracking"]
+            position = t["position"]
+            if type(position) is not int:
+                raise ValueError(f"tracking position {position!r}")
+            tracking = Tracking(str(t["consumer"]), position)
+            data = data["events"]
+        return [_decode_event(i) for i in data], tracking
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise ValidationError(f"forwarded request is not a valid event list: {exc}") from exc
 
 
@@ -150,7 +189,9 @@ class Forwarder:
                     self._channel = None
                     await channel.aclose()  # _read_answers wakes its waiters: 504
 
-    async def forward(self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float) -> list[AppendResult]:
+    async def forward(
+        self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float, *, tracking: Tracking | None = None
+    ) -> list[AppendResult]:
         """The leader's answer, within ``timeout_s`` in all: connecting (and waiting for
         another request's connect) counts against it too, and may take ``CONNECT_SHARE``
         of it, so a leader that accepts TCP but never answers (SIGSTOPped, blackholed) costs
@@ -172,7 +213,7 @@ class Forwarder:
         try:
             with trio.move_on_at(deadline):
                 try:
-                    await channel.send(Forward(request_id, encode_events(events)))
+                    await channel.send(Forward(request_id, encode_events(events, tracking)))
                 except PeerClosed as exc:
                     raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
                 sent = True
@@ -233,14 +274,16 @@ class Forwarder:
 
 
 async def serve_forwards(
-    channel: PeerChannel, first: Forward, append: Callable[[list[NewEvent]], Awaitable[list[AppendResult]]]
+    channel: PeerChannel,
+    first: Forward,
+    append: Callable[[list[NewEvent], Tracking | None], Awaitable[list[AppendResult]]],
 ) -> None:
     """The leader's end: run each forwarded append concurrently, answer by id."""
 
     async def one(message: Forward) -> None:
         outcome: list[AppendResult] | WalstoreError
         try:
-            outcome = await append(decode_events(bytes(message.body)))
+            outcome = await append(*decode_request(bytes(message.body)))
         except WalstoreError as exc:
             outcome = exc
         status, body = encode_outcome(outcome)
