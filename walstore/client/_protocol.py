@@ -770,6 +770,7 @@ class Reconnects:
         self.url = router.current
         self.last_ok = now
         self.failures = 0
+        self.count = 0  # reconnections so far
         self.last_error = ""
 
     def answered(self, now: float) -> None:
@@ -788,5 +789,6 @@ class Reconnects:
             raise Unavailable(f"subscription: no node answered for {self.deadline_s:g} s; last: {self.last_error}")
         wait = 0.0 if self.failures == 0 else min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(self.failures - 1, 5))
         self.failures += 1
+        self.count += 1
         self.url = self.router.advance(self.url)
         return wait

@@ -212,11 +212,22 @@ class Subscription:
     def __init__(self, client: Client, state: p.SubscriptionState) -> None:
         self._client = client
         self._state = state
+        self._reconnects: p.Reconnects | None = None
         self._events = self._run()
 
     @property
     def position(self) -> int:
         return self._state.position
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the stream broke and was reopened (for logs and tests)."""
+        return self._reconnects.count if self._reconnects is not None else 0
+
+    @property
+    def last_error(self) -> str:
+        """Why the stream last broke ("" if it never did)."""
+        return self._reconnects.last_error if self._reconnects is not None else ""
 
     def __iter__(self) -> Subscription:
         return self
@@ -237,7 +248,7 @@ class Subscription:
 
     def _run(self) -> Generator[RecordedEvent, None, None]:
         client = self._client
-        reconnects = p.Reconnects(client.router, client.retry_deadline, time.monotonic())
+        reconnects = self._reconnects = p.Reconnects(client.router, client.retry_deadline, time.monotonic())
         timeout = httpx.Timeout(client.timeout, read=client.heartbeat_timeout)
         while True:
             request = self._state.request()
