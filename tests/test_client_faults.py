@@ -96,3 +96,23 @@ def test_nothing_reachable_is_unavailable_not_unknown() -> None:
     ):
         client.append("nowhere", "T", {})
     assert caught.value.status is None and "ConnectError" in caught.value.message
+
+
+def test_a_silent_stream_is_detected_and_resumed_on_the_next_node(node: ServedNode, proxy: FaultProxy) -> None:
+    agg = f"silent-{uuid.uuid4().hex[:8]}"
+    with Client(node.url) as writer:
+        first = [writer.append(agg, "T", {"n": n}) for n in range(3)]
+        # The proxy first, the node itself second: the subscription starts on the proxy.
+        urls = [proxied(proxy), node.url]
+        with (
+            Client(urls, heartbeat_timeout=1.0) as client,
+            client.subscribe(from_index=first[0].index, aggregate_prefix=agg) as subscription,
+        ):
+            got = [next(subscription) for _ in range(3)]
+            assert subscription.reconnects == 0
+            # TCP stays up but nothing flows: only the missing heartbeats tell.
+            proxy.blackhole()
+            more = [writer.append(agg, "T", {"n": n}) for n in range(3, 6)]
+            got += [next(subscription) for _ in range(3)]
+            assert subscription.reconnects >= 1 and "ReadTimeout" in subscription.last_error
+    assert [e.index for e in got] == [r.index for r in first + more]

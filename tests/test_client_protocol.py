@@ -274,3 +274,13 @@ def test_reconnects_go_round_the_nodes_and_give_up_after_the_deadline() -> None:
     assert reconnects.broken("reset", now=8.0) == 0.0 and reconnects.count == 3
     with pytest.raises(Unavailable):
         reconnects.broken("refused", now=9.5)
+
+
+def test_event_reads_ask_for_the_clients_own_writes_and_nothing_else_does() -> None:
+    read = p.log_page_request(from_index=1, limit=10)
+    assert p.at_least(read, 42).params[-1] == ("min_index", "42")
+    assert p.at_least(read, 0) == read  # nothing written yet: nothing to wait for
+    aggregate = p.aggregate_page_request("a", from_version=None, limit=1, direction="backward")
+    assert ("min_index", "7") in p.at_least(aggregate, 7).params
+    assert p.at_least(p.STATUS_REQUEST, 42) == p.STATUS_REQUEST
+    assert p.at_least(p.consumer_request("c"), 42).params == ()

@@ -25,7 +25,7 @@ import json
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import httpx
@@ -90,6 +90,8 @@ class Request:
     body: bytes | None = None
     kind: Kind = "read"
     event_ids: tuple[str, ...] = ()
+    # An event read, which takes ``min_index`` (read-your-writes on any node).
+    reads_events: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -209,7 +211,7 @@ def log_page_request(
     params.extend(_filter_params(types, aggregate_prefix))
     if _check_direction(direction) == "backward":
         params.append(("direction", "backward"))
-    return Request("GET", "/events", tuple(params))
+    return Request("GET", "/events", tuple(params), reads_events=True)
 
 
 def aggregate_page_request(aggregate_id: str, *, from_version: int | None, limit: int, direction: str) -> Request:
@@ -218,7 +220,16 @@ def aggregate_page_request(aggregate_id: str, *, from_version: int | None, limit
         params.append(("from_version", str(from_version)))
     params.append(("limit", str(limit)))
     params.append(("direction", _check_direction(direction)))
-    return Request("GET", f"/events/{urllib.parse.quote(aggregate_id, safe='')}", tuple(params))
+    return Request("GET", f"/events/{urllib.parse.quote(aggregate_id, safe='')}", tuple(params), reads_events=True)
+
+
+def at_least(request: Request, min_index: int) -> Request:
+    """``request`` asking the node to have applied event ``min_index`` first (it waits,
+    then answers 503 ``not_caught_up``, which moves the call to the next node): a client
+    then reads its own writes whichever node answers. Only event reads take it."""
+    if not request.reads_events or min_index < 1:
+        return request
+    return replace(request, params=(*request.params, ("min_index", str(min_index))))
 
 
 def consumer_request(consumer: str) -> Request:
