@@ -94,6 +94,9 @@ def test_a_leader_hint_goes_to_the_leaders_url_at_once_or_asks_who_is_who() -> N
     call = p.Call(p.append_request(EventData("a", "T")), router, deadline=10.0, timeout=1.0)
     step = call.answered(503, {**JSON, "retry-after": "1"}, error("not_leader", leader_id="n2"), now=0.0)
     assert step == p.Retry(URLS[0], 0.0, probe=URLS)  # ids unknown: GET /status first
+    # The probe learned nothing (the nodes did not answer): no second probe, wait as told.
+    step = call.answered(503, {**JSON, "retry-after": "1"}, error("not_leader", leader_id="n2"), now=0.0)
+    assert step == p.Retry(URLS[0], 1.0)
     for url, node_id in zip(URLS, ["n0", "n1", "n2"], strict=True):
         router.learn(url, {"id": node_id})
     step = call.answered(503, {**JSON, "retry-after": "1"}, error("not_leader", leader_id="n2"), now=0.0)

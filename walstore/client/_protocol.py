@@ -495,6 +495,7 @@ class Call:
         self._backoff = FIRST_BACKOFF_S
         self._refused_in_row = 0
         self._hinted: set[str] = set()
+        self._probed = False  # asked the unknown nodes who they are (once per call)
         self._last: WalstoreClientError | None = None
 
     def attempt_timeout(self, now: float) -> float:
@@ -520,7 +521,8 @@ class Call:
                 if leader_url is not None and leader_url != self.url and leader_url not in self._hinted:
                     self._hinted.add(leader_url)
                     return self._retry(leader_url, 0.0, now)
-                if leader_url is None and self.router.unknown():
+                if leader_url is None and self.router.unknown() and not self._probed:
+                    self._probed = True
                     return self._retry(self.url, 0.0, now, probe=self.router.unknown())
             next_url = self.router.advance(self.url) if error.code in NODE_LOCAL_CODES else self.url
             return self._retry(next_url, wait if wait is not None else self._next_backoff(), now)
