@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import trio
 from harness.proxy import Direction, FaultProxy
 from served_node import ServedNode
 
-from walstore.client import Client
+from walstore.client import AsyncClient, Client
 from walstore.client.errors import OutcomeUnknown, Unavailable
 from walstore.client.models import EventData
 from walstore.client.simple import parse_url
@@ -59,6 +60,26 @@ def test_a_lost_answer_is_retried_with_the_same_id_and_stored_once(node: ServedN
     with Client(node.url) as direct:
         stored = list(direct.read_aggregate(agg))
     assert [(e.id, e.index, e.version) for e in stored] == [(result.event_id, result.index, 1)]
+
+
+async def test_the_async_client_retries_a_lost_answer_with_the_same_id_too(node: ServedNode, proxy: FaultProxy) -> None:
+    agg = f"lost-async-{uuid.uuid4().hex[:8]}"
+    proxy.drop(Direction.B_TO_A)
+
+    def heal_once_an_answer_was_dropped() -> None:
+        proxy.wait_stats(lambda s: s.dropped_b_to_a > 0, timeout_s=20.0)
+        proxy.heal()
+
+    healer = threading.Thread(target=heal_once_an_answer_was_dropped)
+    healer.start()
+    try:
+        async with AsyncClient(proxied(proxy), timeout=1.0, retry_deadline=30.0) as client:
+            result = await client.append_batch([EventData(agg, "T", {"n": n}) for n in range(2)])
+    finally:
+        await trio.to_thread.run_sync(healer.join)
+    async with AsyncClient(node.url) as direct:
+        stored = [e.id async for e in direct.read_aggregate(agg)]
+    assert stored == [r.event_id for r in result.events]
 
 
 def test_outcome_unknown_names_the_ids_and_resending_them_stores_once(node: ServedNode, proxy: FaultProxy) -> None:
