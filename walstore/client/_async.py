@@ -278,7 +278,7 @@ class AsyncSubscription:
                         reconnects.answered(time.monotonic())
                         parser = p.SseParser()
                         async for line in response.aiter_lines():
-                            reconnects.receiving()
+                            reconnects.receiving(time.monotonic())
                             message = parser.feed(line)
                             if message is None:
                                 continue

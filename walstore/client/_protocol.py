@@ -790,9 +790,12 @@ class Reconnects:
         """A node answered 200: the clock of the deadline starts again."""
         self.last_ok = now
 
-    def receiving(self) -> None:
-        """The stream carried a line: it works, so the next break is not a failure in a row."""
+    def receiving(self, now: float) -> None:
+        """The stream carried a line: it works, so the next break is not a failure in a
+        row, and the deadline counts from now (a stream that ran for a day breaks with
+        the whole deadline ahead of it)."""
         self.failures = 0
+        self.last_ok = now
 
     def broken(self, reason: str, now: float) -> float:
         """The pause before the next connection (to ``self.url``, the next node);

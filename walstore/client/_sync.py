@@ -274,7 +274,7 @@ class Subscription:
                         reconnects.answered(time.monotonic())
                         parser = p.SseParser()
                         for line in response.iter_lines():
-                            reconnects.receiving()
+                            reconnects.receiving(time.monotonic())
                             message = parser.feed(line)
                             if message is None:
                                 continue
