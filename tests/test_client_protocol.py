@@ -7,11 +7,14 @@ subscription's resume point moves (checkpoints, repeats, a skipped index)."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 
 import httpx
 import orjson
 import pytest
 
+import walstore.client
 from walstore.client import _protocol as p
 from walstore.client.errors import (
     BadRequest,
@@ -288,3 +291,16 @@ def test_event_reads_ask_for_the_clients_own_writes_and_nothing_else_does() -> N
     assert ("min_index", "7") in p.at_least(aggregate, 7).params
     assert p.at_least(p.STATUS_REQUEST, 42) == p.STATUS_REQUEST
     assert p.at_least(p.consumer_request("c"), 42).params == ()
+
+
+def test_the_command_lines_client_names_do_not_import_httpx() -> None:
+    # httpx takes ~0.2 s to import: ``walstore.client`` loads it only when Client or
+    # AsyncClient is first used, so every CLI command that needs only the small client starts fast.
+    code = (
+        "import sys, walstore.client as c; from walstore.client import WalstoreClient, follow;"
+        "assert 'httpx' not in sys.modules; c.AsyncClient; assert 'httpx' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(AttributeError):
+        _ = walstore.client.NoSuchName
