@@ -304,3 +304,16 @@ def test_the_command_lines_client_names_do_not_import_httpx() -> None:
     assert done.returncode == 0, done.stderr
     with pytest.raises(AttributeError):
         _ = walstore.client.NoSuchName
+
+
+def test_a_client_refuses_bad_urls_and_durations_before_sending_anything() -> None:
+    from walstore.client import Client
+
+    for bad in ([], ["https://h:1"], ["http://h:1/path"], ["not a url:x"]):
+        with pytest.raises(ValueError):
+            Client(bad)
+    with pytest.raises(ValueError, match="retry_deadline"):
+        Client("http://h:1", retry_deadline=0)
+    with pytest.raises(ValueError, match="timeout"):
+        Client("http://h:1", timeout=float("nan"))
+    assert p.Router(["h:1", "http://h:1/", "http://[::1]:2"]).urls == ["http://h:1", "http://[::1]:2"]

@@ -49,6 +49,7 @@ class AsyncClient:
         read_your_writes: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        p.check_durations(timeout=timeout, retry_deadline=retry_deadline, heartbeat_timeout=heartbeat_timeout)
         self.router = p.Router(urls)
         self.timeout = timeout
         self.retry_deadline = retry_deadline

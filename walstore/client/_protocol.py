@@ -117,6 +117,13 @@ def normalise_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
+def check_durations(**seconds: float) -> None:
+    """ValueError naming the first of ``seconds`` that is not a positive finite number."""
+    for name, value in seconds.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
 def _dumps(value: Any) -> bytes:
     # Mappings that are not dicts (MappingProxyType, frozendicts) as objects.
     return orjson.dumps(value, default=_mapping_to_dict)

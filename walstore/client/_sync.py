@@ -48,6 +48,7 @@ class Client:
         read_your_writes: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        p.check_durations(timeout=timeout, retry_deadline=retry_deadline, heartbeat_timeout=heartbeat_timeout)
         self.router = p.Router(urls)
         self.timeout = timeout
         self.retry_deadline = retry_deadline
