@@ -22,11 +22,14 @@ Bodies (``POST /events`` and ``POST /events/batch``):
   ``type``                  required; non-empty string, <= MAX_TYPE_BYTES UTF-8 bytes
   ``aggregate_id``          required; non-empty string, <= MAX_AGGREGATE_ID_BYTES,
                             no "/", not "." or ".." (it is a URL path segment)
-  ``payload``               required; a JSON object
+  ``payload``               required unless ``payload_base64``; a JSON object
+  ``payload_base64``        instead of ``payload`` (both: 400): binary bytes in
+                            standard, padded, canonical base64 (RFC 4648 section 4)
   ``metadata``              optional; a JSON object, default ``{}``
   ``id``                    optional; non-empty string <= MAX_ID_BYTES; absent -> uuid4
-  ``expected_version``      optional; integer >= 0 (``true`` is not an integer);
-                            0 = the aggregate must be new
+  ``expected_version``      optional; integer >= 0 (``true`` is not an integer),
+                            0 = the aggregate must be new; or ``"exists"`` = the
+                            aggregate must have at least one event
   ========================  ======================================================
 
   ``type``, ``aggregate_id`` and ``id`` may not contain control characters (Unicode Cc).
@@ -44,13 +47,17 @@ Bodies (``POST /events`` and ``POST /events/batch``):
 
 Query strings: ``from_version`` (>= 1; default 1 forward, the newest event backward),
 ``limit`` (1..MAX_READ_LIMIT, default DEFAULT_READ_LIMIT), ``direction`` (``forward`` |
-``backward``), ``from_index`` (>= 1, default 1), ``min_index`` (>= 0). Numbers are plain
+``backward``), ``from_index`` (>= 1; default 1 forward, the last event backward),
+``min_index`` (>= 0), ``types`` (comma-separated event types, each non-empty, at most
+MAX_FILTER_TYPES) and ``aggregate_prefix`` (non-empty). Numbers are plain
 ASCII decimal digits. A bad value or a repeated parameter is 400 ``invalid_query`` naming
 the ``parameter``; unknown parameters are ignored (cache busters such as ``_=123``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +68,7 @@ import orjson
 
 from walstore.errors import PayloadTooLarge, UnsupportedMedia, ValidationError
 from walstore.event import (
+    EXISTS,
     MAX_AGGREGATE_ID_BYTES,
     MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
@@ -78,8 +86,12 @@ _MAX_POSITION_DIGITS: Final = len(str(MAX_POSITION))
 # bounds the memory and the time one request can take; clients page with from_*.
 MAX_READ_LIMIT: Final = 10_000
 DEFAULT_READ_LIMIT: Final = 1000
+# ``types=`` of a log read or subscription: each name is checked and kept in a set.
+MAX_FILTER_TYPES: Final = 100
 
-_EVENT_FIELDS: Final = frozenset(("id", "type", "aggregate_id", "payload", "metadata", "expected_version"))
+_EVENT_FIELDS: Final = frozenset(
+    ("id", "type", "aggregate_id", "payload", "payload_base64", "metadata", "expected_version")
+)
 _BATCH_FIELDS: Final = frozenset(("events",))
 _EMPTY_OBJECT: Final = b"{}"
 
@@ -125,11 +137,16 @@ class LogReadParams:
     from_index: int
     limit: int
     min_index: int | None
+    direction: Direction = "forward"
+    types: frozenset[str] | None = None
+    aggregate_prefix: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SubscribeParams:
     from_index: int
+    types: frozenset[str] | None = None
+    aggregate_prefix: str | None = None
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -249,6 +266,8 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
             details["event_index"] = index
         raise ValidationError(f"unknown field {unknown!r}", code="unknown_field", **details)
     for required in ("type", "aggregate_id", "payload"):
+        if required == "payload" and "payload_base64" in obj:
+            continue
         if required not in obj:
             details = {"field": required}
             if index is not None:
@@ -259,9 +278,15 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
     aggregate_id = _check_name(obj["aggregate_id"], "aggregate_id", MAX_AGGREGATE_ID_BYTES, index)
     _check_path_segment(aggregate_id, index)
 
-    payload = obj["payload"]
-    if not isinstance(payload, dict):
+    binary = "payload_base64" in obj
+    if binary:
+        if "payload" in obj:
+            raise _invalid("payload_base64", "give payload or payload_base64, not both", index)
+        payload_bytes = _base64_payload(obj["payload_base64"], index)
+    elif not isinstance(obj["payload"], dict):
         raise _invalid("payload", "must be a JSON object", index)
+    else:
+        payload_bytes = text_of("payload")
     metadata = obj.get("metadata")
     if metadata is None:
         metadata_bytes = _EMPTY_OBJECT
@@ -269,7 +294,6 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
         metadata_bytes = text_of("metadata")
     else:
         raise _invalid("metadata", "must be a JSON object", index)
-    payload_bytes = text_of("payload")
     size = len(payload_bytes) + len(metadata_bytes)
     if size > MAX_EVENT_BYTES:
         raise PayloadTooLarge(
@@ -283,8 +307,8 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
 
     expected = obj.get("expected_version")
     # bool is a subclass of int: `type() is int` keeps `true` out.
-    if expected is not None and (type(expected) is not int or not 0 <= expected <= MAX_POSITION):
-        raise _invalid("expected_version", "must be an integer >= 0", index)
+    if expected is not None and expected != EXISTS and (type(expected) is not int or not 0 <= expected <= MAX_POSITION):
+        raise _invalid("expected_version", 'must be an integer >= 0 or the string "exists"', index)
 
     return NewEvent(
         id=event_id,
@@ -293,7 +317,28 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
         payload=payload_bytes,
         metadata=metadata_bytes,
         expected_version=expected,
+        binary=binary,
     )
+
+
+def _base64_payload(value: object, index: int | None) -> bytes:
+    """Standard base64 with padding, and canonical: decoding and encoding again gives the
+    same text, so what a client reads back is what it sent."""
+    if not isinstance(value, str):
+        raise _invalid("payload_base64", "must be a base64 string", index)
+    if len(value) > 2 * MAX_EVENT_BYTES:  # base64 of MAX_EVENT_BYTES is 4/3 of it
+        raise PayloadTooLarge(
+            f"payload_base64 decodes to more than {MAX_EVENT_BYTES} bytes",
+            code="event_too_large",
+            limit=MAX_EVENT_BYTES,
+        )
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise _invalid("payload_base64", "is not standard padded base64", index) from None
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise _invalid("payload_base64", "is not canonical base64 (non-zero trailing bits)", index)
+    return raw
 
 
 def _check_name(value: object, field: str, max_bytes: int, index: int | None) -> str:
@@ -402,21 +447,56 @@ def _optional_int_param(params: dict[str, str], name: str, low: int, high: int) 
     return _int_param(params, name, low, low, high)
 
 
+def _direction_param(params: dict[str, str]) -> Direction:
+    raw_direction = params.get("direction", "forward")
+    if raw_direction == "forward":
+        return "forward"
+    if raw_direction == "backward":
+        return "backward"
+    raise ValidationError(
+        f"query parameter 'direction' must be forward or backward, got {raw_direction[:40]!r}",
+        code="invalid_query",
+        parameter="direction",
+    )
+
+
+def _filter_params(params: dict[str, str]) -> tuple[frozenset[str] | None, str | None]:
+    """``types=A,B`` (event types, at most MAX_FILTER_TYPES) and ``aggregate_prefix=P``;
+    an empty value or an empty name in the list is 400 ``invalid_query``."""
+    types: frozenset[str] | None = None
+    raw = params.get("types")
+    if raw is not None:
+        names = raw.split(",")
+        if len(names) > MAX_FILTER_TYPES:
+            raise ValidationError(
+                f"query parameter 'types' names at most {MAX_FILTER_TYPES} types",
+                code="invalid_query",
+                parameter="types",
+            )
+        for name in names:
+            _query_name(name, "types", MAX_TYPE_BYTES)
+        types = frozenset(names)
+    prefix = params.get("aggregate_prefix")
+    if prefix is not None:
+        _query_name(prefix, "aggregate_prefix", MAX_AGGREGATE_ID_BYTES)
+    return types, prefix
+
+
+def _query_name(value: str, parameter: str, max_bytes: int) -> None:
+    try:
+        _check_name(value, parameter, max_bytes, None)
+    except ValidationError as exc:
+        raise ValidationError(
+            f"query parameter {parameter!r}: {exc.message.partition(': ')[2] or exc.message}",
+            code="invalid_query",
+            parameter=parameter,
+        ) from None
+
+
 def parse_aggregate_read_query(query: bytes | str) -> AggregateReadParams:
     """``GET /events/{aggregate_id}?from_version&limit&direction&min_index``."""
     params = parse_query(query)
-    raw_direction = params.get("direction", "forward")
-    direction: Direction
-    if raw_direction == "forward":
-        direction = "forward"
-    elif raw_direction == "backward":
-        direction = "backward"
-    else:
-        raise ValidationError(
-            f"query parameter 'direction' must be forward or backward, got {raw_direction[:40]!r}",
-            code="invalid_query",
-            parameter="direction",
-        )
+    direction = _direction_param(params)
     # Backward without a starting point means "from the newest event": MAX_POSITION is past
     # any version, and the service clamps it to the aggregate's current version.
     default_from = 1 if direction == "forward" else MAX_POSITION
@@ -429,12 +509,19 @@ def parse_aggregate_read_query(query: bytes | str) -> AggregateReadParams:
 
 
 def parse_log_read_query(query: bytes | str) -> LogReadParams:
-    """``GET /events?from_index&limit&min_index``."""
+    """``GET /events?from_index&limit&min_index&direction&types&aggregate_prefix``.
+    Backward without ``from_index`` starts at the last event (MAX_POSITION, clamped by
+    the store)."""
     params = parse_query(query)
+    direction = _direction_param(params)
+    types, prefix = _filter_params(params)
     return LogReadParams(
-        from_index=_int_param(params, "from_index", 1, 1, MAX_POSITION),
+        from_index=_int_param(params, "from_index", 1 if direction == "forward" else MAX_POSITION, 1, MAX_POSITION),
         limit=_int_param(params, "limit", DEFAULT_READ_LIMIT, 1, MAX_READ_LIMIT),
         min_index=_optional_int_param(params, "min_index", 0, MAX_POSITION),
+        direction=direction,
+        types=types,
+        aggregate_prefix=prefix,
     )
 
 
@@ -442,7 +529,10 @@ def parse_subscribe_query(query: bytes | str, *, last_event_id: str | None = Non
     """``GET /subscribe?from_index``. Without ``from_index``, an SSE client's reconnect
     header ``Last-Event-ID: N`` (the index of the last event it saw) resumes at N + 1."""
     params = parse_query(query)
+    types, prefix = _filter_params(params)
     if "from_index" not in params and last_event_id is not None:
         resume = {"last_event_id": last_event_id.strip()}
-        return SubscribeParams(from_index=_int_param(resume, "last_event_id", 0, 0, MAX_POSITION - 1) + 1)
-    return SubscribeParams(from_index=_int_param(params, "from_index", 1, 1, MAX_POSITION))
+        from_index = _int_param(resume, "last_event_id", 0, 0, MAX_POSITION - 1) + 1
+    else:
+        from_index = _int_param(params, "from_index", 1, 1, MAX_POSITION)
+    return SubscribeParams(from_index=from_index, types=types, aggregate_prefix=prefix)
