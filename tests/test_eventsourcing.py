@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 from unittest import TestCase
 from uuid import UUID, uuid4
 
+import httpx
+import orjson
 import pytest
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
@@ -229,6 +231,25 @@ def _event(originator_id: UUID | str, version: int, topic: str = "topic", state:
     return StoredEvent(originator_id=originator_id, originator_version=version, topic=topic, state=state)
 
 
+class _CountingTransport(httpx.BaseTransport):
+    """httpx's transport, counting the events the server's log reads (GET /events) carry."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.log_events_received = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method != "GET" or request.url.path != "/events":
+            return response
+        content = response.read()
+        self.log_events_received += len(orjson.loads(content)["events"])
+        return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class TestWalstoreMapping(WithNode):
     def recorder(self, namespace: str | None = None) -> WalstoreApplicationRecorder:
         if namespace is None:
@@ -274,6 +295,23 @@ class TestWalstoreMapping(WithNode):
         self.assertEqual(one.select_notifications(None, 10, topics=["b"]), [])
         self.assertEqual(self.recorder("three").max_notification_id(), None)
         self.assertEqual(escape("one:events"), "one%3Aevents")
+
+    def test_the_server_filters(self) -> None:
+        """An application's reads get only its own events from the server: none of the
+        neighbour's thousands, so nothing is picked out on the client."""
+        neighbour = self.recorder("neighbour")
+        neighbour.insert_events([_event(uuid4(), 1 + i, "mine") for i in range(3_000)])
+        counting = _CountingTransport()
+        datastore = WalstoreDatastore(self.node.url, namespace="test", transport=counting)
+        self.addCleanup(datastore.close)
+        recorder = WalstoreApplicationRecorder(datastore)
+        originator_id = uuid4()
+        recorder.insert_events([_event(originator_id, 1, "mine"), _event(originator_id, 2, "other")])
+        self.assertEqual([n.id for n in recorder.select_notifications(None, 10)], [3_001, 3_002])
+        self.assertEqual([n.id for n in recorder.select_notifications(None, 10, topics=["other"])], [3_002])
+        self.assertEqual(recorder.max_notification_id(), 3_002)
+        self.assertEqual(neighbour.max_notification_id(), 3_000)
+        self.assertEqual(counting.log_events_received, 2 + 1 + 1)
 
     def test_text_ids_with_separators_round_trip(self) -> None:
         recorder = self.recorder("app/with:odd%name")

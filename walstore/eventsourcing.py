@@ -145,7 +145,9 @@ def translated_errors(*, writing: bool) -> Iterator[None]:
 
 class WalstoreDatastore:
     """The connection settings a factory's recorders share: one client (thread-safe, one
-    pool of keep-alive connections) and the bases of the originators seen so far."""
+    pool of keep-alive connections) and the bases of the originators seen so far.
+    ``transport`` is the recorders' httpx transport (default httpx's); subscriptions
+    make their own."""
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class WalstoreDatastore:
         namespace: str = "",
         timeout: float = 10.0,
         retry_deadline: float = 35.0,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.urls = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else list(urls)
         self.urls = [u for u in self.urls if u]
@@ -162,7 +165,7 @@ class WalstoreDatastore:
         self.namespace = namespace
         self.timeout = timeout
         self.retry_deadline = retry_deadline
-        self.client = Client(self.urls, timeout=timeout, retry_deadline=retry_deadline)
+        self.client = Client(self.urls, timeout=timeout, retry_deadline=retry_deadline, transport=transport)
         self._bases: dict[str, int] = {}
         self._bases_lock = threading.Lock()
 
