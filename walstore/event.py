@@ -4,20 +4,22 @@ An event record's body (kind EVENT in ``walstore.wal.record``) is, little-endian
 
     offset size field
     0      1    body format (BODY_FORMAT = 1)
-    1      1    reserved, 0
+    1      1    flags: bit 0 FLAG_BINARY_PAYLOAD (the payload is raw bytes, not JSON
+                text; records written before it existed hold 0); other bits 0
     2      2    id length in bytes
     4      2    aggregate_id length
     6      2    type length
-    8      4    payload JSON length
+    8      4    payload length (JSON text, or raw bytes with FLAG_BINARY_PAYLOAD)
     12     4    metadata JSON length
     16     8    version: position inside the aggregate, from 1, gap-free
     24     8    timestamp: microseconds since the Unix epoch, set by the leader (signed)
-    32     ...  id, aggregate_id, type (UTF-8), payload JSON, metadata JSON
+    32     ...  id, aggregate_id, type (UTF-8), payload, metadata JSON
 
 The fixed prefix lets start-up rebuild the indexes (id, aggregate, version) without
 parsing JSON; payload and metadata are stored as the JSON text the client sent (validated,
 whitespace outside strings removed: ``walstore.json_text``), so reads copy them into
-responses without re-encoding and every number and key order comes back as sent.
+responses without re-encoding and every number and key order comes back as sent. A
+binary payload (``payload_base64`` in the API) is stored as its decoded bytes, exactly.
 
 Pure: no I/O, no trio.
 """
@@ -26,13 +28,20 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final, Literal
 
 from walstore.errors import CorruptionError
 from walstore.json_text import same_json_value
 
 BODY_FORMAT = 1
+FLAG_BINARY_PAYLOAD: Final = 0x01  # body byte 1: the payload is bytes, not JSON text
+_KNOWN_BODY_FLAGS: Final = FLAG_BINARY_PAYLOAD
 _PREFIX = struct.Struct("<BBHHHIIQq")
 PREFIX_BYTES = _PREFIX.size  # 32
+
+# ``expected_version``: None = any, an int N >= 0 = exactly N, EXISTS = at least one event.
+EXISTS: Final = "exists"
+ExpectedVersion = int | Literal["exists"] | None
 
 # Limits, checked by the HTTP validation and again by the codec. Why these numbers:
 # a UUID is 36 bytes; EventStoreDB caps stream names at ~2 KiB but real aggregate ids are
@@ -55,14 +64,17 @@ class NewEvent:
     aggregate_id: str
     payload: bytes  # the client's JSON text of an object, whitespace removed (json_text)
     metadata: bytes  # the same, for metadata
-    expected_version: int | None = None  # 0 = aggregate must be new; None = any
+    expected_version: ExpectedVersion = None  # 0 = aggregate must be new; None = any
+    binary: bool = False  # payload holds raw bytes (payload_base64), not JSON text
 
     def same_content(self, other: StoredEvent) -> bool:
-        """Idempotency: a repeated id is the same append when these fields match."""
+        """Idempotency: a repeated id is the same append when these fields match (a
+        binary payload byte for byte, JSON by value)."""
         return (
             self.type == other.type
             and self.aggregate_id == other.aggregate_id
-            and same_json_value(self.payload, other.payload)
+            and self.binary == other.binary
+            and (self.payload == other.payload if self.binary else same_json_value(self.payload, other.payload))
             and same_json_value(self.metadata, other.metadata)
         )
 
@@ -79,6 +91,7 @@ class StoredEvent:
     aggregate_id: str
     payload: bytes
     metadata: bytes
+    binary: bool = False  # payload is raw bytes (rendered as payload_base64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +111,7 @@ def encode_event_body(event: NewEvent, version: int, timestamp_us: int) -> bytes
         raise ValueError("event payload and metadata over MAX_EVENT_BYTES")
     prefix = _PREFIX.pack(
         BODY_FORMAT,
-        0,
+        FLAG_BINARY_PAYLOAD if event.binary else 0,
         len(id_b),
         len(agg_b),
         len(type_b),
@@ -110,20 +123,22 @@ def encode_event_body(event: NewEvent, version: int, timestamp_us: int) -> bytes
     return b"".join((prefix, id_b, agg_b, type_b, event.payload, event.metadata))
 
 
-def _unpack_prefix(body: bytes | memoryview, index: int) -> tuple[int, int, int, int, int, int, int]:
+def _unpack_prefix(body: bytes | memoryview, index: int) -> tuple[int, int, int, int, int, int, int, int]:
     if len(body) < PREFIX_BYTES:
         raise CorruptionError("<record body>", index, "event body shorter than its prefix")
-    fmt, _, id_n, agg_n, type_n, pay_n, meta_n, version, ts = _PREFIX.unpack_from(body)
+    fmt, flags, id_n, agg_n, type_n, pay_n, meta_n, version, ts = _PREFIX.unpack_from(body)
     if fmt != BODY_FORMAT:
         raise CorruptionError("<record body>", index, f"unknown event body format {fmt}")
+    if flags & ~_KNOWN_BODY_FLAGS:
+        raise CorruptionError("<record body>", index, f"unknown event body flags {flags:#04x}")
     if PREFIX_BYTES + id_n + agg_n + type_n + pay_n + meta_n != len(body):
         raise CorruptionError("<record body>", index, "event body lengths do not add up")
-    return id_n, agg_n, type_n, pay_n, meta_n, version, ts
+    return flags, id_n, agg_n, type_n, pay_n, meta_n, version, ts
 
 
 def peek_event_keys(body: bytes | memoryview, index: int = 0) -> tuple[str, str, int]:
     """(id, aggregate_id, version) without touching payload or metadata: the start-up path."""
-    id_n, agg_n, _, _, _, version, _ = _unpack_prefix(body, index)
+    _, id_n, agg_n, _, _, _, version, _ = _unpack_prefix(body, index)
     mv = memoryview(body)
     p = PREFIX_BYTES
     try:
@@ -135,7 +150,7 @@ def peek_event_keys(body: bytes | memoryview, index: int = 0) -> tuple[str, str,
 
 
 def decode_event_body(body: bytes | memoryview, index: int) -> StoredEvent:
-    id_n, agg_n, type_n, pay_n, meta_n, version, ts = _unpack_prefix(body, index)
+    flags, id_n, agg_n, type_n, pay_n, meta_n, version, ts = _unpack_prefix(body, index)
     mv = memoryview(body)
     p = PREFIX_BYTES
     try:
@@ -150,4 +165,5 @@ def decode_event_body(body: bytes | memoryview, index: int) -> StoredEvent:
     payload = bytes(mv[p : p + pay_n])
     p += pay_n
     metadata = bytes(mv[p : p + meta_n])
-    return StoredEvent(index, version, ts, event_id, type_, aggregate_id, payload, metadata)
+    binary = bool(flags & FLAG_BINARY_PAYLOAD)
+    return StoredEvent(index, version, ts, event_id, type_, aggregate_id, payload, metadata, binary)

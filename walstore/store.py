@@ -49,6 +49,7 @@ Decisions where the design is silent:
   counted in ``duplicate_ids_applied`` rather than refusing to start.
 - ``expected_version`` of an event is checked against the version just before it,
   including earlier events of the same batch: ``[A exp 0, A exp 1]`` appends two events.
+  ``"exists"`` asks for a version of at least 1 (``[A exp 0, A exp "exists"]`` passes).
   A repeat (same id, same content) skips the check: it was checked the first time.
 - Backward reads start at ``from_version``, or at the newest event when it is 0 or above
   the current version. Reading an unknown aggregate gives no events and version 0.
@@ -68,6 +69,7 @@ from walstore._native import U64Map
 from walstore.errors import ConflictError, CorruptionError, LogStateError, ValidationError
 from walstore.event import (
     BODY_FORMAT,
+    EXISTS,
     MAX_BATCH_EVENTS,
     PREFIX_BYTES,
     AppendResult,
@@ -173,7 +175,8 @@ def _same_content(a: NewEvent, b: NewEvent) -> bool:
     return (
         a.type == b.type
         and a.aggregate_id == b.aggregate_id
-        and same_json_value(a.payload, b.payload)
+        and a.binary == b.binary
+        and (a.payload == b.payload if a.binary else same_json_value(a.payload, b.payload))
         and same_json_value(a.metadata, b.metadata)
     )
 
@@ -651,9 +654,10 @@ class EventStore:
         planned: list[_Planned] = []
         bodies: list[bytes] = []
         for event in events:
-            if event.expected_version is not None and event.expected_version < 0:
+            expected = event.expected_version
+            if expected is not None and expected != EXISTS and (type(expected) is not int or expected < 0):
                 raise ValidationError(
-                    "expected_version must not be negative",
+                    'expected_version must be an integer >= 0 or "exists"',
                     code="invalid_expected_version",
                     event_id=event.id,
                 )
@@ -667,9 +671,10 @@ class EventStore:
             current = batch_versions.get(event.aggregate_id)
             if current is None:
                 current = self._tentative_version(event.aggregate_id)
-            if event.expected_version is not None and event.expected_version != current:
+            if expected is not None and (current == 0 if expected == EXISTS else expected != current):
+                wanted = "at least one event" if expected == EXISTS else f"version {expected}"
                 raise ConflictError(
-                    f"aggregate {event.aggregate_id!r} is at version {current}, not {event.expected_version}",
+                    f"aggregate {event.aggregate_id!r} is at version {current}; expected {wanted}",
                     code="wrong_expected_version",
                     aggregate_id=event.aggregate_id,
                     expected_version=event.expected_version,

@@ -33,7 +33,9 @@ probe port, whose connection cap strangers on the client port cannot use up
 (``walstore.http.server``'s docstring says why a separate port).
 
 An event renders as ``{id, type, timestamp (Unix seconds, the seed's shape), aggregate_id,
-payload, metadata, version, index, recorded_at (RFC 3339, microseconds)}``; payload and
+payload, metadata, version, index, recorded_at (RFC 3339, microseconds)}``; an event
+appended with ``payload_base64`` has ``payload_base64`` (its exact bytes) in place of
+``payload``. Payload and
 metadata are the JSON text the client sent (``walstore.json_text``), embedded with
 ``orjson.Fragment`` rather than parsed again. HEAD is
 answered like GET without a body.
@@ -47,6 +49,7 @@ known; an unknown path is 404 ``not_found``, a known path with another method 40
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import math
@@ -104,6 +107,18 @@ def recorded_at(timestamp_us: int) -> str:
 
 
 def event_json(event: StoredEvent) -> dict[str, object]:
+    if event.binary:
+        return {
+            "id": event.id,
+            "type": event.type,
+            "timestamp": event.timestamp_us // 1_000_000,
+            "aggregate_id": event.aggregate_id,
+            "payload_base64": base64.b64encode(event.payload).decode("ascii"),
+            "metadata": orjson.Fragment(event.metadata),
+            "version": event.version,
+            "index": event.index,
+            "recorded_at": recorded_at(event.timestamp_us),
+        }
     return {
         "id": event.id,
         "type": event.type,

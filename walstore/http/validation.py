@@ -22,11 +22,14 @@ Bodies (``POST /events`` and ``POST /events/batch``):
   ``type``                  required; non-empty string, <= MAX_TYPE_BYTES UTF-8 bytes
   ``aggregate_id``          required; non-empty string, <= MAX_AGGREGATE_ID_BYTES,
                             no "/", not "." or ".." (it is a URL path segment)
-  ``payload``               required; a JSON object
+  ``payload``               required unless ``payload_base64``; a JSON object
+  ``payload_base64``        instead of ``payload`` (both: 400): binary bytes in
+                            standard, padded, canonical base64 (RFC 4648 section 4)
   ``metadata``              optional; a JSON object, default ``{}``
   ``id``                    optional; non-empty string <= MAX_ID_BYTES; absent -> uuid4
-  ``expected_version``      optional; integer >= 0 (``true`` is not an integer);
-                            0 = the aggregate must be new
+  ``expected_version``      optional; integer >= 0 (``true`` is not an integer),
+                            0 = the aggregate must be new; or ``"exists"`` = the
+                            aggregate must have at least one event
   ========================  ======================================================
 
   ``type``, ``aggregate_id`` and ``id`` may not contain control characters (Unicode Cc).
@@ -51,6 +54,8 @@ the ``parameter``; unknown parameters are ignored (cache busters such as ``_=123
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +66,7 @@ import orjson
 
 from walstore.errors import PayloadTooLarge, UnsupportedMedia, ValidationError
 from walstore.event import (
+    EXISTS,
     MAX_AGGREGATE_ID_BYTES,
     MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
@@ -79,7 +85,9 @@ _MAX_POSITION_DIGITS: Final = len(str(MAX_POSITION))
 MAX_READ_LIMIT: Final = 10_000
 DEFAULT_READ_LIMIT: Final = 1000
 
-_EVENT_FIELDS: Final = frozenset(("id", "type", "aggregate_id", "payload", "metadata", "expected_version"))
+_EVENT_FIELDS: Final = frozenset(
+    ("id", "type", "aggregate_id", "payload", "payload_base64", "metadata", "expected_version")
+)
 _BATCH_FIELDS: Final = frozenset(("events",))
 _EMPTY_OBJECT: Final = b"{}"
 
@@ -249,6 +257,8 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
             details["event_index"] = index
         raise ValidationError(f"unknown field {unknown!r}", code="unknown_field", **details)
     for required in ("type", "aggregate_id", "payload"):
+        if required == "payload" and "payload_base64" in obj:
+            continue
         if required not in obj:
             details = {"field": required}
             if index is not None:
@@ -259,9 +269,15 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
     aggregate_id = _check_name(obj["aggregate_id"], "aggregate_id", MAX_AGGREGATE_ID_BYTES, index)
     _check_path_segment(aggregate_id, index)
 
-    payload = obj["payload"]
-    if not isinstance(payload, dict):
+    binary = "payload_base64" in obj
+    if binary:
+        if "payload" in obj:
+            raise _invalid("payload_base64", "give payload or payload_base64, not both", index)
+        payload_bytes = _base64_payload(obj["payload_base64"], index)
+    elif not isinstance(obj["payload"], dict):
         raise _invalid("payload", "must be a JSON object", index)
+    else:
+        payload_bytes = text_of("payload")
     metadata = obj.get("metadata")
     if metadata is None:
         metadata_bytes = _EMPTY_OBJECT
@@ -269,7 +285,6 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
         metadata_bytes = text_of("metadata")
     else:
         raise _invalid("metadata", "must be a JSON object", index)
-    payload_bytes = text_of("payload")
     size = len(payload_bytes) + len(metadata_bytes)
     if size > MAX_EVENT_BYTES:
         raise PayloadTooLarge(
@@ -283,8 +298,8 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
 
     expected = obj.get("expected_version")
     # bool is a subclass of int: `type() is int` keeps `true` out.
-    if expected is not None and (type(expected) is not int or not 0 <= expected <= MAX_POSITION):
-        raise _invalid("expected_version", "must be an integer >= 0", index)
+    if expected is not None and expected != EXISTS and (type(expected) is not int or not 0 <= expected <= MAX_POSITION):
+        raise _invalid("expected_version", 'must be an integer >= 0 or the string "exists"', index)
 
     return NewEvent(
         id=event_id,
@@ -293,7 +308,28 @@ def _event_from_object(obj: dict[str, object], text_of: Callable[[str], bytes], 
         payload=payload_bytes,
         metadata=metadata_bytes,
         expected_version=expected,
+        binary=binary,
     )
+
+
+def _base64_payload(value: object, index: int | None) -> bytes:
+    """Standard base64 with padding, and canonical: decoding and encoding again gives the
+    same text, so what a client reads back is what it sent."""
+    if not isinstance(value, str):
+        raise _invalid("payload_base64", "must be a base64 string", index)
+    if len(value) > 2 * MAX_EVENT_BYTES:  # base64 of MAX_EVENT_BYTES is 4/3 of it
+        raise PayloadTooLarge(
+            f"payload_base64 decodes to more than {MAX_EVENT_BYTES} bytes",
+            code="event_too_large",
+            limit=MAX_EVENT_BYTES,
+        )
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise _invalid("payload_base64", "is not standard padded base64", index) from None
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise _invalid("payload_base64", "is not canonical base64 (non-zero trailing bits)", index)
+    return raw
 
 
 def _check_name(value: object, field: str, max_bytes: int, index: int | None) -> str:

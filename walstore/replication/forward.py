@@ -9,10 +9,12 @@ sent is an *unknown outcome* (504): the leader may have appended it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import trio
@@ -28,7 +30,7 @@ from walstore.errors import (
     ValidationError,
     WalstoreError,
 )
-from walstore.event import AppendResult, NewEvent
+from walstore.event import EXISTS, AppendResult, ExpectedVersion, NewEvent
 from walstore.protocol import Forward, ForwardResult
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 
@@ -49,19 +51,43 @@ EPOCH_POLL_S = 0.05
 CONNECT_SHARE = 0.25
 
 
+def _event_item(e: NewEvent) -> dict[str, object]:
+    item: dict[str, object] = {"id": e.id, "type": e.type, "aggregate_id": e.aggregate_id}
+    if e.binary:
+        item["payload_base64"] = base64.b64encode(e.payload).decode("ascii")
+    else:
+        item["payload"] = orjson.Fragment(e.payload)
+    item["metadata"] = orjson.Fragment(e.metadata)
+    item["expected_version"] = e.expected_version
+    return item
+
+
 def encode_events(events: Sequence[NewEvent]) -> bytes:
-    return orjson.dumps(
-        [
-            {
-                "id": e.id,
-                "type": e.type,
-                "aggregate_id": e.aggregate_id,
-                "payload": orjson.Fragment(e.payload),
-                "metadata": orjson.Fragment(e.metadata),
-                "expected_version": e.expected_version,
-            }
-            for e in events
-        ]
+    return orjson.dumps([_event_item(e) for e in events])
+
+
+def _expected(value: object) -> ExpectedVersion:
+    if value is None or value == EXISTS:
+        return cast(ExpectedVersion, value)
+    if type(value) is not int:
+        raise ValueError(f"expected_version {value!r}")
+    return value
+
+
+def _decode_event(i: dict[str, Any]) -> NewEvent:
+    binary = "payload_base64" in i
+    return NewEvent(
+        id=str(i["id"]),
+        type=str(i["type"]),
+        aggregate_id=str(i["aggregate_id"]),
+        payload=(
+            base64.b64decode(i["payload_base64"], validate=True)
+            if binary
+            else orjson.dumps(i["payload"], option=orjson.OPT_SORT_KEYS)
+        ),
+        metadata=orjson.dumps(i["metadata"], option=orjson.OPT_SORT_KEYS),
+        expected_version=_expected(i["expected_version"]),
+        binary=binary,
     )
 
 
@@ -69,18 +95,8 @@ def decode_events(body: bytes) -> list[NewEvent]:
     """The follower validated these already; a peer that sends junk is a protocol error."""
     try:
         items = orjson.loads(body)
-        return [
-            NewEvent(
-                id=str(i["id"]),
-                type=str(i["type"]),
-                aggregate_id=str(i["aggregate_id"]),
-                payload=orjson.dumps(i["payload"], option=orjson.OPT_SORT_KEYS),
-                metadata=orjson.dumps(i["metadata"], option=orjson.OPT_SORT_KEYS),
-                expected_version=None if i["expected_version"] is None else int(i["expected_version"]),
-            )
-            for i in items
-        ]
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return [_decode_event(i) for i in items]
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise ValidationError(f"forwarded request is not a valid event list: {exc}") from exc
 
 
