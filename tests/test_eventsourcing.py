@@ -12,6 +12,7 @@ start at 1 for a new recorder, and walstore's ids are its global log indexes.
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import sys
 import tempfile
@@ -72,24 +73,21 @@ class WithNode(TestCase):
     node_env: ClassVar[dict[str, str]] = {}
 
     def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="walstore-es-")
+        tmp = tempfile.TemporaryDirectory(prefix="walstore-es-")
+        self.addCleanup(tmp.cleanup)
         env = {**os.environ, **self.node_env}
-        self.node = ServedNode([sys.executable, "-m", "walstore", "serve"], Path(self._tmp.name), env=env)
+        self.node = ServedNode([sys.executable, "-m", "walstore", "serve"], Path(tmp.name), env=env)
+        # cleanups run last in, first out: the node stops after every client a test (or
+        # its library tearDown) opened is closed, so its drain waits for none of them
+        self.addCleanup(self.node.stop)
         self.node.start()
         self.datastore = WalstoreDatastore(self.node.url, namespace=self.namespace, retry_deadline=10.0)
+        self.addCleanup(self.datastore.close)
         self.node_started()
         super().setUp()
 
     def node_started(self) -> None:
         """What a test case needs of the node before the library's setUp runs."""
-
-    def tearDown(self) -> None:
-        try:
-            super().tearDown()
-        finally:
-            self.datastore.close()
-            self.node.stop()
-            self._tmp.cleanup()
 
 
 class WithTextOriginatorID:
@@ -209,6 +207,15 @@ class WithNodeEnviron(WithNode):
     def node_started(self) -> None:
         os.environ["PERSISTENCE_MODULE"] = "walstore.eventsourcing"
         os.environ["WALSTORE_URLS"] = self.node.url
+        self.addCleanup(self._close_applications_clients)
+
+    def _close_applications_clients(self) -> None:
+        # The library's application tests do not close their applications: their idle
+        # keep-alive connections would hold the node's graceful stop for its grace period.
+        gc.collect()
+        for obj in gc.get_objects():
+            if isinstance(obj, WalstoreDatastore) and obj.urls == [self.node.url]:
+                obj.close()
 
     def tearDown(self) -> None:
         del os.environ["PERSISTENCE_MODULE"]
