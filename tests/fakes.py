@@ -16,7 +16,7 @@ can send bytes no well-behaved client would.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -28,8 +28,8 @@ from walstore.errors import LogStateError, UnavailableError
 from walstore.event import AppendResult, NewEvent, StoredEvent
 from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits, HttpServer
-from walstore.service import AggregateRead, Direction, LogRead, NodeStatus
-from walstore.store import KIND_EVENT, EventStore
+from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, NodeStatus, subscription
+from walstore.store import KIND_EVENT, SCAN_BUDGET_EVENTS, EventStore
 
 BASE_TIMESTAMP_US = 1_700_000_000_000_000
 
@@ -62,6 +62,7 @@ class FakeEventService:
         self.append_gate: trio.Event | None = None
         self.append_entered = trio.Event()
         self.read_calls: list[dict[str, Any]] = []
+        self.scan_budget = SCAN_BUDGET_EVENTS  # a test may make the log reads' scans short
         self.subscriptions_open = 0
         self.subscription_opened = trio.Event()
         self.subscription_closed = trio.Event()
@@ -137,26 +138,53 @@ class FakeEventService:
         await self._wait_for_index(min_index)
         return self.store.read_aggregate(aggregate_id, from_version, limit, direction)
 
-    async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
+    async def read_log(
+        self,
+        *,
+        from_index: int,
+        limit: int,
+        min_index: int | None,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+    ) -> LogRead:
         self._maybe_fail("read_log")
-        self.read_calls.append({"from_index": from_index, "limit": limit, "min_index": min_index})
+        call: dict[str, Any] = {"from_index": from_index, "limit": limit, "min_index": min_index}
+        if direction != "forward" or types is not None or aggregate_prefix is not None:
+            call.update(direction=direction, types=types, aggregate_prefix=aggregate_prefix)
+        self.read_calls.append(call)
         await self._wait_for_index(min_index)
-        return self.store.read_log(from_index, limit)
+        return self.store.read_log(
+            from_index,
+            limit,
+            direction=direction,
+            types=types,
+            aggregate_prefix=aggregate_prefix,
+            scan_budget=self.scan_budget,
+        )
 
-    async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
+    async def subscribe(
+        self, *, from_index: int, types: Collection[str] | None = None, aggregate_prefix: str | None = None
+    ) -> AsyncIterator[StoredEvent | Checkpoint]:
         self._maybe_fail("subscribe")
         self.subscriptions_open += 1
         self.subscription_opened.set()
-        try:
-            next_index = from_index
-            while True:
-                changed = self._changed  # taken before reading, so no append is missed
-                while next_index <= self.store.last_applied_event_index:
-                    for event in self.store.read_log(next_index, 100).events:
-                        yield event
-                        next_index = event.index + 1
-                await changed.wait()
+
+        def read(next_index: int) -> LogRead:
+            page = min(100, self.scan_budget)  # a short scan budget makes short pages
+            return self.store.read_log(
+                next_index, page, types=types, aggregate_prefix=aggregate_prefix, scan_budget=self.scan_budget
+            )
+
+        async def wait_for(event_index: int) -> None:
+            while self.store.last_applied_event_index < event_index:
+                await self._changed.wait()
                 self._maybe_fail("subscribe")
+
+        try:
+            filtered = types is not None or bool(aggregate_prefix)
+            async for item in subscription(read, wait_for, from_index, filtered=filtered):
+                yield item
         finally:
             self.subscriptions_open -= 1
             self.subscription_closed.set()

@@ -8,9 +8,12 @@ import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import trio
 from fakes import FakeEventService, HttpTestClient, HttpTestResponse, start_server
+
+from walstore.http.app import HttpApp
 
 SEED_EVENT = {"type": "UserCreated", "aggregate_id": "user-123", "payload": {"name": "Jo"}}
 
@@ -154,3 +157,178 @@ async def test_bad_payload_base64_is_400(
         error = error_of(response)
         assert (error["code"], error["field"]) == (code, field)
     assert service.log == []
+
+
+# ---------------------------------------------------------------- filters, backward reads
+
+
+async def fill(client: HttpTestClient, spec: list[tuple[str, str]]) -> None:
+    events = [{"type": t, "aggregate_id": a, "payload": {"n": i}} for i, (a, t) in enumerate(spec, 1)]
+    response = await client.request("POST", "/events/batch", json={"events": events})
+    assert response.status == 201, response.body
+
+
+def indexes(body: dict[str, Any]) -> list[int]:
+    return [e["index"] for e in body["events"]]
+
+
+async def get_log(client: HttpTestClient, query: str) -> dict[str, Any]:
+    response = await client.request("GET", f"/events?{query}")
+    assert response.status == 200, response.body
+    body: dict[str, Any] = response.json()
+    assert list(body) == ["events", "count", "last_index", "next_index"]
+    assert body["count"] == len(body["events"])
+    return body
+
+
+async def test_read_log_filters(client: HttpTestClient) -> None:
+    await fill(client, [("order-1", "A"), ("user-1", "B"), ("order-2", "B"), ("order-3", "C,D"), ("o", "A")])
+    assert indexes(await get_log(client, "types=B")) == [2, 3]
+    assert indexes(await get_log(client, "types=A,B")) == [1, 2, 3, 5]
+    assert indexes(await get_log(client, "aggregate_prefix=order-")) == [1, 3, 4]
+    assert indexes(await get_log(client, "aggregate_prefix=order-&types=B")) == [3]
+    assert indexes(await get_log(client, "aggregate_prefix=ord%65r-2")) == [3]
+    body = await get_log(client, "types=B&limit=1")
+    assert indexes(body) == [2] and body["next_index"] == 3 and body["last_index"] == 5
+    body = await get_log(client, "types=Z")
+    assert indexes(body) == [] and body["next_index"] == 6
+    body = await get_log(client, "from_index=9&types=A")
+    assert body["next_index"] == 9  # past the end: read from there again later
+
+
+async def test_read_log_scan_budget_moves_next_index(client: HttpTestClient, service: FakeEventService) -> None:
+    await fill(client, [("a", "Common")] * 29 + [("a", "Rare")])
+    service.scan_budget = 10
+    body = await get_log(client, "types=Rare&limit=5")
+    assert body["events"] == [] and body["next_index"] == 11
+    body = await get_log(client, f"types=Rare&limit=5&from_index={body['next_index']}")
+    assert body["events"] == [] and body["next_index"] == 21
+    body = await get_log(client, f"types=Rare&limit=5&from_index={body['next_index']}")
+    assert [e["index"] for e in body["events"]] == [30] and body["next_index"] == 31
+
+
+async def test_read_log_backward(client: HttpTestClient) -> None:
+    await fill(client, [("a", "X"), ("b", "Y"), ("a", "X"), ("b", "Y")])
+    body = await get_log(client, "direction=backward")
+    assert indexes(body) == [4, 3, 2, 1] and body["next_index"] == 0
+    body = await get_log(client, "direction=backward&limit=3")
+    assert indexes(body) == [4, 3, 2] and body["next_index"] == 1
+    body = await get_log(client, "direction=backward&from_index=3&types=Y")
+    assert indexes(body) == [2] and body["next_index"] == 0
+    body = await get_log(client, "direction=backward&from_index=99&limit=1")
+    assert indexes(body) == [4] and body["next_index"] == 3
+    forward = await get_log(client, "direction=forward")
+    assert indexes(forward) == [1, 2, 3, 4] and forward["next_index"] == 5
+
+
+async def test_backward_read_of_an_empty_log(client: HttpTestClient) -> None:
+    body = await get_log(client, "direction=backward")
+    assert body == {"events": [], "count": 0, "last_index": 0, "next_index": 0}
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ("types=", "types"),
+        ("types=A,,B", "types"),
+        ("types=A&types=B", "types"),
+        ("types=%01", "types"),
+        ("types=" + ",".join(f"T{i}" for i in range(101)), "types"),
+        ("types=" + "x" * 257, "types"),
+        ("aggregate_prefix=", "aggregate_prefix"),
+        ("aggregate_prefix=" + "x" * 257, "aggregate_prefix"),
+        ("direction=sideways", "direction"),
+        ("direction=backward&from_index=0", "from_index"),
+    ],
+)
+async def test_bad_filters_are_400(client: HttpTestClient, query: str, parameter: str) -> None:
+    for path in ("/events", "/subscribe"):
+        if path == "/subscribe" and parameter in ("direction", "from_index"):
+            continue
+        response = await client.request("GET", f"{path}?{query}")
+        assert response.status == 400, (path, response.body)
+        error = error_of(response)
+        assert (error["code"], error["parameter"]) == ("invalid_query", parameter)
+
+
+# ---------------------------------------------------------------- SSE checkpoints
+
+
+def parse_sse(raw: bytes) -> list[dict[str, Any]]:
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block or block.startswith(":"):
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append(fields)
+    return out
+
+
+async def read_messages(client: HttpTestClient, n: int) -> list[dict[str, Any]]:
+    raw = b""
+    with trio.fail_after(10):
+        while len(parse_sse(raw)) < n or not raw.endswith(b"\n\n"):
+            raw += await client.read_chunk()
+    messages = parse_sse(raw)
+    assert len(messages) == n, messages
+    return messages
+
+
+async def subscribe(port: int, query: str, headers: str = "") -> HttpTestClient:
+    client = await HttpTestClient.connect(port)
+    await client.send_raw(f"GET /subscribe?{query} HTTP/1.1\r\nhost: t\r\n{headers}\r\n".encode())
+    head = await client.read_head()
+    assert head.status == 200
+    return client
+
+
+async def test_filtered_subscription_sends_matches_and_an_idle_checkpoint(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    _, port = await start_server(nursery, app=HttpApp(service, checkpoint_idle_s=0.01))
+    writer = await HttpTestClient.connect(port)
+    await fill(writer, [("a", "X"), ("b", "Y"), ("a", "X"), ("a", "Z")])
+    sub = await subscribe(port, "types=Y")
+    first, checkpoint = await read_messages(sub, 2)
+    assert first["id"] == "2" and "event" not in first
+    assert orjson.loads(first["data"])["type"] == "Y"
+    assert checkpoint == {"id": "4", "event": "checkpoint", "data": '{"index":4}'}
+    # live: a match, then scanned non-matches and another checkpoint
+    await fill(writer, [("c", "Y"), ("c", "X")])
+    live, checkpoint = await read_messages(sub, 2)
+    assert live["id"] == "5"
+    assert checkpoint == {"id": "6", "event": "checkpoint", "data": '{"index":6}'}
+    # resume from the checkpoint's id: nothing before it comes again
+    again = await subscribe(port, "aggregate_prefix=c", "last-event-id: 6\r\n")
+    await fill(writer, [("c", "W")])
+    (message,) = await read_messages(again, 1)
+    assert message["id"] == "7"
+    for c in (writer, sub, again):
+        await c.aclose()
+
+
+async def test_unfiltered_subscription_sends_no_checkpoints(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    _, port = await start_server(nursery, app=HttpApp(service, checkpoint_idle_s=0.01, heartbeat_interval_s=0.05))
+    writer = await HttpTestClient.connect(port)
+    await fill(writer, [("a", "X"), ("b", "Y")])
+    sub = await subscribe(port, "from_index=1")
+    assert [m["id"] for m in await read_messages(sub, 2)] == ["1", "2"]
+    with trio.fail_after(10):
+        assert await sub.read_chunk() == b": heartbeat\n\n"
+
+
+async def test_a_long_scan_sends_checkpoints_while_it_runs(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    service.scan_budget = 7
+    # idle checkpoints off (an hour): only the every-N-scanned rule can send one
+    app = HttpApp(service, checkpoint_idle_s=3600, checkpoint_every_scanned=20)
+    _, port = await start_server(nursery, app=app)
+    writer = await HttpTestClient.connect(port)
+    await fill(writer, [("a", "Common")] * 50 + [("a", "Rare")])
+    sub = await subscribe(port, "types=Rare")
+    messages = await read_messages(sub, 3)
+    assert [m.get("event") for m in messages] == ["checkpoint", "checkpoint", None]
+    ids = [int(m["id"]) for m in messages]
+    assert ids[0] >= 20 and ids[1] - ids[0] >= 20 and ids[1] < 51 and ids[2] == 51
+    for c in (writer, sub):
+        await c.aclose()

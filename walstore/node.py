@@ -35,7 +35,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -58,7 +58,7 @@ from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.replicator import Replicator, Role
-from walstore.service import AggregateRead, Direction, LogRead, NodeStatus, PeerStatus
+from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, NodeStatus, PeerStatus, subscription
 from walstore.store import EventStore
 from walstore.wal.fs import Buffer, FileSystem, RealFileSystem, WalFile
 from walstore.wal.log import WalOptions, WriteAheadLog
@@ -71,6 +71,7 @@ log = logging.getLogger("walstore.node")
 APPLY_CHUNK_RECORDS = 4096  # records applied per step: bounds the event loop's pause
 APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client must check
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
+SUBSCRIBE_PAGE_EVENTS = 512  # a subscription reads the log this many events at a time
 SHUTDOWN_GRACE_S = 5.0  # the last batch gets this long to sync after the HTTP drain
 # How often the commit index is recorded in meta.json. The record only guards against
 # truncation (the in-memory commit index guards first), so lagging by this much is fine.
@@ -775,24 +776,37 @@ class Node:
         except StorageError as exc:
             raise self._storage_read_error(exc) from exc
 
-    async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
+    async def read_log(
+        self,
+        *,
+        from_index: int,
+        limit: int,
+        min_index: int | None,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+    ) -> LogRead:
         await self._wait_for_event_index(min_index)
         try:
-            return self.store.read_log(from_index, limit)
+            return self.store.read_log(
+                from_index, limit, direction=direction, types=types, aggregate_prefix=aggregate_prefix
+            )
         except StorageError as exc:
             raise self._storage_read_error(exc) from exc
 
-    async def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
+    async def subscribe(
+        self, *, from_index: int, types: Collection[str] | None = None, aggregate_prefix: str | None = None
+    ) -> AsyncIterator[StoredEvent | Checkpoint]:
         if from_index < 0:
             raise ValidationError("from_index must be >= 0")
-        next_index = max(from_index, 1)
-        while True:
-            batch = self.store.read_log(next_index, 512)
-            for event in batch.events:
-                yield event
-                next_index = event.index + 1
-            if not batch.events:
-                await self.applied_events.wait_for(next_index)
+        store = self.store
+
+        def read(next_index: int) -> LogRead:
+            return store.read_log(next_index, SUBSCRIBE_PAGE_EVENTS, types=types, aggregate_prefix=aggregate_prefix)
+
+        filtered = types is not None or bool(aggregate_prefix)
+        async for item in subscription(read, self.applied_events.wait_for, max(from_index, 1), filtered=filtered):
+            yield item
 
     @property
     def disk_full(self) -> bool:

@@ -7,7 +7,7 @@ families: ``RequestError`` (4xx), ``UnavailableError`` (503, or 504 ``OutcomeUnk
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -26,6 +26,18 @@ class AggregateRead:
 class LogRead:
     events: list[StoredEvent]
     last_index: int  # highest applied index at the time of the read
+    # How far the scan got: forward the next index to read, backward the next lower one
+    # (0 = the start was reached). Past the last event returned when a filter skipped
+    # events, or when the scan budget ended the read before ``limit`` matched.
+    next_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A filtered subscription scanned every event up to ``index`` (none after the last
+    one delivered matched): a resume point that is not an event."""
+
+    index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +86,50 @@ class EventService(Protocol):
         applied here, so a client reads its own writes on any node; timeout -> 503."""
         ...
 
-    async def read_log(self, *, from_index: int, limit: int, min_index: int | None) -> LogRead:
-        """The global log from ``from_index`` (1-based), at most ``limit`` events."""
+    async def read_log(
+        self,
+        *,
+        from_index: int,
+        limit: int,
+        min_index: int | None,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+    ) -> LogRead:
+        """The global log from ``from_index`` (1-based), at most ``limit`` events that
+        match the filters (``EventStore.read_log``), forward or backward."""
         ...
 
-    def subscribe(self, *, from_index: int) -> AsyncIterator[StoredEvent]:
-        """Catch-up then live: every applied event from ``from_index`` on, forever."""
+    def subscribe(
+        self, *, from_index: int, types: Collection[str] | None = None, aggregate_prefix: str | None = None
+    ) -> AsyncIterator[StoredEvent | Checkpoint]:
+        """Catch-up then live: every applied event from ``from_index`` on that matches the
+        filters, forever. With a filter, a ``Checkpoint`` after each stretch of scanned
+        events that ends past the last event delivered (the HTTP layer decides which to
+        send)."""
         ...
 
     def status(self) -> NodeStatus: ...
+
+
+async def subscription(
+    read: Callable[[int], LogRead],
+    wait_for: Callable[[int], Awaitable[None]],
+    from_index: int,
+    *,
+    filtered: bool,
+) -> AsyncIterator[StoredEvent | Checkpoint]:
+    """``EventService.subscribe`` over a log read (``read(next_index)``, one page) and a
+    wait until an event index is applied: each page's events, then, when ``filtered`` and
+    the page's scan went past its last event, a ``Checkpoint`` of the last index scanned."""
+    next_index = from_index
+    while True:
+        page = read(next_index)
+        for event in page.events:
+            yield event
+        scanned = page.next_index - 1
+        if filtered and scanned >= next_index and (not page.events or page.events[-1].index < scanned):
+            yield Checkpoint(scanned)
+        next_index = max(page.next_index, next_index)
+        if next_index > page.last_index:
+            await wait_for(next_index)

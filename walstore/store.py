@@ -61,7 +61,7 @@ import struct
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -97,6 +97,10 @@ HASH_MASK = (1 << 64) - 1
 _KEY_LEN_BITS = 16  # the body format stores key lengths in u16 fields
 _KEY_LEN_MASK = (1 << _KEY_LEN_BITS) - 1
 _WHERE = "<event store>"  # CorruptionError's "path" for damage the store detects
+# A log read looks at most this many events (or ``limit``, if more): a filter that matches
+# rarely answers a page with fewer events and a ``next_index`` further on, instead of
+# scanning the whole log in one request. ~10,000 key checks are a few tens of ms.
+SCAN_BUDGET_EVENTS = 10_000
 
 
 class BodyReader(Protocol):
@@ -215,6 +219,33 @@ def _decode(body: bytes | memoryview, event_index: int, log_index: int) -> Store
         return decode_event_body(body, event_index)
     except UnicodeDecodeError as exc:
         raise CorruptionError(_WHERE, log_index, f"event text is not UTF-8: {exc}") from None
+
+
+_Match = Callable[[bytes | memoryview, int], bool]
+_NAME_LENGTHS = struct.Struct("<HHH")  # id, aggregate_id and type lengths, at body offset 2
+
+
+def _matcher(types: Collection[str] | None, aggregate_prefix: str | None) -> _Match | None:
+    """A test of an event body against the log filters, on its key bytes only (None: no
+    filter). The body's lengths were checked when it was applied."""
+    wanted = None if types is None else frozenset(_utf8(t, "type") for t in types)
+    prefix = _utf8(aggregate_prefix, "aggregate_prefix") if aggregate_prefix else b""
+    if wanted is None and not prefix:
+        return None
+    prefix_n = len(prefix)
+
+    def match(body: bytes | memoryview, log_index: int) -> bool:
+        try:
+            id_n, agg_n, type_n = _NAME_LENGTHS.unpack_from(body, 2)
+        except struct.error:
+            raise CorruptionError(_WHERE, log_index, "event body shorter than its prefix") from None
+        start = PREFIX_BYTES + id_n
+        if prefix_n and (agg_n < prefix_n or body[start : start + prefix_n] != prefix):
+            return False
+        start += agg_n
+        return wanted is None or body[start : start + type_n] in wanted
+
+    return match
 
 
 class EventStore:
@@ -582,26 +613,80 @@ class EventStore:
             events.reverse()
         return AggregateRead(events, current)
 
-    def read_log(self, from_index: int = 1, limit: int = 100) -> LogRead:
-        """At most ``limit`` applied events from API index ``from_index`` (0 means 1)."""
-        if from_index < 0 or limit < 0:
+    def read_log(
+        self,
+        from_index: int = 1,
+        limit: int = 100,
+        *,
+        direction: Direction = "forward",
+        types: Collection[str] | None = None,
+        aggregate_prefix: str | None = None,
+        scan_budget: int = SCAN_BUDGET_EVENTS,
+    ) -> LogRead:
+        """At most ``limit`` applied events that match the filters, from API index
+        ``from_index``: forward (0 means 1), or backward (0 or past the end means the last).
+
+        ``types`` (an event matches when its type is one of them) and ``aggregate_prefix``
+        (its aggregate id starts with it) are checked on the record body's fixed prefix and
+        key bytes: a non-matching event's JSON is never decoded. At most
+        ``max(scan_budget, limit)`` events are looked at, so a rare filter answers with
+        fewer events (maybe none) and ``next_index`` says where the scan stopped: forward
+        the next index to read, backward the next lower one (0 = the start was reached)."""
+        if from_index < 0 or limit < 0 or scan_budget < 1:
             raise ValidationError("from_index and limit must not be negative", from_index=from_index, limit=limit)
+        if direction not in ("forward", "backward"):
+            raise ValidationError("direction must be forward or backward", direction=direction)
+        match = _matcher(types, aggregate_prefix)
         last = self.last_applied_event_index
+        budget = max(scan_budget, limit)
+        if direction == "backward":
+            return self._read_log_backward(last if not 0 < from_index <= last else from_index, limit, budget, match)
         first = max(from_index, 1)
         if limit == 0 or first > last:
-            return LogRead([], last)
+            return LogRead([], last, first)
+        end = min(last, first + budget - 1)
         log_index = self.event_to_log_index(first)
         sys_log = self._sys
         k = bisect_right(sys_log, log_index)  # next system record at or after log_index + 1
+        reader = self._reader
         events: list[StoredEvent] = []
-        for event_index in range(first, min(last, first + limit - 1) + 1):
-            body = self._reader.body(log_index)
-            events.append(_decode(body, event_index, log_index))
+        event_index = first
+        while event_index <= end:
+            body = reader.body(log_index)
+            if match is None or match(body, log_index):
+                events.append(_decode(body, event_index, log_index))
+            event_index += 1
+            if len(events) == limit:
+                break
             log_index += 1
             while k < len(sys_log) and sys_log[k] == log_index:
                 log_index += 1
                 k += 1
-        return LogRead(events, last)
+        return LogRead(events, last, event_index)
+
+    def _read_log_backward(self, start: int, limit: int, budget: int, match: _Match | None) -> LogRead:
+        last = self.last_applied_event_index
+        if limit == 0 or start < 1:
+            return LogRead([], last, max(start, 0))
+        end = max(1, start - budget + 1)
+        log_index = self.event_to_log_index(start)
+        sys_log = self._sys
+        k = bisect_right(sys_log, log_index) - 1  # last system record below log_index
+        reader = self._reader
+        events: list[StoredEvent] = []
+        event_index = start
+        while event_index >= end:
+            body = reader.body(log_index)
+            if match is None or match(body, log_index):
+                events.append(_decode(body, event_index, log_index))
+            event_index -= 1
+            if len(events) == limit:
+                break
+            log_index -= 1
+            while k >= 0 and sys_log[k] == log_index:
+                log_index -= 1
+                k -= 1
+        return LogRead(events, last, event_index)
 
     def _is_event(self, log_index: int) -> bool:
         k = bisect_right(self._sys, log_index)

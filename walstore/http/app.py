@@ -11,12 +11,16 @@ GET /events/{aggregate}   200 {events, count, version}. An aggregate with no eve
                           store "no events yet" is an answer, not an error, and
                           ``expected_version: 0`` appends to exactly that state.
                           (``GET /events/batch`` reads the aggregate named "batch".)
-GET /events               200 {events, count, last_index, next_index}: the global log;
-                          ``next_index`` is where the next page starts.
+GET /events               200 {events, count, last_index, next_index}: the global log,
+                          filtered by ``types`` / ``aggregate_prefix``, forward or
+                          ``direction=backward``; ``next_index`` is where the scan
+                          stopped (the next page starts there; 0 backward at the start).
 GET /subscribe            Server-Sent Events: ``id: <index>`` and one ``data:`` JSON
                           event per message, catch-up then live, a ``: heartbeat``
                           comment after ``heartbeat_interval_s`` of silence. Without
                           ``from_index``, ``Last-Event-ID`` resumes after that index.
+                          With filters, also ``event: checkpoint`` messages whose
+                          ``id:`` is the last index scanned.
 GET /status               NodeStatus: the seed's fields, then role, ready, healthy,
                           peers, then ``extra`` (never overriding the fields before)
 GET /health               seed shape; 200 healthy, 503 unhealthy
@@ -67,6 +71,7 @@ from walstore.errors import RequestError, UnavailableError, WalstoreError
 from walstore.event import StoredEvent
 from walstore.http.server import Request, Response, SendChunk, error_body, error_response
 from walstore.http.validation import (
+    SubscribeParams,
     parse_aggregate_id_segment,
     parse_aggregate_read_query,
     parse_append_request,
@@ -75,7 +80,7 @@ from walstore.http.validation import (
     parse_subscribe_query,
 )
 from walstore.metrics import Metrics
-from walstore.service import EventService, NodeStatus
+from walstore.service import Checkpoint, EventService, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,11 @@ _SSE_HEARTBEAT: Final = b": heartbeat\n\n"
 _MAX_RETRY_AFTER_S: Final = 3600
 # Events already waiting in the subscription channel go out in one socket write.
 _SSE_COALESCE_EVENTS: Final = 128
+# A filtered subscription sends a checkpoint (``event: checkpoint``, ``id:`` the last index
+# scanned) once its scan is this far past the last id sent, or after CHECKPOINT_IDLE_S with
+# nothing sent: a client that resumes need not scan again what matched nothing.
+CHECKPOINT_EVERY_SCANNED: Final = 10_000
+CHECKPOINT_IDLE_S: Final = 1.0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,6 +145,11 @@ def event_json(event: StoredEvent) -> dict[str, object]:
 def _sse_message(event: StoredEvent) -> bytes:
     # orjson's output has no raw newline, so one data: line always holds the whole event.
     return b"id: %d\ndata: %s\n\n" % (event.index, orjson.dumps(event_json(event)))
+
+
+def _sse_checkpoint(index: int) -> bytes:
+    # ``id:`` set, so an SSE client's Last-Event-ID resumes after it.
+    return b'id: %d\nevent: checkpoint\ndata: {"index":%d}\n\n' % (index, index)
 
 
 def request_error_response(exc: RequestError) -> Response:
@@ -193,6 +208,8 @@ class HttpApp:
         heartbeat_interval_s: float = 15.0,
         subscribe_buffer_events: int = 1024,
         draining: Callable[[], bool] | None = None,
+        checkpoint_idle_s: float = CHECKPOINT_IDLE_S,
+        checkpoint_every_scanned: int = CHECKPOINT_EVERY_SCANNED,
     ) -> None:
         self.service = service
         # True while the node is stopping: readiness then says so in so many words, so a
@@ -204,6 +221,8 @@ class HttpApp:
         self.heartbeat_interval_s = heartbeat_interval_s
         # events read ahead of a slow SSE client; beyond it the subscription waits
         self.subscribe_buffer_events = subscribe_buffer_events
+        self.checkpoint_idle_s = checkpoint_idle_s
+        self.checkpoint_every_scanned = checkpoint_every_scanned
         self._render_limiter = trio.CapacityLimiter(1)  # /metrics renders, see _metrics
         get = "GET"
         self._routes: dict[str, tuple[str, dict[str, Handler]]] = {
@@ -288,10 +307,21 @@ class HttpApp:
 
     async def _read_log(self, request: Request) -> Response:
         params = parse_log_read_query(request.query)
-        read = await self.service.read_log(from_index=params.from_index, limit=params.limit, min_index=params.min_index)
+        if params.direction == "forward" and params.types is None and params.aggregate_prefix is None:
+            read = await self.service.read_log(
+                from_index=params.from_index, limit=params.limit, min_index=params.min_index
+            )
+        else:
+            read = await self.service.read_log(
+                from_index=params.from_index,
+                limit=params.limit,
+                min_index=params.min_index,
+                direction=params.direction,
+                types=params.types,
+                aggregate_prefix=params.aggregate_prefix,
+            )
         events = [event_json(e) for e in read.events]
-        next_index = read.events[-1].index + 1 if read.events else params.from_index
-        body = {"events": events, "count": len(events), "last_index": read.last_index, "next_index": next_index}
+        body = {"events": events, "count": len(events), "last_index": read.last_index, "next_index": read.next_index}
         return Response(200, orjson.dumps(body))
 
     async def _subscribe(self, request: Request) -> Response:
@@ -304,33 +334,69 @@ class HttpApp:
             200,
             content_type=b"text/event-stream",
             headers=list(_SSE_HEADERS),
-            stream=partial(self._stream_events, params.from_index),
+            stream=partial(self._stream_events, params),
         )
 
-    async def _stream_events(self, from_index: int, send: SendChunk) -> None:
-        sender, receiver = trio.open_memory_channel[StoredEvent](self.subscribe_buffer_events)
+    async def _stream_events(self, params: SubscribeParams, send: SendChunk) -> None:
+        """Events as they come; with a filter, also a checkpoint of the last index scanned
+        once the scan is ``checkpoint_every_scanned`` past the last id sent, or nothing
+        was sent for ``checkpoint_idle_s`` (the service reports scan progress as
+        ``Checkpoint`` items; this decides which to send). A heartbeat comment after
+        ``heartbeat_interval_s`` of silence."""
+        sender, receiver = trio.open_memory_channel[StoredEvent | Checkpoint](self.subscribe_buffer_events)
+        last_id = params.from_index - 1  # what the client holds (its Last-Event-ID)
+        scanned = 0  # a checkpoint not sent yet (0: none)
+        last_send_at = trio.current_time()
         async with receiver, trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_subscription, from_index, sender)
+            nursery.start_soon(self._pump_subscription, params, sender)
             while True:
-                first: StoredEvent | None = None
-                with trio.move_on_after(self.heartbeat_interval_s):
+                first: StoredEvent | Checkpoint | None = None
+                quiet_s = self.checkpoint_idle_s if scanned else self.heartbeat_interval_s
+                with trio.move_on_at(last_send_at + quiet_s):
                     try:
                         first = await receiver.receive()
                     except trio.EndOfChannel:
                         return  # the subscription ended: end the response; the client reconnects
+                messages: list[bytes] = []
                 if first is None:
-                    await send(_SSE_HEARTBEAT)
-                    continue
-                messages = [_sse_message(first)]
-                while len(messages) < _SSE_COALESCE_EVENTS:
+                    if scanned:
+                        messages.append(_sse_checkpoint(scanned))
+                        last_id, scanned = scanned, 0
+                    else:
+                        messages.append(_SSE_HEARTBEAT)
+                item = first
+                while item is not None:
+                    if isinstance(item, Checkpoint):
+                        if item.index > last_id:
+                            scanned = item.index
+                    else:
+                        messages.append(_sse_message(item))
+                        last_id = item.index
+                        if scanned <= last_id:
+                            scanned = 0
+                    if len(messages) >= _SSE_COALESCE_EVENTS:
+                        break
                     try:
-                        messages.append(_sse_message(receiver.receive_nowait()))
+                        item = receiver.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await send(b"".join(messages))
+                if scanned and scanned - last_id >= self.checkpoint_every_scanned:
+                    messages.append(_sse_checkpoint(scanned))
+                    last_id, scanned = scanned, 0
+                if messages:
+                    await send(b"".join(messages))
+                    last_send_at = trio.current_time()
 
-    async def _pump_subscription(self, from_index: int, sender: trio.MemorySendChannel[StoredEvent]) -> None:
-        events = self.service.subscribe(from_index=from_index)
+    async def _pump_subscription(
+        self, params: SubscribeParams, sender: trio.MemorySendChannel[StoredEvent | Checkpoint]
+    ) -> None:
+        from_index = params.from_index
+        if params.types is None and params.aggregate_prefix is None:
+            events = self.service.subscribe(from_index=from_index)
+        else:
+            events = self.service.subscribe(
+                from_index=from_index, types=params.types, aggregate_prefix=params.aggregate_prefix
+            )
         async with sender:
             try:
                 async for event in events:

@@ -47,7 +47,9 @@ Bodies (``POST /events`` and ``POST /events/batch``):
 
 Query strings: ``from_version`` (>= 1; default 1 forward, the newest event backward),
 ``limit`` (1..MAX_READ_LIMIT, default DEFAULT_READ_LIMIT), ``direction`` (``forward`` |
-``backward``), ``from_index`` (>= 1, default 1), ``min_index`` (>= 0). Numbers are plain
+``backward``), ``from_index`` (>= 1; default 1 forward, the last event backward),
+``min_index`` (>= 0), ``types`` (comma-separated event types, each non-empty, at most
+MAX_FILTER_TYPES) and ``aggregate_prefix`` (non-empty). Numbers are plain
 ASCII decimal digits. A bad value or a repeated parameter is 400 ``invalid_query`` naming
 the ``parameter``; unknown parameters are ignored (cache busters such as ``_=123``).
 """
@@ -84,6 +86,8 @@ _MAX_POSITION_DIGITS: Final = len(str(MAX_POSITION))
 # bounds the memory and the time one request can take; clients page with from_*.
 MAX_READ_LIMIT: Final = 10_000
 DEFAULT_READ_LIMIT: Final = 1000
+# ``types=`` of a log read or subscription: each name is checked and kept in a set.
+MAX_FILTER_TYPES: Final = 100
 
 _EVENT_FIELDS: Final = frozenset(
     ("id", "type", "aggregate_id", "payload", "payload_base64", "metadata", "expected_version")
@@ -133,11 +137,16 @@ class LogReadParams:
     from_index: int
     limit: int
     min_index: int | None
+    direction: Direction = "forward"
+    types: frozenset[str] | None = None
+    aggregate_prefix: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SubscribeParams:
     from_index: int
+    types: frozenset[str] | None = None
+    aggregate_prefix: str | None = None
 
 
 # ---------------------------------------------------------------------------- bodies
@@ -438,21 +447,56 @@ def _optional_int_param(params: dict[str, str], name: str, low: int, high: int) 
     return _int_param(params, name, low, low, high)
 
 
+def _direction_param(params: dict[str, str]) -> Direction:
+    raw_direction = params.get("direction", "forward")
+    if raw_direction == "forward":
+        return "forward"
+    if raw_direction == "backward":
+        return "backward"
+    raise ValidationError(
+        f"query parameter 'direction' must be forward or backward, got {raw_direction[:40]!r}",
+        code="invalid_query",
+        parameter="direction",
+    )
+
+
+def _filter_params(params: dict[str, str]) -> tuple[frozenset[str] | None, str | None]:
+    """``types=A,B`` (event types, at most MAX_FILTER_TYPES) and ``aggregate_prefix=P``;
+    an empty value or an empty name in the list is 400 ``invalid_query``."""
+    types: frozenset[str] | None = None
+    raw = params.get("types")
+    if raw is not None:
+        names = raw.split(",")
+        if len(names) > MAX_FILTER_TYPES:
+            raise ValidationError(
+                f"query parameter 'types' names at most {MAX_FILTER_TYPES} types",
+                code="invalid_query",
+                parameter="types",
+            )
+        for name in names:
+            _query_name(name, "types", MAX_TYPE_BYTES)
+        types = frozenset(names)
+    prefix = params.get("aggregate_prefix")
+    if prefix is not None:
+        _query_name(prefix, "aggregate_prefix", MAX_AGGREGATE_ID_BYTES)
+    return types, prefix
+
+
+def _query_name(value: str, parameter: str, max_bytes: int) -> None:
+    try:
+        _check_name(value, parameter, max_bytes, None)
+    except ValidationError as exc:
+        raise ValidationError(
+            f"query parameter {parameter!r}: {exc.message.partition(': ')[2] or exc.message}",
+            code="invalid_query",
+            parameter=parameter,
+        ) from None
+
+
 def parse_aggregate_read_query(query: bytes | str) -> AggregateReadParams:
     """``GET /events/{aggregate_id}?from_version&limit&direction&min_index``."""
     params = parse_query(query)
-    raw_direction = params.get("direction", "forward")
-    direction: Direction
-    if raw_direction == "forward":
-        direction = "forward"
-    elif raw_direction == "backward":
-        direction = "backward"
-    else:
-        raise ValidationError(
-            f"query parameter 'direction' must be forward or backward, got {raw_direction[:40]!r}",
-            code="invalid_query",
-            parameter="direction",
-        )
+    direction = _direction_param(params)
     # Backward without a starting point means "from the newest event": MAX_POSITION is past
     # any version, and the service clamps it to the aggregate's current version.
     default_from = 1 if direction == "forward" else MAX_POSITION
@@ -465,12 +509,19 @@ def parse_aggregate_read_query(query: bytes | str) -> AggregateReadParams:
 
 
 def parse_log_read_query(query: bytes | str) -> LogReadParams:
-    """``GET /events?from_index&limit&min_index``."""
+    """``GET /events?from_index&limit&min_index&direction&types&aggregate_prefix``.
+    Backward without ``from_index`` starts at the last event (MAX_POSITION, clamped by
+    the store)."""
     params = parse_query(query)
+    direction = _direction_param(params)
+    types, prefix = _filter_params(params)
     return LogReadParams(
-        from_index=_int_param(params, "from_index", 1, 1, MAX_POSITION),
+        from_index=_int_param(params, "from_index", 1 if direction == "forward" else MAX_POSITION, 1, MAX_POSITION),
         limit=_int_param(params, "limit", DEFAULT_READ_LIMIT, 1, MAX_READ_LIMIT),
         min_index=_optional_int_param(params, "min_index", 0, MAX_POSITION),
+        direction=direction,
+        types=types,
+        aggregate_prefix=prefix,
     )
 
 
@@ -478,7 +529,10 @@ def parse_subscribe_query(query: bytes | str, *, last_event_id: str | None = Non
     """``GET /subscribe?from_index``. Without ``from_index``, an SSE client's reconnect
     header ``Last-Event-ID: N`` (the index of the last event it saw) resumes at N + 1."""
     params = parse_query(query)
+    types, prefix = _filter_params(params)
     if "from_index" not in params and last_event_id is not None:
         resume = {"last_event_id": last_event_id.strip()}
-        return SubscribeParams(from_index=_int_param(resume, "last_event_id", 0, 0, MAX_POSITION - 1) + 1)
-    return SubscribeParams(from_index=_int_param(params, "from_index", 1, 1, MAX_POSITION))
+        from_index = _int_param(resume, "last_event_id", 0, 0, MAX_POSITION - 1) + 1
+    else:
+        from_index = _int_param(params, "from_index", 1, 1, MAX_POSITION)
+    return SubscribeParams(from_index=from_index, types=types, aggregate_prefix=prefix)
