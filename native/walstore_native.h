@@ -11,8 +11,8 @@
  *     0      4    body_len   u32, <= WS_MAX_RECORD_BODY_BYTES (16 MiB), checked before use
  *     4      4    crc        CRC32C of header bytes [0,4) then [8, 32+body_len): the header
  *                            without its crc field, then the body. Padding is not covered.
- *     8      1    kind       1 EVENT, 2 EPOCH_START, 3 NOOP; 0 is invalid, so a zeroed
- *                            header is never a record
+ *     8      1    kind       1 EVENT, 2 EPOCH_START, 3 NOOP, 4 TRACKING; 0 is invalid, so
+ *                            a zeroed header is never a record
  *     9      1    flags      bit 0 BATCH_END (last record of an atomic batch); others 0
  *     10     2    reserved   0
  *     12     4    reserved   0
@@ -42,7 +42,8 @@
 #define WS_KIND_EVENT 1
 #define WS_KIND_EPOCH_START 2
 #define WS_KIND_NOOP 3
-#define WS_KIND_MAX 3
+#define WS_KIND_TRACKING 4
+#define WS_KIND_MAX 4
 
 #define WS_FLAG_BATCH_END 1
 

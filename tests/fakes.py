@@ -25,11 +25,11 @@ import orjson
 import trio
 
 from walstore.errors import LogStateError, UnavailableError
-from walstore.event import AppendResult, NewEvent, StoredEvent
+from walstore.event import MAX_BATCH_EVENTS, AppendResult, NewEvent, StoredEvent, Tracking
 from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits, HttpServer
 from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, NodeStatus, subscription
-from walstore.store import KIND_EVENT, SCAN_BUDGET_EVENTS, EventStore
+from walstore.store import SCAN_BUDGET_EVENTS, EventStore
 
 BASE_TIMESTAMP_US = 1_700_000_000_000_000
 
@@ -63,6 +63,7 @@ class FakeEventService:
         self.append_entered = trio.Event()
         self.read_calls: list[dict[str, Any]] = []
         self.scan_budget = SCAN_BUDGET_EVENTS  # a test may make the log reads' scans short
+        self.max_batch_events = MAX_BATCH_EVENTS
         self.subscriptions_open = 0
         self.subscription_opened = trio.Event()
         self.subscription_closed = trio.Event()
@@ -83,7 +84,7 @@ class FakeEventService:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+    async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
         self._maybe_fail("append")
         if self.append_gate is not None:
             self.append_entered.set()
@@ -93,15 +94,26 @@ class FakeEventService:
         # One timestamp per batch, as the leader stamps it: whole seconds from the index
         # make the seed's ``timestamp`` predictable in tests.
         next_event_index = store.last_applied_event_index + 1
-        prepared = store.prepare(events, timestamp_us=BASE_TIMESTAMP_US + next_event_index * 1_000_000)
+        prepared = store.prepare(
+            events,
+            timestamp_us=BASE_TIMESTAMP_US + next_event_index * 1_000_000,
+            tracking=tracking,
+            max_events=self.max_batch_events,
+        )
         if prepared.bodies:
             first = len(self.memory_log.bodies) + 1
-            self.memory_log.bodies.extend(prepared.bodies)
+            records = prepared.records()
+            self.memory_log.bodies.extend(body for _, _, body in records)
             store.pending_added(first, prepared)
-            for log_index in range(first, first + len(prepared.bodies)):
-                store.apply(log_index, KIND_EVENT, self.memory_log.bodies[log_index - 1])
+            for log_index, (kind, _, body) in enumerate(records, first):
+                store.apply(log_index, kind, body)
             self.wake()
         return store.results(prepared)
+
+    async def consumer_position(self, consumer: str, *, min_index: int | None = None) -> int | None:
+        self._maybe_fail("consumer_position")
+        await self._wait_for_index(min_index)
+        return self.store.consumer_position(consumer)
 
     async def _wait_for_index(self, min_index: int | None) -> None:
         if min_index is None:

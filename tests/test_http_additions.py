@@ -332,3 +332,106 @@ async def test_a_long_scan_sends_checkpoints_while_it_runs(nursery: trio.Nursery
     assert ids[0] >= 20 and ids[1] - ids[0] >= 20 and ids[1] < 51 and ids[2] == 51
     for c in (writer, sub):
         await c.aclose()
+
+
+# ---------------------------------------------------------------- consumer positions
+
+
+async def test_batch_with_tracking_and_get_consumer(client: HttpTestClient, service: FakeEventService) -> None:
+    response = await client.request("GET", "/consumers/projector")
+    assert response.status == 200 and response.json() == {"consumer": "projector", "position": None}
+    events: list[dict[str, Any]] = [SEED_EVENT, {**SEED_EVENT, "id": "x1"}]
+    batch = {"events": events, "tracking": {"consumer": "projector", "position": 3}}
+    response = await client.request("POST", "/events/batch", json=batch)
+    assert response.status == 201, response.body
+    body = response.json()
+    assert list(body) == ["success", "events", "first_index", "last_index", "tracking"]
+    assert (body["first_index"], body["last_index"]) == (1, 2)
+    assert body["tracking"] == {"consumer": "projector", "position": 3}
+    response = await client.request("GET", "/consumers/projector?min_index=2")
+    assert response.json() == {"consumer": "projector", "position": 3}
+    # the same batch again: its events are exact repeats, and its tracking committed with them
+    again = await client.request("POST", "/events/batch", json={**batch, "events": events[1:]})
+    assert again.status == 201 and again.json()["events"] == body["events"][1:]
+    # only a tracking: no events, null indexes
+    response = await client.request(
+        "POST", "/events/batch", json={"events": [], "tracking": {"consumer": "p2", "position": 1}}
+    )
+    assert response.status == 201, response.body
+    assert response.json() == {
+        "success": True,
+        "events": [],
+        "first_index": None,
+        "last_index": None,
+        "tracking": {"consumer": "p2", "position": 1},
+    }
+    assert len(service.log) == 2
+
+
+async def test_tracking_conflict_is_409_and_writes_nothing(client: HttpTestClient, service: FakeEventService) -> None:
+    ok = {"events": [SEED_EVENT], "tracking": {"consumer": "c", "position": 5}}
+    assert (await client.request("POST", "/events/batch", json=ok)).status == 201
+    for position in (5, 2):
+        stale = {
+            "events": [{**SEED_EVENT, "aggregate_id": "other"}],
+            "tracking": {"consumer": "c", "position": position},
+        }
+        response = await client.request("POST", "/events/batch", json=stale)
+        assert response.status == 409
+        error = error_of(response)
+        assert error["code"] == "tracking_conflict"
+        assert (error["consumer"], error["position"], error["stored_position"]) == ("c", position, 5)
+    assert len(service.log) == 1
+    assert (await client.request("GET", "/consumers/c")).json()["position"] == 5
+
+
+async def test_a_batch_without_tracking_answers_the_seed_shape(client: HttpTestClient) -> None:
+    response = await client.request("POST", "/events/batch", json={"events": [SEED_EVENT], "tracking": None})
+    assert response.status == 201
+    assert list(response.json()) == ["success", "events", "first_index", "last_index"]
+
+
+@pytest.mark.parametrize(
+    ("tracking", "code", "field"),
+    [
+        ([], "invalid_field", "tracking"),
+        ({"consumer": "c"}, "missing_field", "tracking.position"),
+        ({"position": 1}, "missing_field", "tracking.consumer"),
+        ({"consumer": "c", "position": 1, "x": 1}, "unknown_field", "tracking.x"),
+        ({"consumer": "c", "position": 0}, "invalid_field", "tracking.position"),
+        ({"consumer": "c", "position": True}, "invalid_field", "tracking.position"),
+        ({"consumer": "c", "position": "1"}, "invalid_field", "tracking.position"),
+        ({"consumer": "", "position": 1}, "invalid_field", "tracking.consumer"),
+        ({"consumer": "a/b", "position": 1}, "invalid_field", "tracking.consumer"),
+        ({"consumer": "..", "position": 1}, "invalid_field", "tracking.consumer"),
+        ({"consumer": "x" * 257, "position": 1}, "invalid_field", "tracking.consumer"),
+        ({"consumer": 5, "position": 1}, "invalid_field", "tracking.consumer"),
+    ],
+)
+async def test_bad_tracking_is_400(
+    client: HttpTestClient, service: FakeEventService, tracking: Any, code: str, field: str
+) -> None:
+    response = await client.request("POST", "/events/batch", json={"events": [SEED_EVENT], "tracking": tracking})
+    assert response.status == 400, response.body
+    error = error_of(response)
+    assert (error["code"], error["field"]) == (code, field)
+    assert service.log == []
+
+
+async def test_empty_batch_without_tracking_is_still_400(client: HttpTestClient) -> None:
+    response = await client.request("POST", "/events/batch", json={"events": []})
+    assert response.status == 400 and error_of(response)["code"] == "empty_batch"
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [("/consumers/", 404), ("/consumers/a/b", 404), ("/consumers/%2e%2e", 400), ("/consumers/%ff", 400)],
+)
+async def test_bad_consumer_paths(client: HttpTestClient, target: str, status: int) -> None:
+    response = await client.request("GET", target)
+    assert response.status == status, response.body
+
+
+async def test_consumers_route_methods(client: HttpTestClient) -> None:
+    response = await client.request("POST", "/consumers/c", json={})
+    assert response.status == 405 and response.header("allow") == "GET, HEAD"

@@ -136,7 +136,7 @@ async def test_a_forward_the_leader_never_answers_is_504_within_a_lease(tmp_path
         follower = others(cluster, leader)[0]
         await follower.append([event(1)])  # the forwarding link is up
 
-        async def never(events: list[NewEvent]) -> Any:
+        async def never(events: list[NewEvent], tracking: object = None) -> Any:
             await trio.sleep_forever()
 
         replicator(leader).append_local = never
@@ -157,7 +157,7 @@ async def test_a_forward_to_a_deposed_leader_is_504_as_soon_as_a_new_epoch_is_pr
         follower, successor = others(cluster, leader)
         await follower.append([event(1)])
 
-        async def never(events: list[NewEvent]) -> Any:
+        async def never(events: list[NewEvent], tracking: object = None) -> Any:
             await trio.sleep_forever()
 
         replicator(leader).append_local = never

@@ -162,7 +162,7 @@ def test_encode_batch_flags_none_and_bytes_kinds() -> None:
     ("bodies", "kinds", "flags", "epoch", "first", "code"),
     [
         ([b"x"], [0], None, 1, 1, errno.EINVAL),  # kind 0 is never valid
-        ([b"x"], [4], None, 1, 1, errno.EINVAL),
+        ([b"x"], [5], None, 1, 1, errno.EINVAL),  # 4 is TRACKING, the last kind
         ([b"x"], [1], [2], 1, 1, errno.EINVAL),  # unknown flag bit
         ([b"x"], [1], None, 0, 1, errno.EINVAL),  # epoch 0
         ([b"x"], [1], None, 1, 0, errno.EINVAL),  # index 0
@@ -329,10 +329,17 @@ def test_scan_nonzero_padding_is_bad_padding() -> None:
     assert (res.count, res.end_offset, res.stop) == (1, 40, native.ScanStop.BAD_PADDING)
 
 
-@pytest.mark.parametrize("kind", [0, 4, 255])
+@pytest.mark.parametrize("kind", [0, 5, 255])
 def test_scan_unknown_kind_with_valid_crc_is_bad_kind(kind: int) -> None:
     res = native.scan(ref_record(b"x", kind, 0, 1, 1), 0, 1)
     assert (res.count, res.stop) == (0, native.ScanStop.BAD_KIND)
+
+
+def test_scan_accepts_every_kind_up_to_tracking() -> None:
+    data = b"".join(ref_record(b"x", kind, 0, 1, kind) for kind in (1, 2, 3, 4))
+    res = native.scan(data, 0, 1)
+    assert (res.count, res.stop) == (4, native.ScanStop.END_ZERO)
+    assert native.KIND_TRACKING == 4
 
 
 @pytest.mark.parametrize(("flags", "reserved"), [(2, bytes(6)), (0x80, bytes(6)), (0, b"\0\0\0\0\0\1")])

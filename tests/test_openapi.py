@@ -43,7 +43,7 @@ def documented() -> dict[str, set[str]]:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{aggregate_id}", "some-aggregate")
+    return path.replace("{aggregate_id}", "some-aggregate").replace("{consumer}", "some-consumer")
 
 
 def test_the_served_copy_is_the_yaml() -> None:
@@ -71,7 +71,7 @@ async def test_every_documented_route_exists_and_every_route_is_documented(nurse
         assert allowed - {"HEAD"} == methods, f"{path}: the server allows {allowed}, the document {methods}"
         assert "HEAD" in allowed if "GET" in methods else "HEAD" not in allowed
     # The server's routing table (private, read on purpose: it is what we are checking).
-    server_paths = set(app._routes) | {app._aggregate_route[0]}
+    server_paths = set(app._routes) | {app._aggregate_route[0], app._consumer_route[0]}
     undocumented, unserved = server_paths - set(spec), set(spec) - server_paths
     assert not undocumented and not unserved, f"undocumented: {undocumented}; not served: {unserved}"
     assert (await client.request("GET", "/no-such-route")).status == 404

@@ -10,10 +10,21 @@ from hypothesis import strategies as st
 from test_store import TS, MemLog, append, ev
 
 import walstore.store as store_module
-from walstore.errors import ConflictError, CorruptionError, ValidationError
-from walstore.event import EXISTS, FLAG_BINARY_PAYLOAD, NewEvent, StoredEvent, decode_event_body, encode_event_body
+from walstore.errors import ConflictError, CorruptionError, LogStateError, ValidationError
+from walstore.event import (
+    EXISTS,
+    FLAG_BINARY_PAYLOAD,
+    AppendResult,
+    NewEvent,
+    StoredEvent,
+    Tracking,
+    decode_event_body,
+    decode_tracking_body,
+    encode_event_body,
+    encode_tracking_body,
+)
 from walstore.service import Direction, LogRead
-from walstore.store import HASH_MASK, KIND_EPOCH_START, EventStore
+from walstore.store import HASH_MASK, KIND_EPOCH_START, KIND_EVENT, KIND_TRACKING, EventStore, Prepared
 
 
 @pytest.fixture(params=[HASH_MASK, 0], ids=["hash64", "all-collide"])
@@ -258,3 +269,164 @@ def test_paged_filtered_reads_equal_a_reference_filter(
             assert read.next_index < (last if not 0 < cursor <= last else cursor)
         cursor = read.next_index
     assert got == expected
+
+
+# ---------------------------------------------------------------- consumer positions (tracking)
+
+
+class TLog(MemLog):
+    """The in-memory log, writing each prepared batch with its record kinds."""
+
+    def write_prepared(self, store: EventStore, prepared: Prepared) -> int:
+        first = len(self.records) + 1
+        for kind, _, body in prepared.records():
+            self.append(kind, body)
+        store.pending_added(first, prepared)
+        return first
+
+
+@pytest.fixture
+def tlog() -> TLog:
+    return TLog()
+
+
+@pytest.fixture
+def tstore(tlog: TLog, mask: int) -> EventStore:
+    return EventStore(tlog, hash_mask=mask)
+
+
+def tappend(store: EventStore, log: TLog, events: list[NewEvent], tracking: Tracking | None) -> list[AppendResult]:
+    log.apply_all(store)
+    prepared = store.prepare(events, timestamp_us=TS, next_log_index=len(log.records) + 1, tracking=tracking)
+    if prepared.bodies:
+        log.write_prepared(store, prepared)
+    log.apply_all(store)
+    return store.results(prepared)
+
+
+def test_tracking_commits_with_the_batch_and_only_grows(tstore: EventStore, tlog: TLog) -> None:
+    assert tstore.consumer_position("c") is None
+    results = tappend(tstore, tlog, [ev("1"), ev("2")], Tracking("c", 5))
+    assert [r.index for r in results] == [1, 2]
+    assert tstore.consumer_position("c") == 5
+    # the tracking record is the batch's last record and carries BATCH_END; not an event
+    assert [k for k, _ in tlog.records] == [KIND_EVENT, KIND_EVENT, KIND_TRACKING]
+    assert tstore.last_applied_event_index == 2
+    for position in (5, 4, 1):
+        with pytest.raises(ConflictError) as info:
+            tstore.prepare([ev("x")], tracking=Tracking("c", position))
+        assert info.value.code == "tracking_conflict" and info.value.http_status == 409
+        assert info.value.details == {"consumer": "c", "position": position, "stored_position": 5}
+    # another consumer is independent; a tracking alone (no events) is a batch too
+    assert tappend(tstore, tlog, [], Tracking("d", 1)) == []
+    assert tappend(tstore, tlog, [ev("3")], Tracking("c", 6))[0].index == 3
+    assert (tstore.consumer_position("c"), tstore.consumer_position("d")) == (6, 1)
+    assert [e.id for e in tstore.read_log(1, 10).events] == ["1", "2", "3"]
+
+
+def test_a_conflicting_batch_writes_nothing(tstore: EventStore, tlog: TLog) -> None:
+    tappend(tstore, tlog, [ev("1")], Tracking("c", 3))
+    before = list(tlog.records)
+    with pytest.raises(ConflictError):
+        tappend(tstore, tlog, [ev("2")], Tracking("c", 3))
+    assert tlog.records == before and tstore.lookup("2") is None
+
+
+def test_pending_tracking_counts_so_two_concurrent_batches_cannot_both_pass(tstore: EventStore, tlog: TLog) -> None:
+    first = tstore.prepare([ev("1")], timestamp_us=TS, tracking=Tracking("c", 10))
+    tlog.write_prepared(tstore, first)  # in flight, not applied
+    with pytest.raises(ConflictError) as info:
+        tstore.prepare([ev("2")], tracking=Tracking("c", 10))
+    assert info.value.details["stored_position"] == 10
+    with pytest.raises(ConflictError):
+        tstore.prepare([], tracking=Tracking("c", 7))
+    second = tstore.prepare([ev("2")], timestamp_us=TS, tracking=Tracking("c", 11))
+    tlog.write_prepared(tstore, second)
+    assert tstore.consumer_position("c") is None  # applied state only
+    assert tstore.apply_own(len(tlog.records)) == 4  # events and tracking, from memory
+    assert tstore.consumer_position("c") == 11
+    assert [r.index for r in tstore.results(first)] == [1]
+    assert [r.index for r in tstore.results(second)] == [2]
+    # a leadership change forgets pending positions: only the applied one counts
+    third = tstore.prepare([], timestamp_us=TS, tracking=Tracking("c", 12))
+    tlog.write_prepared(tstore, third)
+    tstore.pending_clear()
+    tlog.truncate(4)
+    tstore.prepare([], tracking=Tracking("c", 12))
+
+
+def test_whole_repeat_with_its_tracking_is_idempotent(tstore: EventStore, tlog: TLog) -> None:
+    first = tappend(tstore, tlog, [ev("1"), ev("2", "b")], Tracking("c", 5))
+    records = len(tlog.records)
+    assert tappend(tstore, tlog, [ev("1"), ev("2", "b")], Tracking("c", 5)) == first
+    assert len(tlog.records) == records  # nothing written
+    # a repeat of a pending batch waits for it, and is idempotent too
+    pending = tstore.prepare([ev("3")], timestamp_us=TS, tracking=Tracking("c", 6))
+    tlog.write_prepared(tstore, pending)
+    again = tstore.prepare([ev("3")], timestamp_us=TS, tracking=Tracking("c", 6))
+    assert again.bodies == [] and again.wait_log_index == len(tlog.records) - 1
+    tlog.apply_all(tstore)
+    assert tstore.results(again) == tstore.results(pending)
+    # a partial repeat is a new batch: its tracking must move forward
+    with pytest.raises(ConflictError):
+        tstore.prepare([ev("1"), ev("new")], tracking=Tracking("c", 6))
+    # a whole repeat whose tracking was never stored writes it now
+    result = tappend(tstore, tlog, [ev("1")], Tracking("e", 1))
+    assert result == first[:1] and tstore.consumer_position("e") == 1
+    assert tlog.records[-1][0] == KIND_TRACKING
+
+
+def test_rebuild_restores_positions(tlog: TLog, mask: int) -> None:
+    store = EventStore(tlog, hash_mask=mask)
+    tappend(store, tlog, [ev("1")], Tracking("c", 1))
+    tlog.append(KIND_EPOCH_START, b"{}")
+    tappend(store, tlog, [ev("2"), ev("3")], Tracking("c", 9))
+    tappend(store, tlog, [], Tracking("d", 4))
+    restarted = EventStore(tlog, hash_mask=mask)
+    assert restarted.rebuild(tlog.as_records()) == len(tlog.records)
+    assert (restarted.consumer_position("c"), restarted.consumer_position("d")) == (9, 4)
+    assert [e.index for e in restarted.read_log(1, 10).events] == [1, 2, 3]
+    with pytest.raises(ConflictError):
+        restarted.prepare([], tracking=Tracking("c", 9))
+
+
+def test_a_position_that_does_not_grow_in_the_log_is_corruption(tstore: EventStore, tlog: TLog) -> None:
+    tappend(tstore, tlog, [], Tracking("c", 5))
+    tlog.append(KIND_TRACKING, encode_tracking_body(Tracking("c", 5)))
+    with pytest.raises(CorruptionError, match="position 5"):
+        tlog.apply_all(tstore)
+    assert tstore.consumer_position("c") == 5 and tstore.last_applied_log_index == 1
+
+
+def test_a_diverged_log_drops_pending_tracking(tstore: EventStore, tlog: TLog) -> None:
+    prepared = tstore.prepare([], timestamp_us=TS, tracking=Tracking("c", 3))
+    tlog.write_prepared(tstore, prepared)
+    tlog.truncate(0)
+    tlog.append(KIND_EPOCH_START, b"{}")  # another leader's record where ours was
+    tlog.apply_all(tstore)
+    tstore.prepare([], tracking=Tracking("c", 3))  # no longer pending
+    with pytest.raises(LogStateError):
+        tstore.results(prepared)
+
+
+@pytest.mark.parametrize(
+    "tracking", [Tracking("", 1), Tracking("c", 0), Tracking("c", -1), Tracking("x" * 257, 1), Tracking("c", 2**63)]
+)
+def test_bad_tracking_is_invalid(tstore: EventStore, tracking: Tracking) -> None:
+    with pytest.raises(ValidationError):
+        tstore.prepare([ev("1")], tracking=tracking)
+
+
+def test_tracking_body_round_trip_and_damage() -> None:
+    body = encode_tracking_body(Tracking("cönsumer", 2**63 - 1))
+    assert decode_tracking_body(body, 1) == Tracking("cönsumer", 2**63 - 1)
+    for damaged in (body[:10], body[:-1], b"\x02" + body[1:], body[:1] + b"\x01" + body[2:]):
+        with pytest.raises(CorruptionError):
+            decode_tracking_body(damaged, 1)
+
+
+def test_tracking_kind_agrees_with_the_wal() -> None:
+    from walstore.wal import record
+
+    assert (store_module.KIND_TRACKING, store_module.FLAG_BATCH_END) == (record.KIND_TRACKING, record.FLAG_BATCH_END)
+    assert record.KIND_NAMES[record.KIND_TRACKING] == "TRACKING"

@@ -124,7 +124,7 @@ def test_oversized_body_is_refused() -> None:
         ([(KIND_EVENT, 0, bytes(200)), (KIND_EPOCH_START, FLAG_BATCH_END, b"x" * 9)], 7, 40),
         ([(KIND_EVENT, 0, bytes(201))], 1, 1),  # over the body limit
         ([(0, 0, b"x")], 1, 1),
-        ([(4, 0, b"x")], 1, 1),
+        ([(5, 0, b"x")], 1, 1),  # 4 is TRACKING
         ([(KIND_EVENT, 2, b"x")], 1, 1),
         ([(KIND_EVENT, 0, b"x")], 0, 1),
         ([(KIND_EVENT, 0, b"x")], 1 << 64, 1),

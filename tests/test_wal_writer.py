@@ -315,7 +315,7 @@ async def test_bad_entries_fail_their_submit_and_queue_nothing() -> None:
         ([(KIND_EVENT, 0, bytes(OPTS.max_record_body_bytes + 1))], 1),  # over the body limit
         ([ev("fine"), (KIND_EVENT, 0, bytes(OPTS.max_record_body_bytes + 1))], 1),
         ([(0, 0, b"kind 0")], 1),
-        ([(4, 0, b"unknown kind")], 1),
+        ([(5, 0, b"unknown kind")], 1),  # 4 is TRACKING
         ([(KIND_EVENT, 2, b"unknown flag")], 1),
         ([ev("epoch too big")], 1 << 64),
     ]

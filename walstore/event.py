@@ -167,3 +167,58 @@ def decode_event_body(body: bytes | memoryview, index: int) -> StoredEvent:
     metadata = bytes(mv[p : p + meta_n])
     binary = bool(flags & FLAG_BINARY_PAYLOAD)
     return StoredEvent(index, version, ts, event_id, type_, aggregate_id, payload, metadata, binary)
+
+
+# ---------------------------------------------------------------------------- tracking
+#
+# A TRACKING record (kind 4 in walstore.wal.record) stores one consumer's position, in the
+# same atomic batch as the events it was written with (it is the batch's last record).
+# Its body, little-endian:
+#
+#     offset size field
+#     0      1    body format (TRACKING_FORMAT = 1)
+#     1      1    reserved, 0
+#     2      2    consumer name length in bytes
+#     4      4    reserved, 0
+#     8      8    position, >= 1 (signed 64-bit range)
+#     16     ...  consumer name (UTF-8)
+
+TRACKING_FORMAT = 1
+_TRACKING = struct.Struct("<BBHIq")
+TRACKING_PREFIX_BYTES = _TRACKING.size  # 16
+MAX_CONSUMER_BYTES = 256  # like an aggregate id: a URL path segment, kept in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """A consumer's position, committed together with a batch: ``position`` must be
+    above the consumer's stored one."""
+
+    consumer: str
+    position: int
+
+
+def encode_tracking_body(tracking: Tracking) -> bytes:
+    name = tracking.consumer.encode()
+    if not name or len(name) > MAX_CONSUMER_BYTES:
+        raise ValueError(f"consumer name of {len(name)} bytes: 1..{MAX_CONSUMER_BYTES}")
+    if not 1 <= tracking.position < 1 << 63:
+        raise ValueError(f"tracking position {tracking.position} is not in 1..2**63-1")
+    return _TRACKING.pack(TRACKING_FORMAT, 0, len(name), 0, tracking.position) + name
+
+
+def decode_tracking_body(body: bytes | memoryview, index: int) -> Tracking:
+    if len(body) < TRACKING_PREFIX_BYTES:
+        raise CorruptionError("<record body>", index, "tracking body shorter than its prefix")
+    fmt, res8, name_n, res32, position = _TRACKING.unpack_from(body)
+    if fmt != TRACKING_FORMAT or res8 or res32:
+        raise CorruptionError("<record body>", index, f"unknown tracking body format {fmt} or reserved bytes set")
+    if TRACKING_PREFIX_BYTES + name_n != len(body) or not name_n or name_n > MAX_CONSUMER_BYTES:
+        raise CorruptionError("<record body>", index, "tracking body lengths do not add up")
+    if position < 1:
+        raise CorruptionError("<record body>", index, f"tracking position {position} is not >= 1")
+    try:
+        consumer = str(memoryview(body)[TRACKING_PREFIX_BYTES:], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptionError("<record body>", index, f"consumer name is not UTF-8: {exc}") from None
+    return Tracking(consumer, position)

@@ -52,7 +52,7 @@ from walstore.errors import (
     UnavailableError,
     ValidationError,
 )
-from walstore.event import AppendResult, NewEvent, StoredEvent
+from walstore.event import AppendResult, NewEvent, StoredEvent, Tracking
 from walstore.http.app import HttpApp, ProbeApp
 from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
@@ -621,7 +621,7 @@ class Node:
 
     # -- EventService ------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+    async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
         if self.writer.failure is not None:
             raise self._storage_unavailable()
         if self.stopping:
@@ -629,7 +629,7 @@ class Node:
         if self.rlog.halted is not None:
             raise UnavailableError(f"this node stopped taking writes: {self.rlog.halted}", code="safety_halt")
         if self.replicator is None or self.replicator.writable:
-            return await self._append_as_leader(list(events))
+            return await self._append_as_leader(list(events), tracking)
         leader = self.replicator.leader_peer()
         # A lease TTL, not the append timeout: a leader that has not answered by then is
         # paused, cut off or failing over, and it resigns within that time when it cannot
@@ -640,7 +640,9 @@ class Node:
         try:
             if leader is None:
                 raise UnavailableError("no leader elected right now", code="no_leader")
-            results: list[AppendResult] = await self.replicator.forwarder.forward(leader, events, forward_s)
+            results: list[AppendResult] = await self.replicator.forwarder.forward(
+                leader, events, forward_s, tracking=tracking
+            )
         except UnavailableError as exc:
             if exc.code == "no_leader" and self.disk_full:
                 # The likely reason there is no leader: with every disk full no takeover
@@ -655,13 +657,13 @@ class Node:
         # leader is down; the write, which the leader did acknowledge, is answered anyway.
         # Not at all while our own log cannot take records (disk full): they will not
         # arrive in time, and the write is already committed on the leader.
-        target = max(r.index for r in results)
+        target = max((r.index for r in results), default=0)
         with trio.move_on_at(max(deadline, trio.current_time() + forward_s / 8)):
             while self.applied_events.value < target and not self.writer.disk_full:
                 await self.applied_events.wait_for(target)
         return results
 
-    async def _append_as_leader(self, events: list[NewEvent]) -> list[AppendResult]:
+    async def _append_as_leader(self, events: list[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
         # Also the entry point of writes forwarded by followers: a stopping leader refuses
         # them (definite: nothing written) and counts the rest, so it resigns only once
         # each has its answer (_hand_over).
@@ -672,31 +674,33 @@ class Node:
             raise UnavailableError("node is shutting down", code="shutting_down")
         self._appends_in_flight += 1
         try:
-            return await self._append_in_term(events)
+            return await self._append_in_term(events, tracking)
         finally:
             self._appends_in_flight -= 1
             if not self._appends_in_flight and self._appends_done is not None:
                 self._appends_done.set()
 
-    async def _append_in_term(self, events: list[NewEvent]) -> list[AppendResult]:
+    async def _append_in_term(self, events: list[NewEvent], tracking: Tracking | None) -> list[AppendResult]:
         if self.replicator is not None and not self.replicator.writable:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
         try:
             prepared = self.store.prepare(
-                events, timestamp_us=time.time_ns() // 1000, next_log_index=self.rlog.tail_index + 1
+                events,
+                timestamp_us=time.time_ns() // 1000,
+                next_log_index=self.rlog.tail_index + 1,
+                tracking=tracking,
             )
         except LogStateError as exc:  # the log holds entries not applied yet (a new term)
             raise UnavailableError(f"catching up: {exc}", code="not_caught_up", retry_after_s=0.2) from exc
         own: PendingAppend | None = None
         if prepared.bodies:
-            entries = [(KIND_EVENT, 0, body) for body in prepared.bodies]
-            entries[-1] = (KIND_EVENT, FLAG_BATCH_END, entries[-1][2])
+            entries = prepared.records()
             if self.replicator is None:
                 pending = self.rlog.submit(entries, self._solo_epoch)
             else:
                 pending = self.replicator.submit(entries)
             self.store.pending_added(pending.first_index, prepared)
-            self.metrics.events_appended_total.inc(len(entries))
+            self.metrics.events_appended_total.inc(len(entries) - (entries[-1][0] != KIND_EVENT))
             if self.replicator is None:
                 own = pending  # alone, durable is committed: the applier commits it
         # With new records, wait_log_index is the last of them (pending.last_index).
@@ -836,6 +840,10 @@ class Node:
         if slow_now or slow_lately:
             reasons.append("slow_disk")
         return reasons
+
+    async def consumer_position(self, consumer: str, *, min_index: int | None = None) -> int | None:
+        await self._wait_for_event_index(min_index)
+        return self.store.consumer_position(consumer)
 
     def status(self) -> NodeStatus:
         store = self.store

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from walstore.event import AppendResult, NewEvent, StoredEvent
+from walstore.event import AppendResult, NewEvent, StoredEvent, Tracking
 
 Direction = Literal["forward", "backward"]
 
@@ -68,9 +68,15 @@ class NodeStatus:
 
 
 class EventService(Protocol):
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
-        """Append atomically (one event or a whole batch) and return once committed and
-        applied. Raises ConflictError, ValidationError, UnavailableError, OutcomeUnknown."""
+    async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
+        """Append atomically (one event or a whole batch, with the consumer position
+        ``tracking`` if given) and return once committed and applied. Raises
+        ConflictError (``tracking_conflict`` among them), ValidationError,
+        UnavailableError, OutcomeUnknown."""
+        ...
+
+    async def consumer_position(self, consumer: str, *, min_index: int | None = None) -> int | None:
+        """The consumer's stored position (None: never stored), as applied here."""
         ...
 
     async def read_aggregate(

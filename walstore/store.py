@@ -71,12 +71,16 @@ from walstore.event import (
     BODY_FORMAT,
     EXISTS,
     MAX_BATCH_EVENTS,
+    MAX_CONSUMER_BYTES,
     PREFIX_BYTES,
     AppendResult,
     NewEvent,
     StoredEvent,
+    Tracking,
     decode_event_body,
+    decode_tracking_body,
     encode_event_body,
+    encode_tracking_body,
 )
 from walstore.json_text import same_json_value
 from walstore.service import AggregateRead, Direction, LogRead
@@ -86,7 +90,9 @@ from walstore.service import AggregateRead, Direction, LogRead
 KIND_EVENT = 1
 KIND_EPOCH_START = 2
 KIND_NOOP = 3
+KIND_TRACKING = 4  # a consumer position (walstore.event's tracking body); not an event
 _SYSTEM_KINDS = frozenset((KIND_EPOCH_START, KIND_NOOP))
+FLAG_BATCH_END = 1  # the record flag that ends an atomic batch (walstore.wal.record)
 
 # Aggregates longer than this get a per-aggregate array of log indexes (8 bytes per event
 # plus one object per aggregate); shorter ones walk their chain, at most this many links.
@@ -142,12 +148,23 @@ class Prepared:
     ``results(prepared)``. A batch of repeats only has no bodies and skips the write.
     """
 
-    __slots__ = ("_first_log_index", "_planned", "_token", "_wait", "bodies")
+    __slots__ = ("_first_log_index", "_planned", "_token", "_tracking", "_wait", "bodies", "tracking")
 
-    def __init__(self, bodies: list[bytes], planned: list[_Planned], token: int) -> None:
+    def __init__(
+        self,
+        bodies: list[bytes],
+        planned: list[_Planned],
+        token: int,
+        tracking: Tracking | None = None,
+        tracking_plan: _TrackingPlan | None = None,
+    ) -> None:
         self.bodies = bodies
         self._planned = planned
         self._token = token
+        # The batch's consumer position: answered back on success. Written as the last
+        # body when ``_tracking`` is set; None there for an idempotent repeat.
+        self.tracking = tracking
+        self._tracking = tracking_plan
         self._first_log_index = 0
         # Repeats of pending events wait for their original; set again by pending_added.
         self._wait = max((p.log_index for p in planned), default=0)
@@ -156,6 +173,17 @@ class Prepared:
     def added(self) -> bool:
         return self._first_log_index > 0
 
+    def records(self) -> list[tuple[int, int, bytes]]:
+        """(kind, flags, body) of what to write: the events, then the tracking record if
+        any; the last one carries BATCH_END."""
+        entries = [(KIND_EVENT, 0, body) for body in self.bodies]
+        if self._tracking is not None:
+            entries[-1] = (KIND_TRACKING, 0, self.bodies[-1])
+        if entries:
+            kind, _, body = entries[-1]
+            entries[-1] = (kind, FLAG_BATCH_END, body)
+        return entries
+
     @property
     def wait_log_index(self) -> int:
         """The log index to wait for before ``results``: the last new record, or the
@@ -163,6 +191,16 @@ class Prepared:
         if self.bodies and not self.added:
             raise LogStateError("wait_log_index of a prepared batch before pending_added")
         return self._wait
+
+
+@dataclass(slots=True)
+class _TrackingPlan:
+    """The tracking record of a prepared batch (always its last body)."""
+
+    tracking: Tracking
+    body: bytes
+    log_index: int = 0  # set by pending_added
+    applied: bool = False  # applied as written at log_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +243,15 @@ def _event_keys(body: bytes | memoryview, log_index: int) -> tuple[bytes, bytes,
     if type(event_id) is not bytes:  # a memoryview into the log's buffer
         return bytes(event_id), bytes(aggregate_id), version
     return event_id, aggregate_id, version  # type: ignore[return-value]
+
+
+def _check_tracking(tracking: Tracking) -> None:
+    name = _utf8(tracking.consumer, "consumer")
+    if not name or len(name) > MAX_CONSUMER_BYTES:
+        raise ValidationError(f"a consumer name has 1..{MAX_CONSUMER_BYTES} bytes", code="invalid_tracking")
+    position = tracking.position
+    if type(position) is not int or not 1 <= position < 1 << 63:
+        raise ValidationError("a tracking position is an integer >= 1", code="invalid_tracking")
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -278,6 +325,11 @@ class EventStore:
         self._pending_versions: dict[str, int] = {}
         self._pending_last = 0
         self._token = 0  # bumped by anything that invalidates an outstanding Prepared
+        # consumer positions: applied, and the leader's pending ones (by log index, and the
+        # highest pending position per consumer)
+        self._consumers: dict[str, int] = {}
+        self._pending_tracking: dict[int, _TrackingPlan] = {}
+        self._pending_positions: dict[str, int] = {}
 
     # ------------------------------------------------------------------ positions
 
@@ -332,14 +384,51 @@ class EventStore:
             raise LogStateError(f"apply of log index {log_index}, expected {len(self._prev) + 1}")
         if kind == KIND_EVENT:
             self._apply_event(log_index, body, True)
+        elif kind == KIND_TRACKING:
+            self._apply_tracking(log_index, body)
         elif kind in _SYSTEM_KINDS:
             self._sys_adj.append(log_index - len(self._sys))
             self._sys.append(log_index)
             self._prev.append(0)
-            if log_index in self._pending_by_log:
+            if log_index in self._pending_by_log or log_index in self._pending_tracking:
                 self._drop_pending()  # our append there was replaced: the log diverged
         else:
             raise CorruptionError(_WHERE, log_index, f"unknown record kind {kind}")
+
+    def _apply_tracking(self, log_index: int, body: bytes | memoryview) -> None:
+        try:
+            tracking = decode_tracking_body(body, log_index)
+        except CorruptionError as exc:
+            raise CorruptionError(_WHERE, log_index, exc.reason) from None
+        stored = self._consumers.get(tracking.consumer, 0)
+        # The invariant a tracking conflict protects: a consumer's position only grows.
+        # Checked on every apply (not an assert, which -O would strip): a log that breaks
+        # it was written by a bug, and the state machine refuses it like any damage.
+        if tracking.position <= stored:
+            raise CorruptionError(
+                _WHERE,
+                log_index,
+                f"consumer {tracking.consumer!r} is at position {stored}; the record moves it to {tracking.position}",
+            )
+        if log_index in self._pending_by_log:
+            self._drop_pending()  # an event of ours was to be here: the log diverged
+        self._sys_adj.append(log_index - len(self._sys))
+        self._sys.append(log_index)
+        self._prev.append(0)
+        self._consumers[tracking.consumer] = tracking.position
+        tracked = self._pending_tracking.pop(log_index, None)
+        if tracked is None:
+            return
+        if tracked.tracking != tracking:
+            self._drop_pending()
+            return
+        tracked.applied = True
+        if self._pending_positions.get(tracking.consumer) == tracking.position:
+            del self._pending_positions[tracking.consumer]
+
+    def consumer_position(self, consumer: str) -> int | None:
+        """The applied position of a consumer, None when it never stored one."""
+        return self._consumers.get(consumer)
 
     def apply_own(self, upto: int) -> int:
         """Apply, from memory, the leader's own pending events that come next in the log,
@@ -357,7 +446,13 @@ class EventStore:
         while log_index <= upto:
             pending = pending_by_log.get(log_index)
             if pending is None:
-                break
+                tracked = self._pending_tracking.get(log_index)
+                if tracked is None:
+                    break
+                self._apply_tracking(log_index, tracked.body)
+                n += 1
+                log_index += 1
+                continue
             self._apply_event(log_index, pending.body, True)
             n += 1
             log_index += 1
@@ -371,7 +466,7 @@ class EventStore:
         were applied, some hash repeated (a collision or a duplicate id) and a later put
         replaced an earlier one: the ids of the rebuilt range are indexed again, verified.
         """
-        if len(self._ids) or self._id_overflow or self._pending_by_log:
+        if len(self._ids) or self._id_overflow or self._pending_by_log or self._pending_tracking:
             n = 0
             for record in records:
                 self.apply(record.index, record.kind, record.body)
@@ -510,6 +605,8 @@ class EventStore:
             positions.append(log_index)
         if self._pending_by_log:
             self._pending_applied(log_index, event_id, version)
+        if self._pending_tracking and log_index in self._pending_tracking:
+            self._drop_pending()  # our tracking record was to be here: the log diverged
 
     def _find_aggregate(self, aggregate_id: bytes) -> int:
         """The slot of an applied aggregate, or -1."""
@@ -703,6 +800,8 @@ class EventStore:
         *,
         timestamp_us: int | None = None,
         next_log_index: int | None = None,
+        tracking: Tracking | None = None,
+        max_events: int = MAX_BATCH_EVENTS,
     ) -> Prepared:
         """Validate an atomic batch against applied + pending state and encode what to write.
 
@@ -712,17 +811,25 @@ class EventStore:
         refuse (LogStateError, before anything is written) when the log holds records it
         has neither applied nor seen as pending: versions computed without them could
         collide with theirs. A new leader therefore applies through its epoch start first.
+
+        ``tracking``: the batch also stores that consumer position (its last record), and
+        is refused with ConflictError ``tracking_conflict`` unless the position is above
+        the consumer's applied and pending ones. A batch whose events are all repeats of
+        earlier appends is their idempotent answer when the position is already stored
+        (it committed with them), and writes nothing; ``events`` may be empty then.
         """
         if next_log_index is not None and next_log_index != self.next_log_index:
             raise LogStateError(
                 f"the log's next index is {next_log_index} but the store knows the log up to "
                 f"{self.next_log_index - 1}: apply the rest before preparing"
             )
-        if not events:
+        if not events and tracking is None:
             raise ValidationError("a batch needs at least one event", code="empty_batch")
-        if len(events) > MAX_BATCH_EVENTS:
+        if tracking is not None:
+            _check_tracking(tracking)
+        if len(events) > max_events:
             raise ValidationError(
-                f"a batch holds at most {MAX_BATCH_EVENTS} events",
+                f"a batch holds at most {max_events} events",
                 code="batch_too_large",
                 count=len(events),
             )
@@ -773,8 +880,26 @@ class EventStore:
             batch_versions[event.aggregate_id] = version
             planned.append(_Planned(event, id_utf8, version, len(bodies), 0, None))
             bodies.append(body)
+        tracked = None
+        if tracking is not None:
+            stored = self._tentative_position(tracking.consumer)
+            if not (events and not bodies and stored >= tracking.position):  # not a whole repeat
+                if tracking.position <= stored:
+                    raise ConflictError(
+                        f"consumer {tracking.consumer!r} is at position {stored}, not below {tracking.position}",
+                        code="tracking_conflict",
+                        consumer=tracking.consumer,
+                        position=tracking.position,
+                        stored_position=stored,
+                    )
+                tracked = _TrackingPlan(tracking, encode_tracking_body(tracking))
+                bodies.append(tracked.body)
         self._token += 1
-        return Prepared(bodies, planned, self._token)
+        return Prepared(bodies, planned, self._token, tracking, tracked)
+
+    def _tentative_position(self, consumer: str) -> int:
+        pending = self._pending_positions.get(consumer)
+        return pending if pending is not None else self._consumers.get(consumer, 0)
 
     def _find_repeat(self, event: NewEvent, id_utf8: bytes) -> _Planned | None:
         """The plan for an id seen before (applied or pending); ConflictError if it was
@@ -827,6 +952,11 @@ class EventStore:
             self._pending_ids[plan.event.id] = pending
             self._pending_by_log[plan.log_index] = pending
             self._pending_versions[plan.event.aggregate_id] = plan.version
+        tracked = prepared._tracking
+        if tracked is not None:
+            tracked.log_index = first_log_index + len(prepared.bodies) - 1
+            self._pending_tracking[tracked.log_index] = tracked
+            self._pending_positions[tracked.tracking.consumer] = tracked.tracking.position
         self._pending_last = first_log_index + len(prepared.bodies) - 1
         prepared._wait = max(prepared._wait, self._pending_last)
 
@@ -839,6 +969,8 @@ class EventStore:
         self._pending_ids.clear()
         self._pending_by_log.clear()
         self._pending_versions.clear()
+        self._pending_tracking.clear()
+        self._pending_positions.clear()
         self._pending_last = 0
         self._token += 1
 
@@ -867,6 +999,13 @@ class EventStore:
         wait = prepared.wait_log_index
         if wait > len(self._prev):
             raise LogStateError(f"batch not applied yet: waiting for {wait}, applied {len(self._prev)}")
+        tracked = prepared._tracking
+        if tracked is not None and not tracked.applied:
+            # Not seen applied as written (the overlay was dropped meanwhile): look.
+            where = tracked.log_index
+            if self._is_event(where) or self._reader.body(where) != tracked.body:
+                raise LogStateError(f"the tracking record written at log index {where} was replaced")
+            tracked.applied = True
         out: list[AppendResult] = []
         for plan in prepared._planned:
             if plan.result is not None:

@@ -5,7 +5,10 @@ The seed's shapes are the contract; everything else is additive:
 ========================  =========================================================
 POST /events              201 {success, event_id, index, version}
 POST /events/batch        201 {success, events: [{event_id, index, version}],
-                          first_index, last_index}
+                          first_index, last_index}, plus ``tracking`` when the batch
+                          carried a consumer position (then ``events`` may be empty,
+                          and both indexes are null); 409 ``tracking_conflict``
+GET /consumers/{consumer} 200 {consumer, position}: the stored position, null if none
 GET /events/{aggregate}   200 {events, count, version}. An aggregate with no events is
                           200 with ``events: []`` and ``version: 0``: for an event
                           store "no events yet" is an answer, not an error, and
@@ -68,15 +71,17 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from walstore.errors import RequestError, UnavailableError, WalstoreError
-from walstore.event import StoredEvent
+from walstore.event import MAX_BATCH_EVENTS, StoredEvent
 from walstore.http.server import Request, Response, SendChunk, error_body, error_response
 from walstore.http.validation import (
     SubscribeParams,
     parse_aggregate_id_segment,
     parse_aggregate_read_query,
     parse_append_request,
-    parse_batch_request,
+    parse_batch_with_tracking,
+    parse_consumer_segment,
     parse_log_read_query,
+    parse_min_index_query,
     parse_subscribe_query,
 )
 from walstore.metrics import Metrics
@@ -88,6 +93,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 _EVENTS_PREFIX: Final = "/events/"
 _AGGREGATE_ROUTE: Final = "/events/{aggregate_id}"
+_CONSUMERS_PREFIX: Final = "/consumers/"
+_CONSUMER_ROUTE: Final = "/consumers/{consumer}"
 _UNMATCHED_ROUTE: Final = "unmatched"
 _METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST.encode()
 _SSE_HEADERS: Final = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -210,6 +217,7 @@ class HttpApp:
         draining: Callable[[], bool] | None = None,
         checkpoint_idle_s: float = CHECKPOINT_IDLE_S,
         checkpoint_every_scanned: int = CHECKPOINT_EVERY_SCANNED,
+        max_batch_events: int = MAX_BATCH_EVENTS,
     ) -> None:
         self.service = service
         # True while the node is stopping: readiness then says so in so many words, so a
@@ -223,6 +231,7 @@ class HttpApp:
         self.subscribe_buffer_events = subscribe_buffer_events
         self.checkpoint_idle_s = checkpoint_idle_s
         self.checkpoint_every_scanned = checkpoint_every_scanned
+        self.max_batch_events = max_batch_events  # POST /events/batch: more is 400 too_many_events
         self._render_limiter = trio.CapacityLimiter(1)  # /metrics renders, see _metrics
         get = "GET"
         self._routes: dict[str, tuple[str, dict[str, Handler]]] = {
@@ -240,6 +249,7 @@ class HttpApp:
             _AGGREGATE_ROUTE,
             {get: self._read_aggregate},
         )
+        self._consumer_route: tuple[str, dict[str, Handler]] = (_CONSUMER_ROUTE, {get: self._read_consumer})
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -261,10 +271,16 @@ class HttpApp:
         path = request.path
         entry = self._routes.get(path)
         if entry is None:
-            segment = path[len(_EVENTS_PREFIX) :] if path.startswith(_EVENTS_PREFIX) else ""
-            if not segment or "/" in segment:
-                return _UNMATCHED_ROUTE, _not_found
-            entry = self._aggregate_route
+            if path.startswith(_CONSUMERS_PREFIX):
+                segment = path[len(_CONSUMERS_PREFIX) :]
+                if not segment or "/" in segment:
+                    return _UNMATCHED_ROUTE, _not_found
+                entry = self._consumer_route
+            else:
+                segment = path[len(_EVENTS_PREFIX) :] if path.startswith(_EVENTS_PREFIX) else ""
+                if not segment or "/" in segment:
+                    return _UNMATCHED_ROUTE, _not_found
+                entry = self._aggregate_route
         route, methods = entry
         handler = methods.get("GET" if request.method == "HEAD" else request.method)
         if handler is None:
@@ -280,15 +296,25 @@ class HttpApp:
         return Response(201, orjson.dumps(body))
 
     async def _append_batch(self, request: Request) -> Response:
-        events = parse_batch_request(request.body, request.content_type)
-        results = await self.service.append(events)
-        body = {
+        events, tracking = parse_batch_with_tracking(
+            request.body, request.content_type, max_events=self.max_batch_events
+        )
+        results = await (self.service.append(events) if tracking is None else self.service.append(events, tracking))
+        body: dict[str, object] = {
             "success": True,
             "events": [{"event_id": r.event_id, "index": r.index, "version": r.version} for r in results],
-            "first_index": results[0].index,
-            "last_index": results[-1].index,
+            "first_index": results[0].index if results else None,
+            "last_index": results[-1].index if results else None,
         }
+        if tracking is not None:
+            body["tracking"] = {"consumer": tracking.consumer, "position": tracking.position}
         return Response(201, orjson.dumps(body))
+
+    async def _read_consumer(self, request: Request) -> Response:
+        consumer = parse_consumer_segment(request.path[len(_CONSUMERS_PREFIX) :])
+        min_index = parse_min_index_query(request.query)
+        position = await self.service.consumer_position(consumer, min_index=min_index)
+        return Response(200, orjson.dumps({"consumer": consumer, "position": position}))
 
     # ---------------------------------------------------------------- reads
 
@@ -367,7 +393,10 @@ class HttpApp:
                 item = first
                 while item is not None:
                     if isinstance(item, Checkpoint):
-                        if item.index > last_id:
+                        if item.index - last_id >= self.checkpoint_every_scanned:
+                            messages.append(_sse_checkpoint(item.index))
+                            last_id, scanned = item.index, 0
+                        elif item.index > last_id:
                             scanned = item.index
                     else:
                         messages.append(_sse_message(item))
@@ -380,9 +409,6 @@ class HttpApp:
                         item = receiver.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                if scanned and scanned - last_id >= self.checkpoint_every_scanned:
-                    messages.append(_sse_checkpoint(scanned))
-                    last_id, scanned = scanned, 0
                 if messages:
                     await send(b"".join(messages))
                     last_send_at = trio.current_time()

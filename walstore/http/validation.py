@@ -41,9 +41,11 @@ Bodies (``POST /events`` and ``POST /events/batch``):
   strings their escapes, and reads return that text. An idempotent repeat compares them by
   JSON value (``json_text.same_json_value``). Their sum over MAX_EVENT_BYTES is 413
   ``event_too_large``.
-- A batch is ``{"events": [event, ...]}`` with 1..MAX_BATCH_EVENTS events (400
-  ``empty_batch`` / ``too_many_events``); two events with the same ``id`` are 400
-  ``duplicate_id``.
+- A batch is ``{"events": [event, ...], "tracking": {"consumer", "position"}}`` with
+  1..max_events events (the node's MAX_BATCH_EVENTS; 400 ``empty_batch`` /
+  ``too_many_events``), or none when it has a ``tracking``; two events with the same
+  ``id`` are 400 ``duplicate_id``. ``tracking`` is optional (``null`` = absent): a
+  consumer name with the rules of an aggregate id and a position, an integer >= 1.
 
 Query strings: ``from_version`` (>= 1; default 1 forward, the newest event backward),
 ``limit`` (1..MAX_READ_LIMIT, default DEFAULT_READ_LIMIT), ``direction`` (``forward`` |
@@ -71,10 +73,12 @@ from walstore.event import (
     EXISTS,
     MAX_AGGREGATE_ID_BYTES,
     MAX_BATCH_EVENTS,
+    MAX_CONSUMER_BYTES,
     MAX_EVENT_BYTES,
     MAX_ID_BYTES,
     MAX_TYPE_BYTES,
     NewEvent,
+    Tracking,
 )
 from walstore.json_text import Member, fast_object, load_object, stored_text
 from walstore.service import Direction
@@ -92,7 +96,8 @@ MAX_FILTER_TYPES: Final = 100
 _EVENT_FIELDS: Final = frozenset(
     ("id", "type", "aggregate_id", "payload", "payload_base64", "metadata", "expected_version")
 )
-_BATCH_FIELDS: Final = frozenset(("events",))
+_BATCH_FIELDS: Final = frozenset(("events", "tracking"))
+_TRACKING_FIELDS: Final = frozenset(("consumer", "position"))
 _EMPTY_OBJECT: Final = b"{}"
 
 
@@ -200,8 +205,16 @@ def _spans(text: str, members: dict[str, Member]) -> Callable[[str], bytes]:
 _BATCH_ARRAYS: Final = frozenset(("events",))
 
 
-def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]:
-    """``POST /events/batch``: ``{"events": [...]}``, 1..MAX_BATCH_EVENTS events."""
+def parse_batch_request(body: bytes, content_type: str | None, *, max_events: int = MAX_BATCH_EVENTS) -> list[NewEvent]:
+    """``POST /events/batch``: ``{"events": [...]}``, 1..max_events events."""
+    return parse_batch_with_tracking(body, content_type, max_events=max_events)[0]
+
+
+def parse_batch_with_tracking(
+    body: bytes, content_type: str | None, *, max_events: int = MAX_BATCH_EVENTS
+) -> tuple[list[NewEvent], Tracking | None]:
+    """``POST /events/batch``: ``{"events": [...], "tracking"?: {consumer, position}}``
+    with 1..max_events events, or 0 with a tracking."""
     check_content_type(content_type)
     fast = fast_object(body)
     text = ""
@@ -218,14 +231,15 @@ def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]
     items = obj["events"]
     if not isinstance(items, list):
         raise ValidationError("'events' must be an array", code="invalid_field", field="events")
-    if not items:
+    tracking = _tracking(obj["tracking"]) if obj.get("tracking") is not None else None
+    if not items and tracking is None:
         raise ValidationError("a batch needs at least one event", code="empty_batch", field="events")
-    if len(items) > MAX_BATCH_EVENTS:
+    if len(items) > max_events:
         raise ValidationError(
-            f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(items)}",
+            f"a batch holds at most {max_events} events, got {len(items)}",
             code="too_many_events",
             field="events",
-            limit=MAX_BATCH_EVENTS,
+            limit=max_events,
         )
     events: list[NewEvent] = []
     seen_ids: dict[str, int] = {}
@@ -248,7 +262,47 @@ def parse_batch_request(body: bytes, content_type: str | None) -> list[NewEvent]
                 event_index=i,
             )
         events.append(event)
-    return events
+    return events, tracking
+
+
+def _tracking(value: object) -> Tracking:
+    """``{"consumer": name, "position": int >= 1}``; the name follows the aggregate id's
+    rules (it is the path segment of ``GET /consumers/{consumer}``)."""
+    if not isinstance(value, dict):
+        raise ValidationError("'tracking' must be an object", code="invalid_field", field="tracking")
+    for key in value:
+        if key not in _TRACKING_FIELDS:
+            raise ValidationError(f"unknown field 'tracking.{key}'", code="unknown_field", field=f"tracking.{key}")
+    for key in ("consumer", "position"):
+        if key not in value:
+            raise ValidationError(f"missing field 'tracking.{key}'", code="missing_field", field=f"tracking.{key}")
+    consumer = check_consumer(value["consumer"], "tracking.consumer")
+    position = value["position"]
+    if type(position) is not int or not 1 <= position <= MAX_POSITION:
+        raise ValidationError(
+            "tracking.position: must be an integer >= 1", code="invalid_field", field="tracking.position"
+        )
+    return Tracking(consumer, position)
+
+
+def check_consumer(value: object, field: str = "consumer") -> str:
+    """A consumer name: like an aggregate id (non-empty, <= MAX_CONSUMER_BYTES, no control
+    characters, no "/", not "." or "..")."""
+    try:
+        name = _check_name(value, "consumer", MAX_CONSUMER_BYTES, None)
+        _check_path_segment_of(name, "consumer")
+    except ValidationError as exc:
+        raise ValidationError(
+            f"{field}: {exc.message.partition(': ')[2] or exc.message}", code="invalid_field", field=field
+        ) from None
+    return name
+
+
+def _check_path_segment_of(value: str, field: str) -> None:
+    if "/" in value:
+        raise _invalid(field, "must not contain '/'", None)
+    if value in (".", ".."):
+        raise _invalid(field, f"{value!r} is a dot segment of a URL path", None)
 
 
 def _invalid(field: str, message: str, index: int | None) -> ValidationError:
@@ -381,6 +435,22 @@ def _check_path_segment(aggregate_id: str, index: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------- URLs
+
+
+def parse_consumer_segment(segment: str) -> str:
+    """The ``{consumer}`` of ``/consumers/{consumer}``, percent-decoded and checked."""
+    try:
+        consumer = unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        raise ValidationError(
+            "consumer in the path is not valid percent-encoded UTF-8", code="invalid_field", field="consumer"
+        ) from None
+    return check_consumer(consumer)
+
+
+def parse_min_index_query(query: bytes | str) -> int | None:
+    """``?min_index=N`` (the only parameter of ``GET /consumers/{consumer}``)."""
+    return _optional_int_param(parse_query(query), "min_index", 0, MAX_POSITION)
 
 
 def parse_aggregate_id_segment(segment: str) -> str:

@@ -30,7 +30,7 @@ from walstore.errors import (
     ValidationError,
     WalstoreError,
 )
-from walstore.event import EXISTS, AppendResult, ExpectedVersion, NewEvent
+from walstore.event import EXISTS, AppendResult, ExpectedVersion, NewEvent, Tracking
 from walstore.protocol import Forward, ForwardResult
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 
@@ -62,8 +62,13 @@ def _event_item(e: NewEvent) -> dict[str, object]:
     return item
 
 
-def encode_events(events: Sequence[NewEvent]) -> bytes:
-    return orjson.dumps([_event_item(e) for e in events])
+def encode_events(events: Sequence[NewEvent], tracking: Tracking | None = None) -> bytes:
+    """A JSON list of the events; with tracking, ``{"events": [...], "tracking": {...}}``
+    (a leader of an older version refuses that as a bad request, never misreads it)."""
+    items = [_event_item(e) for e in events]
+    if tracking is None:
+        return orjson.dumps(items)
+    return orjson.dumps({"events": items, "tracking": {"consumer": tracking.consumer, "position": tracking.position}})
 
 
 def _expected(value: object) -> ExpectedVersion:
@@ -92,10 +97,22 @@ def _decode_event(i: dict[str, Any]) -> NewEvent:
 
 
 def decode_events(body: bytes) -> list[NewEvent]:
+    return decode_request(body)[0]
+
+
+def decode_request(body: bytes) -> tuple[list[NewEvent], Tracking | None]:
     """The follower validated these already; a peer that sends junk is a protocol error."""
     try:
-        items = orjson.loads(body)
-        return [_decode_event(i) for i in items]
+        data = orjson.loads(body)
+        tracking = None
+        if isinstance(data, dict):
+            t = data["tracking"]
+            position = t["position"]
+            if type(position) is not int:
+                raise ValueError(f"tracking position {position!r}")
+            tracking = Tracking(str(t["consumer"]), position)
+            data = data["events"]
+        return [_decode_event(i) for i in data], tracking
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise ValidationError(f"forwarded request is not a valid event list: {exc}") from exc
 
@@ -166,7 +183,9 @@ class Forwarder:
                     self._channel = None
                     await channel.aclose()  # _read_answers wakes its waiters: 504
 
-    async def forward(self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float) -> list[AppendResult]:
+    async def forward(
+        self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float, *, tracking: Tracking | None = None
+    ) -> list[AppendResult]:
         """The leader's answer, within ``timeout_s`` in all: connecting (and waiting for
         another request's connect) counts against it too, and may take ``CONNECT_SHARE``
         of it, so a leader that accepts TCP but never answers (SIGSTOPped, blackholed) costs
@@ -188,7 +207,7 @@ class Forwarder:
         try:
             with trio.move_on_at(deadline):
                 try:
-                    await channel.send(Forward(request_id, encode_events(events)))
+                    await channel.send(Forward(request_id, encode_events(events, tracking)))
                 except PeerClosed as exc:
                     raise OutcomeUnknown(f"connection to leader {leader.node_id} lost while forwarding") from exc
                 sent = True
@@ -249,14 +268,16 @@ class Forwarder:
 
 
 async def serve_forwards(
-    channel: PeerChannel, first: Forward, append: Callable[[list[NewEvent]], Awaitable[list[AppendResult]]]
+    channel: PeerChannel,
+    first: Forward,
+    append: Callable[[list[NewEvent], Tracking | None], Awaitable[list[AppendResult]]],
 ) -> None:
     """The leader's end: run each forwarded append concurrently, answer by id."""
 
     async def one(message: Forward) -> None:
         outcome: list[AppendResult] | WalstoreError
         try:
-            outcome = await append(decode_events(bytes(message.body)))
+            outcome = await append(*decode_request(bytes(message.body)))
         except WalstoreError as exc:
             outcome = exc
         status, body = encode_outcome(outcome)

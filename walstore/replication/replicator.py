@@ -36,7 +36,7 @@ from walstore.config import Config, PeerSpec
 from walstore.election.base import SAFETY_MARGIN_FRACTION, Candidate, Election, LeaderInfo, Leadership
 from walstore.election.membership import Member, counts, promote, register
 from walstore.errors import ElectionError, UnavailableError, WalstoreError
-from walstore.event import AppendResult, NewEvent
+from walstore.event import AppendResult, NewEvent, Tracking
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
 from walstore.replication.follower import FollowerService
@@ -73,7 +73,7 @@ class Replicator:
         election: Election,
         metrics: Metrics,
         *,
-        append_local: Callable[[list[NewEvent]], Awaitable[list[AppendResult]]],
+        append_local: Callable[[list[NewEvent], Tracking | None], Awaitable[list[AppendResult]]],
         on_term_end: Callable[[], None],
         http_address: str,
         applied: Watermark,

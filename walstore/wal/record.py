@@ -7,8 +7,9 @@ Format (all integers little-endian; every record starts 8-aligned)::
     4      4    crc       CRC32C of header bytes [0,4) then [8, 32+body_len): the header
                           without its own crc field, then the body. Padding is not covered
                           but must be zero.
-    8      1    kind      1 EVENT, 2 EPOCH_START, 3 NOOP. 0 is invalid, so a zeroed header
-                          is never a record: a zeroed header is where the data ends.
+    8      1    kind      1 EVENT, 2 EPOCH_START, 3 NOOP, 4 TRACKING. 0 is invalid, so a
+                          zeroed header is never a record: a zeroed header is where the
+                          data ends.
     9      1    flags     bit 0 BATCH_END: the last record of an atomic batch; others 0
     10     2    reserved  0
     12     4    reserved  0
@@ -35,6 +36,7 @@ from walstore._native import (
     KIND_EPOCH_START,
     KIND_EVENT,
     KIND_NOOP,
+    KIND_TRACKING,
     MAX_RECORD_BODY_BYTES,
     RECORD_HEADER_BYTES,
     crc32c,
@@ -48,6 +50,7 @@ __all__ = [
     "KIND_EVENT",
     "KIND_NAMES",
     "KIND_NOOP",
+    "KIND_TRACKING",
     "MAX_RECORD_BODY_BYTES",
     "RECORD_HEADER_BYTES",
     "Record",
@@ -58,7 +61,7 @@ __all__ = [
     "record_size",
 ]
 
-KIND_NAMES = {KIND_EVENT: "EVENT", KIND_EPOCH_START: "EPOCH_START", KIND_NOOP: "NOOP"}
+KIND_NAMES = {KIND_EVENT: "EVENT", KIND_EPOCH_START: "EPOCH_START", KIND_NOOP: "NOOP", KIND_TRACKING: "TRACKING"}
 
 # body_len, crc, kind, flags, reserved16, reserved32, epoch, index
 _HEADER = struct.Struct("<IIBBHIQQ")

@@ -23,9 +23,17 @@ from pathlib import Path
 import orjson
 
 from walstore.errors import CorruptionError, StorageError
-from walstore.event import decode_event_body
+from walstore.event import decode_event_body, decode_tracking_body
 from walstore.wal.fs import FileSystem, RealFileSystem
-from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT, KIND_NAMES, MAX_RECORD_BODY_BYTES, Record, decode_record
+from walstore.wal.record import (
+    FLAG_BATCH_END,
+    KIND_EVENT,
+    KIND_NAMES,
+    KIND_TRACKING,
+    MAX_RECORD_BODY_BYTES,
+    Record,
+    decode_record,
+)
 from walstore.wal.recovery import LogScan, epoch_history, scan_log
 
 EXIT_CLEAN = 0
@@ -96,6 +104,12 @@ def verify(directory: Path, *, fs: FileSystem | None = None, max_body: int = MAX
                 except (CorruptionError, UnicodeDecodeError) as e:
                     report.error = f"{path} offset {rec.offset}: record {rec.index} has a bad event body: {e}"
                     break
+            elif rec.kind == KIND_TRACKING:
+                try:
+                    decode_tracking_body(rec.body, rec.index)
+                except CorruptionError as e:
+                    report.error = f"{path} offset {rec.offset}: record {rec.index} has a bad tracking body: {e}"
+                    break
     except CorruptionError as e:
         report.error = str(e)
     finally:
@@ -160,6 +174,14 @@ def record_json(path: Path, rec: Record) -> dict[str, object]:
                 "payload": _json_or_text(ev.payload),
                 "metadata": _json_or_text(ev.metadata),
             }
+    elif rec.kind == KIND_TRACKING:
+        try:
+            tracking = decode_tracking_body(rec.body, rec.index)
+        except CorruptionError as e:
+            out["error"] = f"bad tracking body: {e}"
+            out["body_hex"] = rec.body.hex()
+        else:
+            out["tracking"] = {"consumer": tracking.consumer, "position": tracking.position}
     else:
         try:
             out["body_text"] = rec.body.decode()
@@ -189,6 +211,9 @@ def record_line(path: Path, rec: Record) -> str:
         return (
             f"{head} id={ev['id']} type={ev['type']} aggregate={ev['aggregate_id']} version={ev['version']} {payload}"
         )
+    tracking = obj.get("tracking")
+    if isinstance(tracking, dict):
+        return f"{head} consumer={tracking['consumer']} position={tracking['position']}"
     if "error" in obj:
         return f"{head} {obj['error']}"
     body = obj.get("body_text", obj.get("body_hex", ""))

@@ -54,7 +54,14 @@ from walstore import _native
 from walstore._native import ScanStop
 from walstore.errors import DiskFullError, FsyncError, LogStateError, NativeError, StorageError
 from walstore.wal.log import WriteAheadLog
-from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, KIND_NOOP, RECORD_HEADER_BYTES
+from walstore.wal.record import (
+    FLAG_BATCH_END,
+    KIND_EPOCH_START,
+    KIND_EVENT,
+    KIND_NOOP,
+    KIND_TRACKING,
+    RECORD_HEADER_BYTES,
+)
 
 if TYPE_CHECKING:
     from walstore.metrics import Metrics
@@ -72,8 +79,8 @@ SLOW_ROUND_S = 1.0
 LOG_EVERY_S = 10.0
 
 _U64 = 1 << 64
-KIND_MAX = max(KIND_EVENT, KIND_EPOCH_START, KIND_NOOP)
-assert {KIND_EVENT, KIND_EPOCH_START, KIND_NOOP} == set(range(1, KIND_MAX + 1))
+KIND_MAX = max(KIND_EVENT, KIND_EPOCH_START, KIND_NOOP, KIND_TRACKING)
+assert {KIND_EVENT, KIND_EPOCH_START, KIND_NOOP, KIND_TRACKING} == set(range(1, KIND_MAX + 1))
 
 
 class PendingAppend:
