@@ -34,7 +34,10 @@ class AsyncClient:
     been stored raises ``OutcomeUnknown`` and anything else ``Unavailable``. Event ids
     are made here (uuid4) before the first attempt, so a retried write is never stored
     twice. ``heartbeat_timeout`` is how long a subscription waits on a silent stream
-    (the server sends a heartbeat every 15 s) before it reconnects."""
+    (the server sends a heartbeat every 15 s) before it reconnects. With
+    ``read_your_writes`` (the default) every event read asks the node for ``min_index``
+    = the highest index this client's writes were answered with, so a read after a
+    failover, or on another node, still sees them."""
 
     def __init__(
         self,
@@ -43,12 +46,17 @@ class AsyncClient:
         timeout: float = 10.0,
         retry_deadline: float = 35.0,
         heartbeat_timeout: float = p.DEFAULT_HEARTBEAT_TIMEOUT_S,
+        read_your_writes: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        p.check_durations(timeout=timeout, retry_deadline=retry_deadline, heartbeat_timeout=heartbeat_timeout)
         self.router = p.Router(urls)
         self.timeout = timeout
         self.retry_deadline = retry_deadline
         self.heartbeat_timeout = heartbeat_timeout
+        self.read_your_writes = read_your_writes
+        # The highest event index a write of this client was answered with.
+        self.written_index = 0
         self._http = httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
 
     @property
@@ -69,6 +77,8 @@ class AsyncClient:
     # -- the retry loop ---------------------------------------------------------------------
 
     async def _call(self, request: p.Request) -> Any:
+        if self.read_your_writes:
+            request = p.at_least(request, self.written_index)
         call = p.Call(request, self.router, deadline=time.monotonic() + self.retry_deadline, timeout=self.timeout)
         while True:
             try:
@@ -115,11 +125,15 @@ class AsyncClient:
     ) -> AppendResult:
         """Append one event (``POST /events``); retried with the same id until answered."""
         event = EventData(aggregate_id, type, payload, payload_bytes, metadata, expected_version, event_id)
-        return p.decode_append(await self._call(p.append_request(event)))
+        result = p.decode_append(await self._call(p.append_request(event)))
+        self.written_index = max(self.written_index, result.index)
+        return result
 
     async def append_batch(self, events: Sequence[EventData], *, tracking: Tracking | None = None) -> BatchResult:
         """Append events atomically (``POST /events/batch``), with a consumer position if given."""
-        return p.decode_batch(await self._call(p.batch_request(events, tracking)))
+        result = p.decode_batch(await self._call(p.batch_request(events, tracking)))
+        self.written_index = max(self.written_index, result.last_index or 0)
+        return result
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -216,11 +230,22 @@ class AsyncSubscription:
     def __init__(self, client: AsyncClient, state: p.SubscriptionState) -> None:
         self._client = client
         self._state = state
+        self._reconnects: p.Reconnects | None = None
         self._events = self._run()
 
     @property
     def position(self) -> int:
         return self._state.position
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the stream broke and was reopened (for logs and tests)."""
+        return self._reconnects.count if self._reconnects is not None else 0
+
+    @property
+    def last_error(self) -> str:
+        """Why the stream last broke ("" if it never did)."""
+        return self._reconnects.last_error if self._reconnects is not None else ""
 
     def __aiter__(self) -> AsyncSubscription:
         return self
@@ -241,7 +266,7 @@ class AsyncSubscription:
 
     async def _run(self) -> AsyncGenerator[RecordedEvent, None]:
         client = self._client
-        reconnects = p.Reconnects(client.router, client.retry_deadline, time.monotonic())
+        reconnects = self._reconnects = p.Reconnects(client.router, client.retry_deadline, time.monotonic())
         timeout = httpx.Timeout(client.timeout, read=client.heartbeat_timeout)
         while True:
             request = self._state.request()
@@ -254,7 +279,7 @@ class AsyncSubscription:
                         reconnects.answered(time.monotonic())
                         parser = p.SseParser()
                         async for line in response.aiter_lines():
-                            reconnects.receiving()
+                            reconnects.receiving(time.monotonic())
                             message = parser.feed(line)
                             if message is None:
                                 continue

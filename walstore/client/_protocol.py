@@ -25,7 +25,7 @@ import json
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import httpx
@@ -90,6 +90,8 @@ class Request:
     body: bytes | None = None
     kind: Kind = "read"
     event_ids: tuple[str, ...] = ()
+    # An event read, which takes ``min_index`` (read-your-writes on any node).
+    reads_events: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -113,6 +115,13 @@ def normalise_urls(urls: str | Sequence[str]) -> list[str]:
         if text not in out:
             out.append(text)
     return out
+
+
+def check_durations(**seconds: float) -> None:
+    """ValueError naming the first of ``seconds`` that is not a positive finite number."""
+    for name, value in seconds.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def _dumps(value: Any) -> bytes:
@@ -209,7 +218,7 @@ def log_page_request(
     params.extend(_filter_params(types, aggregate_prefix))
     if _check_direction(direction) == "backward":
         params.append(("direction", "backward"))
-    return Request("GET", "/events", tuple(params))
+    return Request("GET", "/events", tuple(params), reads_events=True)
 
 
 def aggregate_page_request(aggregate_id: str, *, from_version: int | None, limit: int, direction: str) -> Request:
@@ -218,7 +227,16 @@ def aggregate_page_request(aggregate_id: str, *, from_version: int | None, limit
         params.append(("from_version", str(from_version)))
     params.append(("limit", str(limit)))
     params.append(("direction", _check_direction(direction)))
-    return Request("GET", f"/events/{urllib.parse.quote(aggregate_id, safe='')}", tuple(params))
+    return Request("GET", f"/events/{urllib.parse.quote(aggregate_id, safe='')}", tuple(params), reads_events=True)
+
+
+def at_least(request: Request, min_index: int) -> Request:
+    """``request`` asking the node to have applied event ``min_index`` first (it waits,
+    then answers 503 ``not_caught_up``, which moves the call to the next node): a client
+    then reads its own writes whichever node answers. Only event reads take it."""
+    if not request.reads_events or min_index < 1:
+        return request
+    return replace(request, params=(*request.params, ("min_index", str(min_index))))
 
 
 def consumer_request(consumer: str) -> Request:
@@ -484,6 +502,7 @@ class Call:
         self._backoff = FIRST_BACKOFF_S
         self._refused_in_row = 0
         self._hinted: set[str] = set()
+        self._probed = False  # asked the unknown nodes who they are (once per call)
         self._last: WalstoreClientError | None = None
 
     def attempt_timeout(self, now: float) -> float:
@@ -509,7 +528,8 @@ class Call:
                 if leader_url is not None and leader_url != self.url and leader_url not in self._hinted:
                     self._hinted.add(leader_url)
                     return self._retry(leader_url, 0.0, now)
-                if leader_url is None and self.router.unknown():
+                if leader_url is None and self.router.unknown() and not self._probed:
+                    self._probed = True
                     return self._retry(self.url, 0.0, now, probe=self.router.unknown())
             next_url = self.router.advance(self.url) if error.code in NODE_LOCAL_CODES else self.url
             return self._retry(next_url, wait if wait is not None else self._next_backoff(), now)
@@ -770,15 +790,19 @@ class Reconnects:
         self.url = router.current
         self.last_ok = now
         self.failures = 0
+        self.count = 0  # reconnections so far
         self.last_error = ""
 
     def answered(self, now: float) -> None:
         """A node answered 200: the clock of the deadline starts again."""
         self.last_ok = now
 
-    def receiving(self) -> None:
-        """The stream carried a line: it works, so the next break is not a failure in a row."""
+    def receiving(self, now: float) -> None:
+        """The stream carried a line: it works, so the next break is not a failure in a
+        row, and the deadline counts from now (a stream that ran for a day breaks with
+        the whole deadline ahead of it)."""
         self.failures = 0
+        self.last_ok = now
 
     def broken(self, reason: str, now: float) -> float:
         """The pause before the next connection (to ``self.url``, the next node);
@@ -788,5 +812,6 @@ class Reconnects:
             raise Unavailable(f"subscription: no node answered for {self.deadline_s:g} s; last: {self.last_error}")
         wait = 0.0 if self.failures == 0 else min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(self.failures - 1, 5))
         self.failures += 1
+        self.count += 1
         self.url = self.router.advance(self.url)
         return wait
