@@ -44,6 +44,8 @@ def test_every_variable_is_read() -> None:
         "HTTP_MAX_CONNECTIONS": "7",
         "PROBE_PORT": "91",
         "LOG_LEVEL": "debug",
+        "MAX_BATCH_EVENTS": "20000",
+        "MAX_BATCH_BYTES": str(8 << 20),
     }
     assert set(env) == set(ENV_VARS) - {"CLUSTER_SIZE"}
     c = from_env(env)
@@ -52,6 +54,23 @@ def test_every_variable_is_read() -> None:
     assert c.me == PeerSpec("b", "h2", 2) and c.clustered and c.cluster_size == 3
     assert (c.lease_ttl_s, c.max_body_bytes, c.http_max_connections, c.log_level) == (3.5, 4096, 7, "DEBUG")
     assert c.probe_port == 91
+    assert (c.max_batch_events, c.max_batch_bytes) == (20_000, 8 << 20)
+
+
+def test_batch_limits_default_to_10000_events_and_16_mib() -> None:
+    c = from_env({})
+    assert (c.max_batch_events, c.max_batch_bytes) == (10_000, 16 * 1024 * 1024)
+
+
+def test_the_largest_batch_must_fit_one_peer_frame() -> None:
+    from walstore.config import BATCH_EVENT_OVERHEAD_BYTES, BATCH_FRAME_SLACK_BYTES
+    from walstore.protocol.frames import MAX_FRAME_BYTES
+
+    events = 50_000
+    fits = MAX_FRAME_BYTES - events * BATCH_EVENT_OVERHEAD_BYTES - BATCH_FRAME_SLACK_BYTES
+    assert from_env({"MAX_BATCH_EVENTS": str(events), "MAX_BATCH_BYTES": str(fits)}).max_batch_bytes == fits
+    with pytest.raises(ConfigError, match="would not fit one peer frame"):
+        from_env({"MAX_BATCH_EVENTS": str(events), "MAX_BATCH_BYTES": str(fits + 1)})
 
 
 def test_statefulset_peers_are_derived_from_dns_names() -> None:
@@ -82,6 +101,11 @@ def test_flags_override_environment() -> None:
         {"HTTP_MAX_CONNECTIONS": "0"},
         {"LOG_LEVEL": "verbose"},
         {"LOG_LEVEL": "15"},
+        {"MAX_BATCH_EVENTS": "0"},
+        {"MAX_BATCH_EVENTS": "100001"},
+        {"MAX_BATCH_EVENTS": "many"},
+        {"MAX_BATCH_BYTES": "1023"},
+        {"MAX_BATCH_BYTES": str(33 << 20)},
     ],
 )
 def test_bad_values_are_start_up_errors(env: dict[str, str]) -> None:

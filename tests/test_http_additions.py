@@ -14,6 +14,7 @@ import trio
 from fakes import FakeEventService, HttpTestClient, HttpTestResponse, start_server
 
 from walstore.http.app import HttpApp
+from walstore.http.server import HttpLimits
 
 SEED_EVENT = {"type": "UserCreated", "aggregate_id": "user-123", "payload": {"name": "Jo"}}
 
@@ -435,3 +436,78 @@ async def test_bad_consumer_paths(client: HttpTestClient, target: str, status: i
 async def test_consumers_route_methods(client: HttpTestClient) -> None:
     response = await client.request("POST", "/consumers/c", json={})
     assert response.status == 405 and response.header("allow") == "GET, HEAD"
+
+
+# ---------------------------------------------------------------- batch limits
+
+
+async def test_over_limit_batch_content_length_is_refused_unread(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    _, port = await start_server(nursery, service, limits=HttpLimits(max_body_bytes=1024, max_batch_body_bytes=4096))
+    client = await HttpTestClient.connect(port)
+    # the head only: the answer must come without the body ever being sent
+    await client.send_raw(
+        b"POST /events/batch HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 4097\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        response = await client.read_response()
+    assert response.status == 413
+    error = error_of(response)
+    assert (error["code"], error["limit"]) == ("batch_too_large", 4096)
+    assert service.log == []
+
+
+async def test_batch_and_single_event_bodies_have_their_own_limits(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    _, port = await start_server(nursery, service, limits=HttpLimits(max_body_bytes=1024, max_batch_body_bytes=8192))
+    client = await HttpTestClient.connect(port)
+    big = {"type": "T", "aggregate_id": "a", "payload": {"s": "x" * 2000}}
+    response = await client.request("POST", "/events", json=big)
+    assert response.status == 413 and error_of(response)["code"] == "payload_too_large"
+    client = await HttpTestClient.connect(port)
+    response = await client.request("POST", "/events/batch", json={"events": [big, {**big, "aggregate_id": "b"}]})
+    assert response.status == 201, response.body  # ~4 KiB: over the single-event limit, under the batch one
+    # chunked bodies are counted against the same limit
+    body = orjson.dumps({"events": [big] * 5})
+    raw = (
+        b"POST /events/batch HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    )
+    await client.send_raw(raw)
+    response = await client.read_response()
+    assert response.status == 413 and error_of(response)["code"] == "batch_too_large"
+    assert len(service.log) == 2
+
+
+async def test_too_many_events_names_the_configured_limit(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    service.max_batch_events = 5
+    _, port = await start_server(nursery, app=HttpApp(service, max_batch_events=5))
+    client = await HttpTestClient.connect(port)
+    events = [{**SEED_EVENT, "aggregate_id": f"a{i}"} for i in range(6)]
+    response = await client.request("POST", "/events/batch", json={"events": events})
+    assert response.status == 400
+    error = error_of(response)
+    assert (error["code"], error["limit"]) == ("too_many_events", 5)
+    response = await client.request("POST", "/events/batch", json={"events": events[:5]})
+    assert response.status == 201
+    assert len(service.log) == 5
+
+
+async def test_a_10000_event_batch_is_one_atomic_append(client: HttpTestClient, service: FakeEventService) -> None:
+    events: list[dict[str, Any]] = [
+        {"type": "T", "aggregate_id": f"agg-{i % 97}", "payload": {"i": i}} for i in range(10_000)
+    ]
+    events[-1]["expected_version"] = 0  # agg-... already has events by then: the whole batch fails
+    response = await client.request("POST", "/events/batch", json={"events": events})
+    assert response.status == 409 and service.log == []
+    del events[-1]["expected_version"]
+    response = await client.request(
+        "POST", "/events/batch", json={"events": events, "tracking": {"consumer": "c", "position": 1}}
+    )
+    assert response.status == 201, response.body[:200]
+    body = response.json()
+    assert (body["first_index"], body["last_index"], len(body["events"])) == (1, 10_000, 10_000)
+    assert len(service.log) == 10_000
+    too_many = await client.request("POST", "/events/batch", json={"events": [*events, SEED_EVENT]})
+    assert too_many.status == 400 and error_of(too_many)["limit"] == 10_000

@@ -3,7 +3,8 @@
 The seed's variables keep their names and defaults (NODE_ID, HTTP_PORT, DATA_DIR,
 ETCD_ENDPOINTS, SERVICE_NAME, NAMESPACE). Additions: PEER_PORT, CLUSTER_SIZE, PEERS,
 CLUSTER_ID, HTTP_HOST, PEER_HOST, LEASE_TTL_S, SEGMENT_SIZE_BYTES, MAX_BODY_BYTES,
-HTTP_HEADER_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, HTTP_MAX_CONNECTIONS, PROBE_PORT, LOG_LEVEL.
+HTTP_HEADER_TIMEOUT_S, HTTP_IDLE_TIMEOUT_S, HTTP_MAX_CONNECTIONS, PROBE_PORT, LOG_LEVEL,
+MAX_BATCH_EVENTS, MAX_BATCH_BYTES.
 
 With no peers (CLUSTER_SIZE=1 and PEERS empty) the node runs alone, leads itself and needs
 no etcd: the embedded default. With CLUSTER_SIZE=N>1 and no PEERS, the peers are the
@@ -20,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from walstore.errors import ConfigError
+from walstore.event import MAX_BATCH_EVENTS
+from walstore.protocol.frames import MAX_FRAME_BYTES
 
 # Every variable `walstore serve` reads; the k8s manifest test checks the StatefulSet
 # against this set so the two cannot drift apart.
@@ -44,7 +47,19 @@ ENV_VARS = (
     "HTTP_MAX_CONNECTIONS",
     "PROBE_PORT",
     "LOG_LEVEL",
+    "MAX_BATCH_EVENTS",
+    "MAX_BATCH_BYTES",
 )
+
+# A batch travels whole in one frame twice: as FORWARD (its events as JSON, follower to
+# leader) and, from the leader's memory, as one APPEND (its records). Either is at most
+# the request body plus this much per event (a generated 36-byte id and the JSON keys
+# around it in FORWARD; 32 record header + 32 body prefix + a generated id + "{}" metadata
+# + 7 padding in APPEND), plus BATCH_FRAME_SLACK_BYTES (the tracking record, frame
+# headers). validate() keeps MAX_BATCH_BYTES + MAX_BATCH_EVENTS * this within one frame.
+BATCH_EVENT_OVERHEAD_BYTES = 160
+BATCH_FRAME_SLACK_BYTES = 64 * 1024
+MAX_BATCH_EVENTS_LIMIT = 100_000  # one state-machine step per event, on the event loop
 
 # The names logging.basicConfig takes; anything else would make the node die at start-up
 # with a traceback from inside logging instead of a ConfigError naming the variable.
@@ -89,6 +104,11 @@ class Config:
     # could collide with something; the Kubernetes manifests turn it on. 0 = any free port.
     probe_port: int | None = None
     log_level: str = "INFO"
+    # POST /events/batch: at most this many events (400 too_many_events) and a body of at
+    # most this many bytes (413 batch_too_large, refused from Content-Length unread).
+    # POST /events keeps max_body_bytes.
+    max_batch_events: int = MAX_BATCH_EVENTS
+    max_batch_bytes: int = 16 * 1024 * 1024
 
     @property
     def clustered(self) -> bool:
@@ -126,6 +146,16 @@ class Config:
             raise ConfigError("HTTP_HEADER_TIMEOUT_S: 0.1-600 s; HTTP_IDLE_TIMEOUT_S: 0.1-3600 s")
         if not 1 <= self.http_max_connections <= 1_000_000:
             raise ConfigError("HTTP_MAX_CONNECTIONS: between 1 and 1,000,000")
+        if not 1 <= self.max_batch_events <= MAX_BATCH_EVENTS_LIMIT:
+            raise ConfigError(f"MAX_BATCH_EVENTS {self.max_batch_events}: between 1 and {MAX_BATCH_EVENTS_LIMIT:,}")
+        if not 1024 <= self.max_batch_bytes <= MAX_FRAME_BYTES:
+            raise ConfigError(f"MAX_BATCH_BYTES {self.max_batch_bytes}: between 1 KiB and 32 MiB (see below)")
+        frame = self.max_batch_bytes + self.max_batch_events * BATCH_EVENT_OVERHEAD_BYTES + BATCH_FRAME_SLACK_BYTES
+        if frame > MAX_FRAME_BYTES:
+            raise ConfigError(
+                f"MAX_BATCH_BYTES {self.max_batch_bytes} with MAX_BATCH_EVENTS {self.max_batch_events}: the largest "
+                f"batch ({frame} bytes forwarded or replicated) would not fit one peer frame ({MAX_FRAME_BYTES})"
+            )
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
         if self.clustered and not self.etcd_endpoints:
@@ -200,6 +230,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Confi
         http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", d.http_max_connections),
         probe_port=_int(env, "PROBE_PORT", -1) if env.get("PROBE_PORT", "").strip() else d.probe_port,
         log_level=env.get("LOG_LEVEL", "").strip().upper() or d.log_level,
+        max_batch_events=_int(env, "MAX_BATCH_EVENTS", d.max_batch_events),
+        max_batch_bytes=_int(env, "MAX_BATCH_BYTES", d.max_batch_bytes),
     )
     given = {k: v for k, v in overrides.items() if v is not None}
     peers_text = given.pop("peers", None) or env.get("PEERS", "")

@@ -51,8 +51,10 @@ MAX_AGGREGATE_ID_BYTES = 256
 MAX_TYPE_BYTES = 256
 # payload + metadata of one event; the HTTP body limit (1 MiB default) bounds it first.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
-# events in one atomic batch: one batch is one group-commit unit and one APPEND unit.
-MAX_BATCH_EVENTS = 1000
+# events in one atomic batch by default (the node's MAX_BATCH_EVENTS setting): one batch
+# is one group-commit unit, and one APPEND unit when shipped from the leader's memory
+# (walstore.config checks that the largest batch fits one peer frame).
+MAX_BATCH_EVENTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,6 +231,7 @@ class Node:
         self._space = _SpaceWatch(fs if fs is not None else RealFileSystem())
         self.http_limits = http_limits or HttpLimits(
             max_body_bytes=config.max_body_bytes,
+            max_batch_body_bytes=config.max_batch_bytes,
             header_timeout_s=config.http_header_timeout_s,
             idle_timeout_s=config.http_idle_timeout_s,
             max_connections=config.http_max_connections,
@@ -316,7 +317,7 @@ class Node:
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
         nursery.start_soon(self._record_commit_forever)
-        app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping)
+        app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping, max_batch_events=cfg.max_batch_events)
         http_done = self._http_done
         probes_stop, probes_done = self._probes_stop, self._probes_done
 
@@ -689,6 +690,7 @@ class Node:
                 timestamp_us=time.time_ns() // 1000,
                 next_log_index=self.rlog.tail_index + 1,
                 tracking=tracking,
+                max_events=self.config.max_batch_events,
             )
         except LogStateError as exc:  # the log holds entries not applied yet (a new term)
             raise UnavailableError(f"catching up: {exc}", code="not_caught_up", retry_after_s=0.2) from exc

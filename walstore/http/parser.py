@@ -32,7 +32,8 @@ line folding (h11 joins folded lines; we refuse them); ``Transfer-Encoding`` tog
 request smuggling lives on).
 
 Limits: a head (request line, headers and the blank line) over ``max_header_bytes`` is
-431, whether it is complete or still arriving. A body over ``max_body_bytes`` is 413: a
+431, whether it is complete or still arriving. A body over ``max_body_bytes`` (or, for a
+POST to a path in ``large_bodies``, that path's own limit: 413 ``batch_too_large``) is 413: a
 ``Content-Length`` over the limit is refused from the head alone, a chunked body as soon
 as a chunk-size line takes it over, before the chunk's data is read. Nothing is buffered
 beyond a bounded head, one bounded chunk line and a body under the limit.
@@ -201,18 +202,25 @@ class RequestParser:
     __slots__ = (
         "_body_size",
         "_buf",
+        "_limit",
         "_parts",
         "_pos",
         "_remaining",
         "_scan",
         "_state",
+        "large_bodies",
         "max_body_bytes",
         "max_header_bytes",
     )
 
-    def __init__(self, max_header_bytes: int, max_body_bytes: int) -> None:
+    def __init__(
+        self, max_header_bytes: int, max_body_bytes: int, large_bodies: dict[bytes, int] | None = None
+    ) -> None:
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        # POST targets (path, no query) with a body limit of their own: /events/batch
+        self.large_bodies = large_bodies or {}
+        self._limit = max_body_bytes  # the current request's body limit
         # Unconsumed input is _buf[_pos:]. The common case, a whole request in one read,
         # keeps the bytes object the socket gave: no copy until the head is sliced.
         self._buf: bytes | bytearray = b""
@@ -364,6 +372,11 @@ class RequestParser:
             raise _bad("an HTTP/1.1 request needs exactly one Host header" if http11 else "more than one Host header")
 
         content_length = 0
+        self._limit = self.max_body_bytes
+        if self.large_bodies and method == "POST":
+            limit = self.large_bodies.get(target.partition(b"?")[0])
+            if limit is not None:
+                self._limit = limit
         if chunked:
             if length is not None:
                 raise _bad("both Transfer-Encoding and Content-Length")
@@ -373,7 +386,7 @@ class RequestParser:
             self._body_size = 0
         elif length is not None:
             content_length = int(length)
-            if content_length > self.max_body_bytes:
+            if content_length > self._limit:
                 raise self._body_too_large(content_length)
             if content_length:
                 self._state = _LENGTH_BODY
@@ -390,7 +403,11 @@ class RequestParser:
         )
 
     def _body_too_large(self, size: int) -> HttpParseError:
-        limit = self.max_body_bytes
+        limit = self._limit
+        if limit != self.max_body_bytes:  # a large-body target's own limit: a batch
+            return HttpParseError(
+                413, "batch_too_large", f"a batch body of {size}+ bytes is over the {limit}-byte limit", limit=limit
+            )
         return HttpParseError(
             413, "payload_too_large", f"request body of {size}+ bytes is over the {limit}-byte limit", limit=limit
         )
@@ -468,7 +485,7 @@ class RequestParser:
                 size = int(line.group(1), 16)
                 self._pos = self._scan = end + 2
                 self._body_size += size
-                if self._body_size > self.max_body_bytes:
+                if self._body_size > self._limit:
                     raise self._body_too_large(self._body_size)
                 if size:
                     self._state = _CHUNK_DATA

@@ -12,7 +12,8 @@ What a connection goes through, and what ends it:
 - The head (request line + headers) must arrive whole within ``header_timeout_s`` of its
   first byte (of the connection, for the first request) (slowloris), else 408 and close;
   over ``max_header_bytes``, complete or not, is 431 and close.
-- The body: ``Content-Length`` over ``max_body_bytes`` is answered 413 at once, unread;
+- The body: ``Content-Length`` over ``max_body_bytes`` (``max_batch_body_bytes`` for a
+  POST to ``/events/batch``: 413 ``batch_too_large``) is answered 413 at once, unread;
   a chunked body is counted as its chunk sizes arrive and cut off the same way. The whole
   body must arrive within ``body_timeout_s`` (else 408). ``Expect: 100-continue`` gets its
   ``100 Continue`` when the server starts waiting for a body none of which has arrived.
@@ -129,6 +130,8 @@ WATCHDOG_MIN_TICK_S: Final = 0.05
 WATCHDOG_MAX_TICK_S: Final = 1.0
 
 JSON_CONTENT_TYPE: Final = b"application/json"
+# The one POST target whose body may exceed max_body_bytes, up to max_batch_body_bytes.
+BATCH_PATH: Final = b"/events/batch"
 _STATUS_LINES: Final = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 SendChunk = Callable[[bytes], Awaitable[None]]
@@ -141,8 +144,11 @@ StreamBody = Callable[[SendChunk], Awaitable[None]]
 class HttpLimits:
     """Per-connection bounds. Every default has its reason."""
 
-    # a batch of 1000 small events fits; a bigger body is answered 413 without reading it
+    # one event (POST /events) and everything but a batch; a bigger body is answered 413
+    # without reading it
     max_body_bytes: int = 1024 * 1024
+    # POST /events/batch: 10,000 events of ~1.6 KiB (the node's MAX_BATCH_BYTES)
+    max_batch_body_bytes: int = 16 * 1024 * 1024
     # request line + headers + blank line, complete or still arriving; nginx allows 4 x 8 KiB,
     # Apache 8 KiB per line: 16 KiB fits every real client; more is 431
     max_header_bytes: int = 16 * 1024
@@ -555,7 +561,9 @@ class _Connection:
         self.limits = limits = server.limits
         self.stream = stream
         self.fd = stream.socket.fileno()
-        self.parser = RequestParser(limits.max_header_bytes, limits.max_body_bytes)
+        self.parser = RequestParser(
+            limits.max_header_bytes, limits.max_body_bytes, {BATCH_PATH: limits.max_batch_body_bytes}
+        )
         self.phase = _IDLE
         self.deadline = math.inf
         self.expired = _NOT_EXPIRED
