@@ -304,21 +304,31 @@ class TestWalstoreMapping(WithNode):
         self.assertEqual(escape("one:events"), "one%3Aevents")
 
     def test_the_server_filters(self) -> None:
-        """An application's reads get only its own events from the server: none of the
-        neighbour's thousands, so nothing is picked out on the client."""
+        """An application's reads get only its own events from the server, none of the
+        neighbour's (so nothing is picked out on the client), also when the server's scan
+        budget (10,000 events a request) ends a page before anything matched."""
         neighbour = self.recorder("neighbour")
-        neighbour.insert_events([_event(uuid4(), 1 + i, "mine") for i in range(3_000)])
         counting = _CountingTransport()
         datastore = WalstoreDatastore(self.node.url, namespace="test", transport=counting)
         self.addCleanup(datastore.close)
         recorder = WalstoreApplicationRecorder(datastore)
         originator_id = uuid4()
-        recorder.insert_events([_event(originator_id, 1, "mine"), _event(originator_id, 2, "other")])
-        self.assertEqual([n.id for n in recorder.select_notifications(None, 10)], [3_001, 3_002])
-        self.assertEqual([n.id for n in recorder.select_notifications(None, 10, topics=["other"])], [3_002])
-        self.assertEqual(recorder.max_notification_id(), 3_002)
-        self.assertEqual(neighbour.max_notification_id(), 3_000)
-        self.assertEqual(counting.log_events_received, 2 + 1 + 1)
+        recorder.insert_events([_event(originator_id, 1, "mine")])
+        neighbour.insert_events([_event(uuid4(), 1 + i, "mine") for i in range(10_000)])
+        neighbour.insert_events([_event(uuid4(), 1 + i, "mine") for i in range(2_000)])
+        self.assertEqual(recorder.max_notification_id(), 1)  # 12,000 events back
+        recorder.insert_events([_event(originator_id, 2, "other")])
+        self.assertEqual([n.id for n in recorder.select_notifications(None, 10)], [1, 12_002])
+        self.assertEqual([n.id for n in recorder.select_notifications(2, 10)], [12_002])
+        self.assertEqual([n.id for n in recorder.select_notifications(None, 10, topics=["other"])], [12_002])
+        self.assertEqual(recorder.select_notifications(2, 10, stop=12_001), [])
+        self.assertEqual(recorder.max_notification_id(), 12_002)
+        self.assertEqual(neighbour.max_notification_id(), 12_001)
+        with recorder.subscribe(gt=1) as subscription:
+            self.assertEqual(next(subscription).id, 12_002)
+        # each read got its own events, and the read with stop one past it (12,002: the
+        # API has no upper bound for a log read, so a page may end beyond stop)
+        self.assertEqual(counting.log_events_received, 1 + 2 + 1 + 1 + 1 + 1)
 
     def test_text_ids_with_separators_round_trip(self) -> None:
         recorder = self.recorder("app/with:odd%name")
