@@ -66,21 +66,45 @@ from walstore.eventsourcing import (
 pytestmark = pytest.mark.slow
 
 
+def _start_node(env: dict[str, str]) -> tuple[ServedNode, tempfile.TemporaryDirectory[str]]:
+    tmp = tempfile.TemporaryDirectory(prefix="walstore-es-")
+    node = ServedNode([sys.executable, "-m", "walstore", "serve"], Path(tmp.name), env={**os.environ, **env})
+    try:
+        node.start()
+    except BaseException:
+        node.stop()
+        tmp.cleanup()
+        raise
+    return node, tmp
+
+
 class WithNode(TestCase):
-    """A fresh single node for each test, and a datastore on it (namespace ``test``)."""
+    """A fresh single node for each test (or, with ``node_per_test`` False, one for the
+    class), and a datastore on it (namespace ``test``)."""
 
     namespace = "test"
     node_env: ClassVar[dict[str, str]] = {}
+    node_per_test: ClassVar[bool] = True
+    class_node: ClassVar[ServedNode | None] = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        if not cls.node_per_test:
+            node, tmp = _start_node(cls.node_env)
+            cls.class_node = node
+            cls.addClassCleanup(tmp.cleanup)
+            cls.addClassCleanup(node.stop)
 
     def setUp(self) -> None:
-        tmp = tempfile.TemporaryDirectory(prefix="walstore-es-")
-        self.addCleanup(tmp.cleanup)
-        env = {**os.environ, **self.node_env}
-        self.node = ServedNode([sys.executable, "-m", "walstore", "serve"], Path(tmp.name), env=env)
-        # cleanups run last in, first out: the node stops after every client a test (or
-        # its library tearDown) opened is closed, so its drain waits for none of them
-        self.addCleanup(self.node.stop)
-        self.node.start()
+        if self.class_node is not None:
+            self.node = self.class_node
+        else:
+            self.node, tmp = _start_node(self.node_env)
+            self.addCleanup(tmp.cleanup)
+            # cleanups run last in, first out: the node stops after every client a test
+            # (or its library tearDown) opened is closed, so its drain waits for none
+            self.addCleanup(self.node.stop)
         self.datastore = WalstoreDatastore(self.node.url, namespace=self.namespace, retry_deadline=10.0)
         self.addCleanup(self.datastore.close)
         self.node_started()
@@ -142,6 +166,9 @@ class TestNonInterleavingNotificationIDs(WithNode, NonInterleavingNotificationID
 
 
 class TestInfrastructureFactory(WithNode, InfrastructureFactoryTestCase[WalstoreFactory]):
+    # the factory's tests build recorders and mappers but store nothing: one node will do
+    node_per_test = False
+
     def expected_factory_class(self) -> type[WalstoreFactory]:
         return WalstoreFactory
 
