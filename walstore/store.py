@@ -816,7 +816,8 @@ class EventStore:
         is refused with ConflictError ``tracking_conflict`` unless the position is above
         the consumer's applied and pending ones. A batch whose events are all repeats of
         earlier appends is their idempotent answer when the position is already stored
-        (it committed with them), and writes nothing; ``events`` may be empty then.
+        (it committed with them), and writes nothing. With a ``tracking``, ``events`` may
+        be empty.
         """
         if next_log_index is not None and next_log_index != self.next_log_index:
             raise LogStateError(

@@ -299,6 +299,7 @@ class HttpApp:
         events, tracking = parse_batch_with_tracking(
             request.body, request.content_type, max_events=self.max_batch_events
         )
+        request.body = b""  # up to MAX_BATCH_BYTES: not held while the batch commits
         results = await (self.service.append(events) if tracking is None else self.service.append(events, tracking))
         body: dict[str, object] = {
             "success": True,

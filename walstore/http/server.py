@@ -680,6 +680,7 @@ class _Connection:
                 body = await self._receive_body(head)
             path, _, query = head.target.partition(b"?")
             request = Request(head.method, path.decode("ascii"), query, head.headers, body, head.content_type)
+            del body  # the request holds it; a handler may drop it once parsed (a batch: 16 MiB)
             self.keep_alive = keep_alive = head.keep_alive
             self.head_only = head_only = head.method == "HEAD"
 

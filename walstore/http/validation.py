@@ -194,8 +194,13 @@ def _values(members: dict[str, Member]) -> dict[str, object]:
 
 
 def _encoded(obj: dict[str, object]) -> Callable[[str], bytes]:
-    """A member's text as sent, when ``fast_object`` vouched for orjson's encoding."""
-    return lambda key: orjson.dumps(obj[key])
+    """A member's text as sent, when ``fast_object`` vouched for orjson's encoding.
+
+    Copied to a bytes object of its own size: orjson's result keeps the allocation of its
+    output buffer, at least 4 KiB and up to ~10x the text (measured with orjson 3.13:
+    a 1.6 KiB payload held 16 KiB), and these bytes live until the event is applied; a
+    10,000-event batch held 155 MiB for 16 MiB of payloads."""
+    return lambda key: bytes(memoryview(orjson.dumps(obj[key])))
 
 
 def _spans(text: str, members: dict[str, Member]) -> Callable[[str], bytes]:
