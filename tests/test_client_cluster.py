@@ -2,8 +2,10 @@
 sync client, and the async one under trio in its own thread) read while a writer appends;
 the leader, which all three are talking to, is killed with SIGKILL mid-subscription; after
 failover each subscriber has every acknowledged event exactly once, in index order, with
-no gap, the same as the new leader's log. How long the failover took for the writer and
-the subscribers is printed, not asserted."""
+no gap, the same as the new leader's log. A third subscriber, filtered by type and
+aggregate prefix (on the leader too), resumes after the kill with exactly the matching
+events. How long the failover took for the writer and the subscribers is printed, not
+asserted."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ BEFORE_KILL = 40
 AFTER_KILL = 40
 SEEN_BEFORE_KILL = 10  # the subscription is really under way when the leader dies
 JOIN_TIMEOUT_S = 60.0
+FILTER_PREFIX = "acct-1"  # acct-1 and, for the sentinel, acct-1end
 
 
 def test_subscriber_sees_every_acknowledged_event_once_across_a_leader_kill(
@@ -75,6 +78,26 @@ def test_subscriber_sees_every_acknowledged_event_once_across_a_leader_kill(
         except BaseException as exc:
             failure.append(exc)
 
+    # A filtered one: the server skips what does not match (checkpoints carry it along).
+    filtered: list[RecordedEvent] = []
+    filtered_reconnects: list[int] = []
+
+    def subscribe_filtered() -> None:
+        try:
+            with (
+                Client(urls, retry_deadline=30.0) as client,
+                client.subscribe(types=["Deposited", "Sentinel"], aggregate_prefix=FILTER_PREFIX) as subscription,
+            ):
+                for event in subscription:
+                    filtered.append(event)
+                    if event.id == sentinel:
+                        filtered_reconnects.append(subscription.reconnects)
+                        return
+        except BaseException as exc:
+            failure.append(exc)
+
+    filtered_subscriber = threading.Thread(target=subscribe_filtered, name="filtered-subscriber", daemon=True)
+    filtered_subscriber.start()
     subscriber = threading.Thread(target=subscribe, name="subscriber", daemon=True)
     subscriber.start()
     async_subscriber = threading.Thread(target=run_async_subscriber, name="async-subscriber", daemon=True)
@@ -92,9 +115,11 @@ def test_subscriber_sees_every_acknowledged_event_once_across_a_leader_kill(
             acked.append(writer.append(f"acct-{n % 5}", "Deposited", {"n": n}))
             if n == BEFORE_KILL:
                 first_ack_after = time.monotonic()
-        acked.append(writer.append("end", "Sentinel", {}, event_id=sentinel))
+        acked.append(writer.append(f"{FILTER_PREFIX}end", "Sentinel", {}, event_id=sentinel))
     subscriber.join(JOIN_TIMEOUT_S)
     async_subscriber.join(JOIN_TIMEOUT_S)
+    filtered_subscriber.join(JOIN_TIMEOUT_S)
+    assert not filtered_subscriber.is_alive(), f"the filtered one stopped at {len(filtered)} events"
     assert not subscriber.is_alive(), f"the subscriber stopped at {received[-1][1].index if received else None}"
     assert not async_subscriber.is_alive(), f"the async one stopped at {len(async_received)} events"
     assert not failure, failure
@@ -111,10 +136,13 @@ def test_subscriber_sees_every_acknowledged_event_once_across_a_leader_kill(
     log = cluster.read_log(new_leader)
     assert [(e["index"], e["id"]) for e in log] == [(e.index, e.id) for _, e in received]
     assert [(e.index, e.id) for _, e in async_received] == [(e.index, e.id) for _, e in received]
+    matching = [(e.index, e.id) for _, e in received if e.aggregate_id.startswith(FILTER_PREFIX)]
+    assert [(e.index, e.id) for e in filtered] == matching and len(matching) > AFTER_KILL // 5
 
     # The kill broke the subscriber's stream (it was on the leader) and the client reopened it.
     assert reconnects and reconnects[0] >= 1, (reconnects, errors)
     assert async_reconnects and async_reconnects[0] >= 1, async_reconnects
+    assert filtered_reconnects and filtered_reconnects[0] >= 1, filtered_reconnects
     last_before = acked[BEFORE_KILL - 1].index
     first_new = next(t for t, e in received if e.index > last_before)
     first_new_async = next(t for t, e in async_received if e.index > last_before)

@@ -1,8 +1,8 @@
 """The client's side of the server's issue-13 features, against a real node: binary
 payloads round-trip byte for byte, ``expected_version="exists"``, filtered and backward
 reads of the global log (paging on ``next_index`` when the server returns fewer events
-than asked), and a filtered subscription whose checkpoints move its resume point while
-nothing matches."""
+than asked), a filtered subscription whose checkpoints move its resume point while
+nothing matches, and the batch limits (10,000 events, 16 MiB) as typed errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from served_node import ServedNode
 
 from walstore.client import AsyncClient, Client
-from walstore.client.errors import WrongExpectedVersion
+from walstore.client.errors import BadRequest, WrongExpectedVersion
 from walstore.client.models import EventData, RecordedEvent
 
 pytestmark = pytest.mark.slow
@@ -132,3 +132,19 @@ async def test_the_async_client_speaks_the_same_features(node: ServedNode) -> No
         assert [e.aggregate_id async for e in client.read_log(aggregate_prefix=agg)] == [agg, agg]
         backward = [e.version async for e in client.read_log(aggregate_prefix=agg, direction="backward")]
         assert backward == [2, 1]
+
+
+def test_batch_limits_are_typed_and_large_batches_pass(client: Client) -> None:
+    agg = fresh("large")
+    result = client.append_batch([EventData(agg, "T", {"n": n}) for n in range(2500)])  # past the old 1000
+    assert len(result.events) == 2500 and result.events[-1].version == 2500
+    with pytest.raises(BadRequest) as many:
+        client.append_batch([EventData(agg, "T", {}) for _ in range(10_001)])
+    assert many.value.status == 400 and many.value.code == "too_many_events" and many.value.details["limit"] == 10_000
+    # Over 16 MiB: refused from its Content-Length, a definite answer, not a lost connection.
+    big = {"s": "x" * (100 * 1024)}
+    with pytest.raises(BadRequest) as large:
+        client.append_batch([EventData(agg, "T", big) for _ in range(170)])
+    assert large.value.status == 413 and large.value.code == "batch_too_large"
+    assert large.value.details["limit"] == 16 * 1024 * 1024
+    assert len(list(client.read_aggregate(agg))) == 2500

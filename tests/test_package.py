@@ -189,7 +189,8 @@ def installed(python: Path) -> dict[str, Version]:
 
 
 def smoke(venv: Path, workdir: Path) -> None:
-    """Serve, append, read with the installed ``walstore`` script, far from any source tree."""
+    """Serve, append, read with the installed ``walstore`` script, far from any source tree;
+    then append and read with the installed ``walstore.client.Client``."""
     python = venv / "bin" / "python"
     where = subprocess.run(
         [str(python), "-c", "import walstore, walstore._native as n; print(walstore.__file__); print(n.module_path())"],
@@ -207,8 +208,18 @@ def smoke(venv: Path, workdir: Path) -> None:
             read = client.read("pkg")
             # package data ships too: the API description served from inside the package
             assert client.request("GET", "/openapi.json").body["openapi"].startswith("3.1.")
+        # The installed package's own Client (httpx and anyio came with the pinned install).
+        code = (
+            "import sys; from walstore.client import Client; c = Client(sys.argv[1]);"
+            "print(c.append('pkg', 'Smoke', {'n': 2}).version, [e.version for e in c.read_aggregate('pkg')])"
+        )
+        installed = subprocess.run(
+            [str(python), "-c", code, node.url], cwd=workdir, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert installed.returncode == 0, installed.stderr
+        assert installed.stdout.split("\n")[0] == "2 [1, 2]"
         assert node.stop() == 0, node.log_path.read_text()
-    assert read["count"] == 1
+    assert read["count"] == 1  # read before the installed Client appended the second
     assert read["events"][0]["payload"] == payload
     assert read["events"][0]["id"] == written["event_id"]
 

@@ -5,6 +5,7 @@ advance) is ``walstore.client._protocol``'s; this module only sends, sleeps and 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -36,7 +37,9 @@ class Client:
     (the server sends a heartbeat every 15 s) before it reconnects. With
     ``read_your_writes`` (the default) every event read asks the node for ``min_index``
     = the highest index this client's writes were answered with, so a read after a
-    failover, or on another node, still sees them."""
+    failover, or on another node, still sees them. One Client may be shared by threads
+    (its connection pool is httpx's, which is thread-safe); a Subscription belongs to the
+    thread iterating it."""
 
     def __init__(
         self,
@@ -54,8 +57,10 @@ class Client:
         self.retry_deadline = retry_deadline
         self.heartbeat_timeout = heartbeat_timeout
         self.read_your_writes = read_your_writes
-        # The highest event index a write of this client was answered with.
+        # The highest event index a write of this client was answered with; a lock, since
+        # one Client may serve many threads (httpx.Client is thread-safe) and max() is two steps.
         self.written_index = 0
+        self._written_lock = threading.Lock()
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
 
     @property
@@ -125,14 +130,18 @@ class Client:
         """Append one event (``POST /events``); retried with the same id until answered."""
         event = EventData(aggregate_id, type, payload, payload_bytes, metadata, expected_version, event_id)
         result = p.decode_append(self._call(p.append_request(event)))
-        self.written_index = max(self.written_index, result.index)
+        self._wrote(result.index)
         return result
 
     def append_batch(self, events: Sequence[EventData], *, tracking: Tracking | None = None) -> BatchResult:
         """Append events atomically (``POST /events/batch``), with a consumer position if given."""
         result = p.decode_batch(self._call(p.batch_request(events, tracking)))
-        self.written_index = max(self.written_index, result.last_index or 0)
+        self._wrote(result.last_index or 0)
         return result
+
+    def _wrote(self, index: int) -> None:
+        with self._written_lock:
+            self.written_index = max(self.written_index, index)
 
     # -- reads ------------------------------------------------------------------------------
 
