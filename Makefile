@@ -36,14 +36,14 @@ apt-build-pkgs:
 test-deps: install
 	$(call apt_ensure,$(TEST_PKGS))
 
-# Every extra (test, lint, fuzz) goes into the one dev venv; versions that ship in the
+# Every extra (test, lint, fuzz, eventsourcing) goes into the one dev venv; versions that ship in the
 # package (and the build tools) are the ones pinned in constraints.txt, as in the image.
 # The package check (tests/test_package.py) keeps a wheel cache in $(VENV)/wheelhouse.
 $(STAMP): setup.py pyproject.toml MANIFEST.in constraints.txt $(wildcard native/*.c native/*.h native/*.cdef native/*.py)
 	$(MAKE) --no-print-directory system-deps
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -U pip setuptools wheel cffi
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,fuzz]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,fuzz,eventsourcing]'
 	touch $(STAMP)
 
 install: $(STAMP)

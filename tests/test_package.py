@@ -90,11 +90,13 @@ def test_the_version_is_written_once() -> None:
 
 def test_extras_are_split_by_purpose() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
-    assert set(extras) == {"test", "lint", "fuzz"}
+    assert set(extras) == {"test", "lint", "fuzz", "eventsourcing"}
     names = {key: {canonicalize_name(Requirement(r).name) for r in reqs} for key, reqs in extras.items()}
     assert {"ruff", "mypy"} <= names["lint"] and not {"ruff", "mypy"} & names["test"]
     assert names["fuzz"] == {"atheris"}
     assert {"pytest", "build", "schemathesis"} <= names["test"]
+    # the persistence module's one dependency; the tests run the library's test cases
+    assert names["eventsourcing"] == {"eventsourcing"} and "eventsourcing" in names["test"]
 
 
 def test_constraints_pin_every_runtime_dependency_and_the_build_tools() -> None:
