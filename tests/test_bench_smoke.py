@@ -286,3 +286,23 @@ def test_cluster_bench_runs_three_walstore_nodes_and_three_etcd_members(bench_ba
     assert "walstore (3 nodes) vs etcd 3.4 (3 members)" in table and "/v3/kv/put" in table
     assert list(bench_base.iterdir()) == []
     assert _processes_mentioning(bench_base) == []
+
+
+@pytest.mark.slow
+def test_eventsourcing_bench_runs_the_bank_and_catch_up_on_both(bench_base: Path) -> None:
+    from walstore.bench.es_bench import run_es_bench
+
+    lines: list[str] = []
+    rows = run_es_bench(lines.append, base_dir=bench_base, threads=2, seconds=1, accounts=20, notifications=2_500)
+    assert [r.workload for r in rows] == ["bank commands", "catch-up select", "catch-up subscribe"]
+    bank, select, subscribe = rows
+    for m in (bank.walstore, bank.peer):  # money was conserved, or run_bank raised
+        assert m.ops_ok > 0 and m.errors == 0 and m.p50_ms is not None and m.p99_ms is not None
+    for row in (select, subscribe):
+        # every inserted notification was read back, in order, on both systems
+        assert row.walstore.ops_ok == row.peer.ops_ok == 2_500
+        assert row.walstore.errors == row.peer.errors == 0
+    assert bank.target_ratio == 1.0 and all(r.peer_name == "PostgreSQL" for r in rows)
+    assert "eventsourcing application: walstore vs PostgreSQL" in lines[-1]
+    assert list(bench_base.iterdir()) == []
+    assert _processes_mentioning(bench_base) == []

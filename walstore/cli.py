@@ -180,15 +180,30 @@ def bench_cluster(seconds: float, base_dir: Path) -> None:
     run_cluster_bench(seconds, click.echo, base_dir=base_dir)
 
 
+@bench.command("eventsourcing")
+@_bench_options
+@click.option("--threads", type=click.IntRange(min=1), default=16, show_default=True, help="Bank command threads.")
+@click.option(
+    "--notifications", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="Catch-up events."
+)
+def bench_eventsourcing(seconds: float, base_dir: Path, threads: int, notifications: int) -> None:
+    """An eventsourcing application on walstore vs on eventsourcing.postgres: bank commands, catch-up."""
+    from walstore.bench.es_bench import run_es_bench
+
+    run_es_bench(click.echo, base_dir=base_dir, threads=threads, seconds=seconds, notifications=notifications)
+
+
 @bench.command("all")
 @_bench_options
 @click.pass_context
 def bench_all(ctx: click.Context, seconds: float, base_dir: Path) -> None:
-    """The WAL, single-node and cluster benchmarks, one after the other."""
+    """The WAL, single-node, cluster and eventsourcing benchmarks, one after the other."""
     ctx.invoke(bench_wal, base_dir=base_dir, replay_records=1_000_000, seconds=3.0)
+    from walstore.bench.es_bench import run_es_bench
     from walstore.bench.http_bench import run_all_benches
 
     run_all_benches(seconds, click.echo, base_dir=base_dir)
+    run_es_bench(click.echo, base_dir=base_dir, seconds=seconds)
 
 
 # -- the node ------------------------------------------------------------------------------
