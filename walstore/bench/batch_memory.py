@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 from walstore.election.etcd_process import free_ports
-from walstore.local_cluster import wait_live
+from walstore.launcher import wait_live
 
 MIB = 1024 * 1024
 

@@ -18,6 +18,7 @@ same Python process, so client-side CPU (eventsourcing's mapper, the drivers) is
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Any, Final
 from walstore.bench import peers
 from walstore.bench.http_bench import WalstoreServers, _bench_dir, _machine_notes
 from walstore.bench.report import Measurement, Row, print_table
-from walstore.errors import ConfigError
+from walstore.errors import BenchError, ConfigError
 
 Out = Callable[[str], object]
 
@@ -52,9 +53,11 @@ MAX_ATTEMPTS: Final = 20
 BANK_TARGET_RATIO: Final = 1.0
 
 
+@functools.cache
 def _bank_classes() -> tuple[type[Any], type[Any]]:
     """The application and its aggregate, defined on first use so that importing this
-    module (the CLI does) needs no eventsourcing."""
+    module (the CLI does) needs no eventsourcing; once, since eventsourcing registers each
+    class under its topic and refuses a second class for the same topic."""
     from eventsourcing.application import Application
     from eventsourcing.domain import Aggregate, event
 
@@ -79,13 +82,13 @@ def _bank_classes() -> tuple[type[Any], type[Any]]:
             return account.id
 
         def deposit(self, account_id: uuid.UUID, amount: int) -> None:
-            account = self.repository.get(account_id)
+            account: Account = self.repository.get(account_id)
             account.deposit(amount)
             self.save(account)
 
         def transfer(self, source: uuid.UUID, target: uuid.UUID, amount: int) -> None:
-            debit = self.repository.get(source)
-            credit = self.repository.get(target)
+            debit: Account = self.repository.get(source)
+            credit: Account = self.repository.get(target)
             debit.withdraw(amount)
             credit.deposit(amount)
             self.save(debit, credit)  # one atomic recording of both accounts' events
@@ -103,7 +106,9 @@ class _Tally:
     conflicts: int = 0
 
 
-def run_bank(env: Mapping[str, str], *, threads: int, seconds: float, accounts: int, seed: int = 1) -> tuple[Measurement, int]:
+def run_bank(
+    env: Mapping[str, str], *, threads: int, seconds: float, accounts: int, seed: int = 1
+) -> tuple[Measurement, int]:
     """The bank mix on the persistence ``env`` describes: (measurement, races retried).
 
     Accounts are opened before the clock starts; every thread then picks commands at
@@ -157,7 +162,7 @@ def run_bank(env: Mapping[str, str], *, threads: int, seconds: float, accounts: 
         elapsed = time.perf_counter() - started
         total = sum(app.balance(account_id) for account_id in ids)
         if total != expected_total + sum(deposited):
-            raise peers.BenchError("bank", f"money not conserved: {total} != {expected_total + sum(deposited)}", "")
+            raise BenchError("bank", f"money not conserved: {total} != {expected_total + sum(deposited)}", "")
     finally:
         app.close()
     latencies = sorted(x for t in tallies for x in t.latencies_s)
@@ -200,7 +205,7 @@ def run_catch_up(env: Mapping[str, str], *, notifications: int) -> tuple[Measure
         insert_rate = notifications / (time.perf_counter() - started)
         last = recorder.max_notification_id()
         if last is None:
-            raise peers.BenchError("catch-up", "the recorder holds no notifications after the inserts", "")
+            raise BenchError("catch-up", "the recorder holds no notifications after the inserts", "")
 
         started = time.perf_counter()
         seen = 0
@@ -211,7 +216,9 @@ def run_catch_up(env: Mapping[str, str], *, notifications: int) -> tuple[Measure
                 break
             seen += len(page)
             position = page[-1].id
-        select = Measurement(seen, notifications - seen if seen < notifications else 0, time.perf_counter() - started, None, None)
+        select = Measurement(
+            seen, notifications - seen if seen < notifications else 0, time.perf_counter() - started, None, None
+        )
 
         started = time.perf_counter()
         got = 0
@@ -220,7 +227,9 @@ def run_catch_up(env: Mapping[str, str], *, notifications: int) -> tuple[Measure
                 got += 1
                 if notification.id >= last:
                     break
-        subscribe = Measurement(got, 0 if got >= notifications else notifications - got, time.perf_counter() - started, None, None)
+        subscribe = Measurement(
+            got, 0 if got >= notifications else notifications - got, time.perf_counter() - started, None, None
+        )
     finally:
         app.close()
     return select, subscribe, insert_rate
@@ -271,11 +280,15 @@ def run_es_bench(
     results: dict[str, tuple[Measurement, Measurement, Measurement]] = {}
     notes_extra: list[str] = []
     with _bench_dir(base_dir) as work:
-        out(f"walstore bench eventsourcing: {threads} threads, {seconds:g} s of bank commands, "
-            f"{notifications:,} notifications, in {work}")
+        out(
+            f"walstore bench eventsourcing: {threads} threads, {seconds:g} s of bank commands, "
+            f"{notifications:,} notifications, in {work}"
+        )
         with WalstoreServers(work / "walstore", 1) as servers:
             out("  walstore: bank commands")
-            bank, races_w = run_bank(walstore_env(servers.leader_url), threads=threads, seconds=seconds, accounts=accounts)
+            bank, races_w = run_bank(
+                walstore_env(servers.leader_url), threads=threads, seconds=seconds, accounts=accounts
+            )
             out("  walstore: projection catch-up")
             select, subscribe, insert_w = run_catch_up(walstore_env(servers.leader_url), notifications=notifications)
             results["walstore"] = (bank, select, subscribe)
@@ -288,7 +301,8 @@ def run_es_bench(
             results["postgres"] = (bank, select, subscribe)
             version = server.version()
         notes_extra = [
-            f"PostgreSQL {version} through eventsourcing.postgres (psycopg pool of {threads}); fsync=on, synchronous_commit=on",
+            f"PostgreSQL {version} through eventsourcing.postgres (psycopg pool of {threads}); "
+            "fsync=on, synchronous_commit=on",
             f"bank: {accounts} accounts opened first; mix {OPEN_SHARE:.0%} open, {DEPOSIT_SHARE:.0%} deposit, "
             f"{1 - OPEN_SHARE - DEPOSIT_SHARE:.0%} transfer; races retried: walstore {races_w}, PostgreSQL {races_p}; "
             "latency per command including its retries",
@@ -298,8 +312,17 @@ def run_es_bench(
         notes = _machine_notes(work, seconds, "the eventsourcing application, in this process", notes_extra)
     w, p = results["walstore"], results["postgres"]
     rows = [
-        Row("eventsourcing", "bank commands", threads, "cmds/s", w[0], "PostgreSQL", "the same application", p[0],
-            BANK_TARGET_RATIO),
+        Row(
+            "eventsourcing",
+            "bank commands",
+            threads,
+            "cmds/s",
+            w[0],
+            "PostgreSQL",
+            "the same application",
+            p[0],
+            BANK_TARGET_RATIO,
+        ),
         Row("eventsourcing", "catch-up select", 1, "events/s", w[1], "PostgreSQL", "select_notifications", p[1]),
         Row("eventsourcing", "catch-up subscribe", 1, "events/s", w[2], "PostgreSQL", "subscribe", p[2]),
     ]

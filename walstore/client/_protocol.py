@@ -472,10 +472,21 @@ Step = Done | Fail | Retry
 FailureKind = Literal["not_sent", "maybe_sent"]
 
 
-def failure_kind(exc: httpx.TransportError) -> FailureKind:
+class TransportFailure(Exception):
+    """A request that got no answer, from the sync client's own connections
+    (``_connections``), already sorted into ``kind``."""
+
+    def __init__(self, kind: FailureKind, message: str) -> None:
+        super().__init__(message)
+        self.kind: FailureKind = kind
+
+
+def failure_kind(exc: httpx.TransportError | TransportFailure) -> FailureKind:
     """Whether a transport error can have let the request reach a server: a connection
     that was never made (refused, no route, connect timeout, no free pooled connection)
     cannot; anything after it was made (a reset, a read timeout, a half answer) can."""
+    if isinstance(exc, TransportFailure):
+        return exc.kind
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.UnsupportedProtocol):
         return "not_sent"
     return "maybe_sent"
@@ -538,7 +549,7 @@ class Call:
         self._last = error
         return self._retry(self.url, self._next_backoff(), now)
 
-    def failed(self, exc: httpx.TransportError, now: float) -> Step:
+    def failed(self, exc: httpx.TransportError | TransportFailure, now: float) -> Step:
         self.attempts += 1
         kind = failure_kind(exc)
         text = f"{self.url}: {describe(exc)}"

@@ -1,7 +1,10 @@
-"""``Client``: the synchronous walstore client (httpx.Client). Every decision (what to
+"""``Client``: the synchronous walstore client. Every decision (what to
 send, what an answer means, whether and where to retry, how paging and subscriptions
 advance) is ``walstore.client._protocol``'s; this module only sends, sleeps and yields.
-``AsyncClient`` (``_async.py``) is the same on top of httpx.AsyncClient."""
+Request/answer calls go over ``_connections`` (http.client keep-alive connections, a
+fraction of httpx's CPU per request; that module says why); subscriptions stream over
+httpx.Client, and with a ``transport`` given (tests put faults or counters there) every
+call goes through httpx on that transport. ``AsyncClient`` (``_async.py``) is the same on top of httpx.AsyncClient."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 import httpx
 
 from walstore.client import _protocol as p
+from walstore.client._connections import ConnectionPool
 from walstore.client.errors import WalstoreClientError
 from walstore.client.models import (
     AppendResult,
@@ -38,7 +42,7 @@ class Client:
     ``read_your_writes`` (the default) every event read asks the node for ``min_index``
     = the highest index this client's writes were answered with, so a read after a
     failover, or on another node, still sees them. One Client may be shared by threads
-    (its connection pool is httpx's, which is thread-safe); a Subscription belongs to the
+    (both its connection pools are thread-safe); a Subscription belongs to the
     thread iterating it."""
 
     def __init__(
@@ -62,12 +66,15 @@ class Client:
         self.written_index = 0
         self._written_lock = threading.Lock()
         self._http = httpx.Client(timeout=timeout, transport=transport, trust_env=False)
+        self._pool = ConnectionPool() if transport is None else None
 
     @property
     def urls(self) -> list[str]:
         return list(self.router.urls)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -85,18 +92,7 @@ class Client:
             request = p.at_least(request, self.written_index)
         call = p.Call(request, self.router, deadline=time.monotonic() + self.retry_deadline, timeout=self.timeout)
         while True:
-            try:
-                response = self._http.request(
-                    request.method,
-                    request.url(call.url),
-                    content=request.body,
-                    headers=request.headers,
-                    timeout=call.attempt_timeout(time.monotonic()),
-                )
-            except httpx.TransportError as exc:
-                step = call.failed(exc, time.monotonic())
-            else:
-                step = call.answered(response.status_code, response.headers, response.content, time.monotonic())
+            step = self._attempt(call, request)
             if isinstance(step, p.Done):
                 return step.body
             if isinstance(step, p.Fail):
@@ -106,13 +102,38 @@ class Client:
             if step.wait_s > 0:
                 time.sleep(step.wait_s)
 
+    def _attempt(self, call: p.Call, request: p.Request) -> p.Step:
+        timeout = call.attempt_timeout(time.monotonic())
+        if self._pool is not None:
+            try:
+                raw = self._pool.request(
+                    request.method, request.url(call.url), body=request.body, headers=request.headers, timeout=timeout
+                )
+            except p.TransportFailure as exc:
+                return call.failed(exc, time.monotonic())
+            return call.answered(raw.status, raw.headers, raw.content, time.monotonic())
+        try:
+            response = self._http.request(
+                request.method, request.url(call.url), content=request.body, headers=request.headers, timeout=timeout
+            )
+        except httpx.TransportError as exc:
+            return call.failed(exc, time.monotonic())
+        return call.answered(response.status_code, response.headers, response.content, time.monotonic())
+
     def _probe(self, url: str) -> None:
         """Learn which node ``url`` is; any failure only means we still do not know."""
+        target = p.STATUS_REQUEST.url(url)
         try:
-            response = self._http.get(p.STATUS_REQUEST.url(url), timeout=p.PROBE_TIMEOUT_S)
-            self.router.learn(url, p.decode_body(response.content, response.headers.get("content-type")))
-        except httpx.HTTPError:
-            pass
+            if self._pool is not None:
+                raw = self._pool.request("GET", target, body=None, headers={}, timeout=p.PROBE_TIMEOUT_S)
+                status, headers, content = raw.status, raw.headers, raw.content
+            else:
+                response = self._http.get(target, timeout=p.PROBE_TIMEOUT_S)
+                status, headers, content = response.status_code, response.headers, response.content
+        except (p.TransportFailure, httpx.HTTPError):
+            return
+        del status  # a node says who it is whatever its health
+        self.router.learn(url, p.decode_body(content, headers.get("content-type")))
 
     # -- writes -----------------------------------------------------------------------------
 
