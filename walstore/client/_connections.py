@@ -68,7 +68,7 @@ class ConnectionPool:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 conn.close()
                 if not reused:
-                    raise TransportFailure("maybe_sent", describe(exc)) from exc
+                    raise TransportFailure("maybe_sent", f"ConnectionLost: {describe(exc)}") from exc
                 # A kept-alive connection the server had already closed: the classic race of
                 # keep-alive. Every walstore write carries its ids, so sending it again on a
                 # fresh connection is safe whatever the first attempt did.
@@ -79,7 +79,7 @@ class ConnectionPool:
             raise
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise TransportFailure("maybe_sent", describe(exc)) from exc
+            raise TransportFailure("maybe_sent", f"ConnectionLost: {describe(exc)}") from exc
         if response[3]:
             self._give_back(origin, conn)
         else:
@@ -90,8 +90,17 @@ class ConnectionPool:
     def _exchange(
         conn: http.client.HTTPConnection, method: str, target: str, body: bytes | None, headers: Mapping[str, str]
     ) -> tuple[int, dict[str, str], bytes, bool]:
-        conn.request(method, target, body=body, headers=dict(headers))
-        answer = conn.getresponse()
+        try:
+            conn.request(method, target, body=body, headers=dict(headers))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The server may have answered before reading the whole body and closed (a 413
+            # for an over-long Content-Length): its answer is still there to read.
+            try:
+                answer = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                raise exc from None
+        else:
+            answer = conn.getresponse()
         content = answer.read()
         names = {k.lower(): v for k, v in answer.getheaders()}
         return answer.status, names, content, not answer.will_close
@@ -120,7 +129,7 @@ class ConnectionPool:
             conn.connect()
         except OSError as exc:  # refused, unreachable, connect timeout: nothing was sent
             conn.close()
-            raise TransportFailure("not_sent", describe(exc)) from exc
+            raise TransportFailure("not_sent", f"ConnectError: {describe(exc)}") from exc
         if conn.sock is not None:
             # A request is headers then body in two writes; without this, Nagle holds the
             # body until the headers are acknowledged.

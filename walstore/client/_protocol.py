@@ -493,6 +493,8 @@ def failure_kind(exc: httpx.TransportError | TransportFailure) -> FailureKind:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, TransportFailure):
+        return str(exc)  # already "ConnectError: ..." or "ConnectionLost: ..."
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
