@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from fakes import FakeEventService, HttpTestClient, HttpTestResponse, start_server
+from fakes import FakeEventService, HttpTestClient, HttpTestResponse, encode_request, start_server
 
 from walstore.http.app import HttpApp
 from walstore.http.server import HttpLimits
@@ -511,3 +511,30 @@ async def test_a_10000_event_batch_is_one_atomic_append(client: HttpTestClient, 
     assert len(service.log) == 10_000
     too_many = await client.request("POST", "/events/batch", json={"events": [*events, SEED_EVENT]})
     assert too_many.status == 400 and error_of(too_many)["limit"] == 10_000
+
+
+async def test_large_batches_in_flight_are_capped(nursery: trio.Nursery) -> None:
+    service = FakeEventService()
+    limits = HttpLimits(max_body_bytes=1024, max_batch_body_bytes=64 * 1024, max_batch_requests=1)
+    _, port = await start_server(nursery, service, limits=limits)
+    big = {"events": [{"type": "T", "aggregate_id": f"a{i}", "payload": {"s": "x" * 200}} for i in range(10)]}
+    service.append_gate = trio.Event()
+    first = await HttpTestClient.connect(port)
+    await first.send_raw(encode_request("POST", "/events/batch", json=big))
+    with trio.fail_after(10):
+        await service.append_entered.wait()  # the first large batch is being handled
+    second = await HttpTestClient.connect(port)
+    with trio.fail_after(10):  # without the cap it would wait behind the gate
+        response = await second.request("POST", "/events/batch", json=big)
+    assert response.status == 503 and response.header("retry-after") == "1"
+    assert error_of(response)["code"] == "batches_busy"
+    service.append_gate.set()
+    assert (await first.read_response()).status == 201
+    service.append_gate = None
+    # its slot is free again once it is answered, and small batches never take one
+    third = await HttpTestClient.connect(port)
+    other = {"events": [{**event, "aggregate_id": f"b{i}"} for i, event in enumerate(big["events"])]}
+    assert (await third.request("POST", "/events/batch", json=other)).status == 201
+    small = {"events": [{"type": "T", "aggregate_id": "s", "payload": {}}]}
+    assert (await third.request("POST", "/events/batch", json=small)).status == 201
+    assert len(service.log) == 21

@@ -153,3 +153,46 @@ async def test_subscribe_catches_up_then_follows(node: Node) -> None:
             received += await stream.receive_some(65536)
     assert b"text/event-stream" in received
     await stream.aclose()
+
+
+async def test_issue13_additions_through_a_real_node(node: Node) -> None:
+    """Binary payloads, "exists", tracking, filters, backward reads and a filtered
+    subscription's checkpoint, over a real node's WAL and HTTP port (the restart path is
+    in tests/test_replication_batches.py)."""
+    from fakes import HttpTestClient
+
+    port = node.http_port
+    client = await HttpTestClient.connect(port)
+    events = [
+        {"type": "Blob", "aggregate_id": "b-1", "payload_base64": "AAEC/w=="},
+        {"type": "Made", "aggregate_id": "o-1", "payload": {"n": 1}},
+        {"type": "Made", "aggregate_id": "o-2", "payload": {"n": 2}, "expected_version": 0},
+        {"type": "Other", "aggregate_id": "o-1", "payload": {"n": 3}, "expected_version": "exists"},
+    ]
+    response = await client.request(
+        "POST", "/events/batch", json={"events": events, "tracking": {"consumer": "proj", "position": 4}}
+    )
+    assert response.status == 201, response.body
+    stale = await client.request(
+        "POST", "/events/batch", json={"events": [], "tracking": {"consumer": "proj", "position": 4}}
+    )
+    assert stale.status == 409 and stale.json()["error"]["stored_position"] == 4
+    assert (await client.request("GET", "/consumers/proj")).json() == {"consumer": "proj", "position": 4}
+    page = (await client.request("GET", "/events?types=Made&aggregate_prefix=o-")).json()
+    assert [e["index"] for e in page["events"]] == [2, 3] and page["next_index"] == 5
+    page = (await client.request("GET", "/events?direction=backward&limit=2")).json()
+    assert [e["index"] for e in page["events"]] == [4, 3] and page["next_index"] == 2
+    (blob,) = (await client.request("GET", "/events/b-1")).json()["events"]
+    assert blob["payload_base64"] == "AAEC/w==" and "payload" not in blob
+
+    sub = await HttpTestClient.connect(port)
+    await sub.send_raw(b"GET /subscribe?types=Blob HTTP/1.1\r\nhost: t\r\n\r\n")
+    assert (await sub.read_head()).status == 200
+    raw = b""
+    with trio.fail_after(30):
+        while b"event: checkpoint" not in raw:
+            raw += await sub.read_chunk()
+    assert raw.startswith(b"id: 1\ndata: ")
+    assert raw.endswith(b'id: 4\nevent: checkpoint\ndata: {"index":4}\n\n')
+    await sub.aclose()
+    await client.aclose()

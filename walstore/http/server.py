@@ -14,6 +14,8 @@ What a connection goes through, and what ends it:
   over ``max_header_bytes``, complete or not, is 431 and close.
 - The body: ``Content-Length`` over ``max_body_bytes`` (``max_batch_body_bytes`` for a
   POST to ``/events/batch``: 413 ``batch_too_large``) is answered 413 at once, unread;
+  a batch over ``max_body_bytes`` (or chunked) while ``max_batch_requests`` others are
+  read or handled is answered 503 ``batches_busy`` (``Retry-After: 1``), unread;
   a chunked body is counted as its chunk sizes arrive and cut off the same way. The whole
   body must arrive within ``body_timeout_s`` (else 408). ``Expect: 100-continue`` gets its
   ``100 Continue`` when the server starts waiting for a body none of which has arrived.
@@ -149,6 +151,10 @@ class HttpLimits:
     max_body_bytes: int = 1024 * 1024
     # POST /events/batch: 10,000 events of ~1.6 KiB (the node's MAX_BATCH_BYTES)
     max_batch_body_bytes: int = 16 * 1024 * 1024
+    # batches with a body over max_body_bytes (or chunked) read or handled at once; one
+    # more is answered 503 batches_busy unread: a 16 MiB batch peaks at ~70 MiB of the
+    # server's memory (README, "Batch limits and memory"), so 4 bound that to ~300 MiB
+    max_batch_requests: int = 4
     # request line + headers + blank line, complete or still arriving; nginx allows 4 x 8 KiB,
     # Apache 8 KiB per line: 16 KiB fits every real client; more is 431
     max_header_bytes: int = 16 * 1024
@@ -322,6 +328,18 @@ def _shutting_down_answer() -> bytes:
 
 
 _SHUTTING_DOWN_ANSWER: Final = _shutting_down_answer()
+
+
+def _batches_busy_answer() -> bytes:
+    body = error_body("batches_busy", "this node is reading as many large batches as it takes at once; retry")
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+_BATCHES_BUSY_ANSWER: Final = _batches_busy_answer()
 _NETWORK_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
 
 
@@ -369,6 +387,9 @@ class HttpServer:
         self._closing = False
         self._accept_scope: trio.CancelScope | None = None
         self._pending_rejections = 0
+        # Requests to BATCH_PATH with a body over max_body_bytes (or chunked) being read or
+        # handled: at most limits.max_batch_requests (each may cost several of its bodies).
+        self.batch_requests = 0
 
     @property
     def closing(self) -> bool:
@@ -542,6 +563,7 @@ class _Connection:
         "expired",
         "fd",
         "head_only",
+        "holds_batch_slot",
         "keep_alive",
         "limits",
         "parser",
@@ -580,6 +602,8 @@ class _Connection:
         # from then on an error can only close the connection.
         self.responding = False
         self.stream_scope: trio.CancelScope | None = None
+        # This connection's request is a large batch, counted in server.batch_requests.
+        self.holds_batch_slot = False
 
     def peer(self) -> str:
         try:
@@ -671,48 +695,73 @@ class _Connection:
         server = self.server
         app = self.app
         parser = self.parser
-        while True:
-            head = await self._receive_head()
-            if head is None:
-                return
-            body = parser.next_body() if head.content_length or head.chunked else b""
-            if body is None:
-                body = await self._receive_body(head)
-            path, _, query = head.target.partition(b"?")
-            request = Request(head.method, path.decode("ascii"), query, head.headers, body, head.content_type)
-            del body  # the request holds it; a handler may drop it once parsed (a batch: 16 MiB)
-            self.keep_alive = keep_alive = head.keep_alive
-            self.head_only = head_only = head.method == "HEAD"
+        try:
+            while True:
+                self._release_batch_slot()  # the previous request's answer is out
+                head = await self._receive_head()
+                if head is None:
+                    return
+                # Only a batch may be this large: at most max_batch_requests at once.
+                if (
+                    (head.chunked or head.content_length > limits.max_body_bytes)
+                    and head.target.partition(b"?")[0] == BATCH_PATH
+                    and not self._take_batch_slot()
+                ):
+                    await self._answer_and_linger(_BATCHES_BUSY_ANSWER)
+                    return
+                body = parser.next_body() if head.content_length or head.chunked else b""
+                if body is None:
+                    body = await self._receive_body(head)
+                path, _, query = head.target.partition(b"?")
+                request = Request(head.method, path.decode("ascii"), query, head.headers, body, head.content_type)
+                del body  # the request holds it; a handler may drop it once parsed (a batch: 16 MiB)
+                self.keep_alive = keep_alive = head.keep_alive
+                self.head_only = head_only = head.method == "HEAD"
 
-            self.phase = _HANDLER
-            self.deadline = trio.current_time() + limits.request_timeout_s
-            try:
-                response = await app.handle(request)
-            except Exception:
-                log.exception("handler failed for %s %s", head.method, request.path)
-                response = error_response(500, "internal_error", "internal server error")
-            keep_alive = keep_alive and not server.closing
-            if response.stream is not None and not head_only:
+                self.phase = _HANDLER
+                self.deadline = trio.current_time() + limits.request_timeout_s
+                try:
+                    response = await app.handle(request)
+                except Exception:
+                    log.exception("handler failed for %s %s", head.method, request.path)
+                    response = error_response(500, "internal_error", "internal server error")
+                keep_alive = keep_alive and not server.closing
+                if response.stream is not None and not head_only:
+                    if self.expired != _NOT_EXPIRED:
+                        await _checkpoint()  # the deadline passed as it returned: 504
+                    await self._send_stream(response, chunked=head.http_version == b"1.1")
+                    return
+                data = _encode_response(response, keep_alive=keep_alive, head_only=head_only)
                 if self.expired != _NOT_EXPIRED:
-                    await _checkpoint()  # the deadline passed as it returned: 504
-                await self._send_stream(response, chunked=head.http_version == b"1.1")
-                return
-            data = _encode_response(response, keep_alive=keep_alive, head_only=head_only)
-            if self.expired != _NOT_EXPIRED:
-                # The deadline passed just as the handler returned: its answer is here, so
-                # send it (from a fresh scope: this one is cancelled) instead of a 504.
-                self.pending = (data, _THEN_CONTINUE if keep_alive else _THEN_CLOSE)
-                await _checkpoint()
-            self.responding = True
-            await self._send(data)
-            self.responding = False
-            self.served = True
-            if not keep_alive:
-                if head.keep_alive:
-                    # Closed only because the server is stopping: a pipelined request may
-                    # be on its way, and a plain close would reset it with our answer.
-                    await self._close_for_shutdown(answer_unread=False)
-                return
+                    # The deadline passed just as the handler returned: its answer is here, so
+                    # send it (from a fresh scope: this one is cancelled) instead of a 504.
+                    self.pending = (data, _THEN_CONTINUE if keep_alive else _THEN_CLOSE)
+                    await _checkpoint()
+                self.responding = True
+                await self._send(data)
+                self.responding = False
+                self.served = True
+                if not keep_alive:
+                    if head.keep_alive:
+                        # Closed only because the server is stopping: a pipelined request may
+                        # be on its way, and a plain close would reset it with our answer.
+                        await self._close_for_shutdown(answer_unread=False)
+                    return
+        finally:
+            self._release_batch_slot()
+
+    def _take_batch_slot(self) -> bool:
+        server = self.server
+        if server.batch_requests >= self.limits.max_batch_requests:
+            return False
+        server.batch_requests += 1
+        self.holds_batch_slot = True
+        return True
+
+    def _release_batch_slot(self) -> None:
+        if self.holds_batch_slot:
+            self.holds_batch_slot = False
+            self.server.batch_requests -= 1
 
     async def _receive(self) -> bytes:
         """The next bytes from the client (b"" when it closed its side)."""
