@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from walstore.election.etcd_process import free_ports
-from walstore.launcher import wait_live
+from walstore.launcher import node_env, spawn_server, stop_process, wait_live
 
 MIB = 1024 * 1024
 
@@ -65,17 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     body = batch_body(args.events, args.bytes)
     with tempfile.TemporaryDirectory(prefix="walstore-batch-memory-") as tmp:
         http_port, peer_port = free_ports(2)
-        env = dict(
-            os.environ,
-            HTTP_HOST="127.0.0.1",
-            HTTP_PORT=str(http_port),
-            PEER_PORT=str(peer_port),
-            DATA_DIR=str(Path(tmp) / "wal"),
-            MAX_BATCH_EVENTS=str(args.events),
-            MAX_BATCH_BYTES=str(args.bytes),
-            LOG_LEVEL="WARNING",
+        env = node_env(
+            node_id="batch-memory",
+            http_port=http_port,
+            peer_port=peer_port,
+            peers="",
+            data_dir=Path(tmp) / "wal",
+            overrides={
+                "MAX_BATCH_EVENTS": str(args.events),
+                "MAX_BATCH_BYTES": str(args.bytes),
+                "LOG_LEVEL": "WARNING",
+            },
         )
-        server = subprocess.Popen([sys.executable, "-m", "walstore", "serve"], env=env)
+        server = spawn_server(env, Path(tmp) / "server.log")
         try:
             wait_live(http_port, lambda: server.poll() is None, 30.0)
             before = peak_rss_bytes(server.pid)
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             after = peak_rss_bytes(server.pid)
         finally:
-            server.terminate()
-            server.wait(30)
+            stop_process(server)
     print(
         f"batch: {args.events} events, body {len(body)} bytes ({len(body) / MIB:.1f} MiB), answered in {elapsed:.2f} s"
     )
