@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from chaos_report import render_table
 
-pytest_plugins = ["harness.cluster"]
+pytest_plugins = ["harness.cluster", "client_fixtures"]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:

@@ -6,9 +6,7 @@ subscription that catches up and then sees events written while it is open."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
-from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -19,12 +17,6 @@ from walstore.client.errors import DuplicateEventId, WrongExpectedVersion
 from walstore.client.models import EventData, RecordedEvent
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedNode]:
-    with ServedNode([sys.executable, "-m", "walstore", "serve"], tmp_path_factory.mktemp("node")) as served:
-        yield served
 
 
 async def scenario(url: str) -> None:

@@ -6,7 +6,6 @@ over; with nothing reachable a write is ``Unavailable`` (nothing can have been s
 
 from __future__ import annotations
 
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,12 +22,6 @@ from walstore.client.simple import parse_url
 from walstore.election.etcd_process import free_ports
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedNode]:
-    with ServedNode([sys.executable, "-m", "walstore", "serve"], tmp_path_factory.mktemp("node")) as served:
-        yield served
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ nothing matches, and the batch limits (10,000 events, 16 MiB) as typed errors.""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
+from client_fixtures import fresh
 from served_node import ServedNode
 
 from walstore.client import AsyncClient, Client
@@ -22,22 +20,6 @@ from walstore.client.models import EventData, RecordedEvent
 pytestmark = pytest.mark.slow
 
 WAIT_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedNode]:
-    with ServedNode([sys.executable, "-m", "walstore", "serve"], tmp_path_factory.mktemp("node")) as served:
-        yield served
-
-
-@pytest.fixture
-def client(node: ServedNode) -> Iterator[Client]:
-    with Client(node.url, retry_deadline=10.0) as c:
-        yield c
-
-
-def fresh(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def test_binary_payloads_come_back_byte_for_byte(client: Client) -> None:

@@ -5,12 +5,11 @@ server's page size in both directions, and a subscription catches up and then go
 
 from __future__ import annotations
 
-import sys
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
+from client_fixtures import fresh
 from served_node import ServedNode
 
 from walstore.client import Client
@@ -18,22 +17,6 @@ from walstore.client.errors import BadRequest, DuplicateEventId, WrongExpectedVe
 from walstore.client.models import EventData, RecordedEvent
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedNode]:
-    with ServedNode([sys.executable, "-m", "walstore", "serve"], tmp_path_factory.mktemp("node")) as served:
-        yield served
-
-
-@pytest.fixture
-def client(node: ServedNode) -> Iterator[Client]:
-    with Client(node.url, retry_deadline=10.0) as c:
-        yield c
-
-
-def fresh(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def test_append_and_read_back(client: Client) -> None:

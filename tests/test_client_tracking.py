@@ -4,11 +4,10 @@ batch written), a batch that carries only a position, and ``consumer_position``.
 
 from __future__ import annotations
 
-import sys
 import uuid
-from collections.abc import Iterator
 
 import pytest
+from client_fixtures import fresh
 from served_node import ServedNode
 
 from walstore.client import AsyncClient, Client
@@ -16,22 +15,6 @@ from walstore.client.errors import TrackingConflict
 from walstore.client.models import EventData, Tracking
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedNode]:
-    with ServedNode([sys.executable, "-m", "walstore", "serve"], tmp_path_factory.mktemp("node")) as served:
-        yield served
-
-
-@pytest.fixture
-def client(node: ServedNode) -> Iterator[Client]:
-    with Client(node.url, retry_deadline=10.0) as c:
-        yield c
-
-
-def fresh(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def test_consumer_positions_commit_with_their_batch(client: Client) -> None:

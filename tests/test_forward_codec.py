@@ -19,13 +19,23 @@ def test_binary_payload_and_exists_survive_forwarding() -> None:
     assert decode_events(encode_events(events)) == events
 
 
+def test_the_clients_json_text_survives_forwarding_exactly() -> None:
+    # Key order, the digits of decimals and of integers past 64 bits, and escapes: what
+    # walstore.json_text kept on the follower is what the leader stores.
+    payload = b'{"z":1.10,"a":123456789012345678901234567890,"e":1E+2,"s":"\\u00e9"}'
+    events = [NewEvent("1", "T", "a", payload, b'{"b":2,"a":-0.0}', None)]
+    (decoded,) = decode_events(encode_events(events))
+    assert decoded.payload == payload and decoded.metadata == b'{"b":2,"a":-0.0}'
+
+
 @pytest.mark.parametrize(
     "body",
     [
         b"junk",
         b'[{"id":"1"}]',
         b'[{"id":"1","type":"T","aggregate_id":"a","payload_base64":"*","metadata":{},"expected_version":null}]',
-        b'[{"id":"1","type":"T","aggregate_id":"a","payload":{},"metadata":{},"expected_version":"any"}]',
+        b'[{"id":"1","type":"T","aggregate_id":"a","payload_text":"{}","metadata_text":"{}","expected_version":"any"}]',
+        b'[{"id":"1","type":"T","aggregate_id":"a","payload_text":{},"metadata_text":"{}","expected_version":null}]',
     ],
 )
 def test_junk_is_a_validation_error(body: bytes) -> None:

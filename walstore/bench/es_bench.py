@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -253,12 +252,6 @@ def postgres_env(server: peers.PostgresServer, pool_size: int) -> dict[str, str]
     }
 
 
-@contextmanager
-def _postgres(work: Path, clients: int) -> Iterator[peers.PostgresServer]:
-    with peers.PostgresServer(work, clients=clients) as server:
-        yield server
-
-
 def run_es_bench(
     out: Out = print,
     *,
@@ -292,7 +285,7 @@ def run_es_bench(
             out("  walstore: projection catch-up")
             select, subscribe, insert_w = run_catch_up(walstore_env(servers.leader_url), notifications=notifications)
             results["walstore"] = (bank, select, subscribe)
-        with _postgres(work, threads + 4) as server:
+        with peers.PostgresServer(work, clients=threads + 4) as server:
             env = postgres_env(server, threads)
             out("  PostgreSQL: bank commands")
             bank, races_p = run_bank(env, threads=threads, seconds=seconds, accounts=accounts)
@@ -309,7 +302,13 @@ def run_es_bench(
             f"catch-up: {notifications:,} events inserted in batches of {POPULATE_BATCH:,} "
             f"(walstore {insert_w:,.0f}/s, PostgreSQL {insert_p:,.0f}/s), read in pages of {PAGE:,}",
         ]
-        notes = _machine_notes(work, seconds, "the eventsourcing application, in this process", notes_extra)
+        notes = _machine_notes(
+            work,
+            seconds,
+            f"the eventsourcing application, {threads} threads in this process",
+            notes_extra,
+            latency_source="p50/p99 nearest-rank over every command's time",
+        )
     w, p = results["walstore"], results["postgres"]
     rows = [
         Row(

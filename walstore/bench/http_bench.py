@@ -479,14 +479,21 @@ def _bench_dir(base_dir: Path | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _machine_notes(work: Path, seconds: float, tools: str, extra: Sequence[str]) -> list[str]:
+def _machine_notes(
+    work: Path,
+    seconds: float,
+    tools: str,
+    extra: Sequence[str],
+    *,
+    latency_source: str = "p50/p99 from wrk's latency histogram",
+) -> list[str]:
     cores = os.cpu_count() or 0
     fs = describe_filesystem(work)
     notes = [
-        f"machine: {cores} cores; the load generator ({tools}, up to 2 threads) runs on the same cores as the "
+        f"machine: {cores} cores; the load generator ({tools}) runs on the same cores as the "
         "server it measures, so every number is a shared-CPU number",
         f"data on {fs}; {peers.whole_seconds(seconds)} s per row and system, one system running at a time",
-        "walstore: every append acknowledged after fdatasync (group commit); p50/p99 from wrk's latency histogram",
+        f"walstore: every append acknowledged after fdatasync (group commit); {latency_source}",
         *extra,
     ]
     if fs.startswith("tmpfs"):
@@ -584,7 +591,7 @@ def run_http_bench(
         notes = _machine_notes(
             work,
             seconds_per_row,
-            "wrk for walstore, pgbench for PostgreSQL",
+            "wrk for walstore, pgbench for PostgreSQL, up to 2 threads",
             [
                 f"PostgreSQL {version}: fsync=on, synchronous_commit=on; pgbench -M prepared, "
                 "-j 2; p50/p99 nearest-rank over pgbench's per-transaction log (-l); tps excludes connection set-up",
@@ -654,7 +661,7 @@ def run_cluster_bench(
         notes = _machine_notes(
             work,
             seconds_per_row,
-            "wrk for both",
+            "wrk for both, up to 2 threads",
             [
                 "walstore: 3 processes on this machine, one data directory each on the same disk; a majority "
                 "(2 of 3) fdatasyncs before the 201; load sent to the leader; it elects through a 1-member etcd "

@@ -56,8 +56,11 @@ def _event_item(e: NewEvent) -> dict[str, object]:
     if e.binary:
         item["payload_base64"] = base64.b64encode(e.payload).decode("ascii")
     else:
-        item["payload"] = orjson.Fragment(e.payload)
-    item["metadata"] = orjson.Fragment(e.metadata)
+        # The client's JSON text as a string, not embedded JSON: the leader stores exactly
+        # these bytes (decoding embedded JSON and encoding it again would lose key order
+        # and the digits of numbers, which walstore.json_text keeps).
+        item["payload_text"] = e.payload.decode()
+    item["metadata_text"] = e.metadata.decode()
     item["expected_version"] = e.expected_version
     return item
 
@@ -79,10 +82,12 @@ def _expected(value: object) -> ExpectedVersion:
     return value
 
 
-def _exact(encoded: bytes) -> bytes:
-    # orjson's result keeps its output buffer's allocation (4 KiB at least): a copy of its
-    # own size, as these live until the event is applied (walstore.http.validation._encoded)
-    return bytes(memoryview(encoded))
+def _text(value: object) -> bytes:
+    # The follower validated the text (walstore.json_text); the leader trusts a peer's
+    # validation as it trusts the rest of the event.
+    if type(value) is not str:
+        raise TypeError(f"JSON text must be a string, got {type(value).__name__}")
+    return value.encode()
 
 
 def _decode_event(i: dict[str, Any]) -> NewEvent:
@@ -91,12 +96,8 @@ def _decode_event(i: dict[str, Any]) -> NewEvent:
         id=str(i["id"]),
         type=str(i["type"]),
         aggregate_id=str(i["aggregate_id"]),
-        payload=(
-            base64.b64decode(i["payload_base64"], validate=True)
-            if binary
-            else _exact(orjson.dumps(i["payload"], option=orjson.OPT_SORT_KEYS))
-        ),
-        metadata=_exact(orjson.dumps(i["metadata"], option=orjson.OPT_SORT_KEYS)),
+        payload=base64.b64decode(i["payload_base64"], validate=True) if binary else _text(i["payload_text"]),
+        metadata=_text(i["metadata_text"]),
         expected_version=_expected(i["expected_version"]),
         binary=binary,
     )
