@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,37 @@ def test_http_parser_target_catches_a_parser_that_breaks_its_contract(monkeypatc
     monkeypatch.setattr(parser.RequestParser, "feed", broken_feed)
     with pytest.raises(IndexError):
         load("http_parser")(b"\x00GET / HTTP/1.1\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00" + b'{"events":[{"type":"T","aggregate_id":"a","payload":{"n":1.10}}]}',
+        b"\x03" + b'{"events":[],"tracking":{"consumer":"c","position":2}}',
+        b"\x01" + b'{"events":[{"type":"T","aggregate_id":"a","payload":{"k":1,"k":2}}]}',
+        b"\x02" + b'{"events":[{"type":"T","aggregate_id":"a","payload":{}}]} trailing',
+        b"\x00\xff\xfe",
+    ],
+)
+def test_http_batch_target_accepts_hand_picked_inputs(data: bytes) -> None:
+    load("http_batch")(data)  # raises only if the streaming parser breaks its contract
+
+
+def test_http_batch_target_catches_a_stream_that_differs_from_the_whole_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from walstore.http import validation
+
+    real = validation.batch_event
+
+    def respelling(value: object, sent: bytes, index: int) -> object:
+        event = real(value, sent, index)
+        return replace(event, payload=event.payload.replace(b"1.10", b"1.1"))
+
+    monkeypatch.setattr("walstore.http.batch_stream.batch_event", respelling)
+    with pytest.raises(AssertionError):
+        load("http_batch")(b"\x00" + b'{"events":[{"type":"T","aggregate_id":"a","payload":{"n":1.10}}]}')
 
 
 def test_artifacts_default_to_a_new_private_temp_directory(tmp_path: Path) -> None:

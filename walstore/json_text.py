@@ -117,16 +117,25 @@ def fast_object(body: bytes) -> dict[str, object] | None:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(obj, dict):
-        return None
-    try:
-        encoded = orjson.dumps(obj)
-    except orjson.JSONEncodeError:  # nested deeper than orjson encodes (254 levels)
-        return None
-    sent = body.strip(b" \t\n\r")
-    if encoded == sent or encoded == sent.replace(b", ", b",").replace(b": ", b":"):
+    if isinstance(obj, dict) and is_canonical(obj, body):
         return obj
     return None
+
+
+def is_canonical(value: object, sent: bytes) -> bool:
+    """Is ``sent`` (compact, or json.dumps-spaced) exactly orjson's encoding of ``value``,
+    a parse of ``sent``? Then every member's orjson encoding is its text as sent.
+
+    Any correct parser's value will do (orjson's, or the standard library's scanner in
+    ``walstore.http.batch_stream``): for a value it cannot encode the same way (an integer
+    past 64 bits, NaN, a lone surrogate, a repeated key) the answer is False, and the exact
+    path decides."""
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # nested deeper than orjson encodes, a big int, a surrogate
+        return False
+    sent = sent.strip(b" \t\n\r")
+    return encoded == sent or encoded == sent.replace(b", ", b",").replace(b": ", b":")
 
 
 def decode_text(body: bytes) -> str:
@@ -136,15 +145,21 @@ def decode_text(body: bytes) -> str:
         raise ValidationError(f"malformed JSON: not UTF-8 at byte {exc.start}", code="invalid_json") from None
 
 
+def duplicate_key_error(key: str) -> ValidationError:
+    return ValidationError(f"duplicate key {key!r} in a JSON object", code="duplicate_key", key=key)
+
+
 def _error(exc: BaseException) -> ValidationError:
     if isinstance(exc, _DuplicateKey):
-        return ValidationError(f"duplicate key {exc.key!r} in a JSON object", code="duplicate_key", key=exc.key)
+        return duplicate_key_error(exc.key)
     if isinstance(exc, RecursionError):
         return ValidationError("malformed JSON: nested too deeply", code="invalid_json")
     return ValidationError(f"malformed JSON: {exc}", code="invalid_json")
 
 
-def _value(text: str, pos: int) -> tuple[object, int]:
+def value_at(text: str, pos: int) -> tuple[object, int]:
+    """The strict parse of the JSON value at ``pos`` and the index after it; anything
+    refused is ``ValidationError`` (``invalid_json``, ``duplicate_key``)."""
     try:
         return _DECODER.raw_decode(text, pos)
     except (ValueError, RecursionError, _DuplicateKey) as exc:  # JSONDecodeError is a ValueError
@@ -175,7 +190,7 @@ def object_members(text: str, pos: int, *, arrays_of_objects: frozenset[str] = f
     pos = _skip(text, pos)
     if pos >= len(text) or text[pos] != "{":
         if pos < len(text):
-            _value(text, pos)  # malformed JSON is invalid_json before it is the wrong shape
+            value_at(text, pos)  # malformed JSON is invalid_json before it is the wrong shape
         raise ValidationError("the body must be a JSON object", code="invalid_body")
     pos = _skip(text, pos + 1)
     members: dict[str, Member] = {}
@@ -189,7 +204,7 @@ def object_members(text: str, pos: int, *, arrays_of_objects: frozenset[str] = f
             pos = _skip(text, pos)
             if pos >= len(text) or text[pos] != '"':
                 _expect(text, pos, '"', "a key")
-            raw_key, pos = _value(text, pos)
+            raw_key, pos = value_at(text, pos)
             assert isinstance(raw_key, str)
             key = raw_key
             pos = _skip(text, _expect(text, _skip(text, pos), ":", "':'"))
@@ -200,7 +215,7 @@ def object_members(text: str, pos: int, *, arrays_of_objects: frozenset[str] = f
             value: object
             value, pos = _array_of_objects(text, pos)
         else:
-            value, pos = _value(text, pos)
+            value, pos = value_at(text, pos)
         members[key] = Member(value, start, pos)
         after = _AFTER.match(text, pos)
         if after is not None and after.group(1) == ",":
@@ -222,7 +237,7 @@ def _array_of_objects(text: str, pos: int) -> tuple[list[object], int]:
             item, pos = object_members(text, pos)
             items.append(item)
         else:
-            value, pos = _value(text, pos)
+            value, pos = value_at(text, pos)
             items.append(value)
         pos = _skip(text, pos)
         if pos < len(text) and text[pos] == ",":
@@ -241,7 +256,7 @@ def load_object(body: bytes, *, arrays_of_objects: frozenset[str] = frozenset())
     if end != len(text):
         raise ValidationError(f"malformed JSON: extra data after the object at char {end}", code="invalid_json")
     if _SURROGATE_ESCAPE.search(text) is not None:
-        _check_unicode([member.value for member in members.values()])
+        check_unicode([member.value for member in members.values()])
     return text, members
 
 
@@ -254,8 +269,9 @@ def stored_text(text: str, member: Member) -> bytes:
     return raw.encode("utf-8")
 
 
-def _check_unicode(value: object) -> None:
-    """Rare path (the text has a surrogate escape): every string must be real Unicode."""
+def check_unicode(value: object) -> None:
+    """Rare path (the text has a surrogate escape): every string must be real Unicode;
+    ``invalid_json`` if one is not."""
     stack = [value]
     while stack:
         item = stack.pop()

@@ -12,6 +12,9 @@ breaks its contract; the contract of each boundary is one error family (docs/arc
             is within the event limits.
     http_parser  any bytes -> walstore.http.parser.RequestParser: only HttpParseError,
             fed whole or in pieces (the first byte picks the split); no body over the limit.
+    http_batch  any batch body -> walstore.http.batch_stream, fed in pieces (the first byte
+            picks the split): only RequestError, and what it accepts is what the
+            whole-body parser accepts, event for event.
 
 The first input byte picks a mode (see each target), so one corpus reaches both the
 raw-bytes paths and the paths behind a valid CRC, which random bytes alone never pass.
@@ -25,10 +28,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 
 Target = Callable[[bytes], None]
 
-TARGET_NAMES = ("frames", "wal", "http", "http_parser")
+TARGET_NAMES = ("frames", "wal", "http", "http_parser", "http_batch")
 
 
 def _chunks(data: bytes, seed: int) -> list[bytes]:
@@ -208,11 +212,35 @@ def _http_parser_target() -> Target:
     return target
 
 
+def _http_batch_target() -> Target:
+    from walstore.errors import RequestError
+    from walstore.http.batch_stream import BatchStreamParser
+    from walstore.http.validation import parse_batch_with_tracking
+
+    def target(data: bytes) -> None:
+        if not data:
+            return
+        parser = BatchStreamParser(max_events=16)
+        try:
+            for piece in _chunks(data[1:], data[0]):
+                parser.feed(piece)
+            events, tracking = parser.finish()
+        except RequestError:
+            return
+        whole, whole_tracking = parse_batch_with_tracking(data[1:], "application/json", max_events=16)
+        assert tracking == whole_tracking
+        # ids the client left out are generated anew by each parse: compare the rest
+        assert [replace(e, id="") for e in events] == [replace(e, id="") for e in whole]
+
+    return target
+
+
 _LOADERS: dict[str, Callable[[], Target]] = {
     "frames": _frames_target,
     "wal": _wal_target,
     "http": _http_target,
     "http_parser": _http_parser_target,
+    "http_batch": _http_batch_target,
 }
 
 

@@ -71,10 +71,12 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from walstore.errors import RequestError, UnavailableError, WalstoreError
-from walstore.event import MAX_BATCH_EVENTS, StoredEvent
+from walstore.event import MAX_BATCH_EVENTS, NewEvent, StoredEvent, Tracking
+from walstore.http.batch_stream import BatchStreamParser
 from walstore.http.server import Request, Response, SendChunk, error_body, error_response
 from walstore.http.validation import (
     SubscribeParams,
+    check_content_type,
     parse_aggregate_id_segment,
     parse_aggregate_read_query,
     parse_append_request,
@@ -296,10 +298,13 @@ class HttpApp:
         return Response(201, orjson.dumps(body))
 
     async def _append_batch(self, request: Request) -> Response:
-        events, tracking = parse_batch_with_tracking(
-            request.body, request.content_type, max_events=self.max_batch_events
-        )
-        request.body = b""  # up to MAX_BATCH_BYTES: not held while the batch commits
+        if request.body_stream is None:
+            events, tracking = parse_batch_with_tracking(
+                request.body, request.content_type, max_events=self.max_batch_events
+            )
+            request.body = b""  # not held while the batch commits
+        else:
+            events, tracking = await self._read_batch_stream(request)
         results = await (self.service.append(events) if tracking is None else self.service.append(events, tracking))
         body: dict[str, object] = {
             "success": True,
@@ -310,6 +315,16 @@ class HttpApp:
         if tracking is not None:
             body["tracking"] = {"consumer": tracking.consumer, "position": tracking.position}
         return Response(201, orjson.dumps(body))
+
+    async def _read_batch_stream(self, request: Request) -> tuple[list[NewEvent], Tracking | None]:
+        """A large batch body, checked event by event as it arrives (``batch_stream``): the
+        body is never held whole, and a bad event is refused before the rest is read."""
+        assert request.body_stream is not None
+        check_content_type(request.content_type)
+        parser = BatchStreamParser(max_events=self.max_batch_events)
+        while (piece := await request.body_stream.next_piece()) is not None:
+            parser.feed(piece)
+        return parser.finish()
 
     async def _read_consumer(self, request: Request) -> Response:
         consumer = parse_consumer_segment(request.path[len(_CONSUMERS_PREFIX) :])

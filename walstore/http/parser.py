@@ -445,6 +445,19 @@ class RequestParser:
             return self._finish_body()
         return self._next_chunked()
 
+    def next_body_piece(self) -> tuple[bytes, bool]:
+        """Streaming instead of ``next_body``: the body bytes that came since the last call
+        (perhaps b"") and whether that was the end of the body. Nothing of the body is kept
+        here once returned: a large batch is parsed as it arrives, not buffered whole."""
+        body = self.next_body()
+        if body is not None:
+            return body, True
+        parts = self._parts
+        if not parts:
+            return b"", False
+        self._parts = []
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+
     def _finish_body(self) -> bytes:
         if self._pos == len(self._buf):
             self._buf = b""

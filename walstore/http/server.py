@@ -2,7 +2,9 @@
 
 This is the only module of ``http/`` that touches sockets. It reads a request (head, then a
 bounded body), hands a ``Request`` to the application's ``handle()`` and writes the
-``Response`` back; it knows nothing about events. Modelled on hypercorn's trio
+``Response`` back; it knows nothing about events. A large batch body is the exception: the
+handler reads it as it arrives (``Request.body_stream``), so it is checked without being
+held whole. Modelled on hypercorn's trio
 ``tcp_server``, but thin.
 
 What a connection goes through, and what ends it:
@@ -197,10 +199,24 @@ def probe_limits() -> HttpLimits:
     )
 
 
-class Request:
-    """One parsed request, body read in full. Header names are lowercase bytes."""
+class BodyStream(Protocol):
+    """A large request body that the handler reads as it arrives (``Request.body_stream``)."""
 
-    __slots__ = ("body", "content_type", "headers", "method", "path", "query")
+    async def next_piece(self) -> bytes | None:
+        """The body's next bytes (at least one), or None once all of it was returned.
+        Waits under the body's deadline; a malformed or cut-off body raises HttpParseError."""
+        ...
+
+
+class Request:
+    """One parsed request. Header names are lowercase bytes.
+
+    The body is read in full before the handler runs (``body``), except a large batch body
+    (over ``max_body_bytes``, or chunked, to ``BATCH_PATH``): then ``body`` is b"" and the
+    handler reads ``body_stream``. A handler that answers before reading it all closes the
+    connection after its answer."""
+
+    __slots__ = ("body", "body_stream", "content_type", "headers", "method", "path", "query")
 
     def __init__(
         self,
@@ -210,6 +226,7 @@ class Request:
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
         content_type: str | None,
+        body_stream: BodyStream | None = None,
     ) -> None:
         self.method = method
         self.path = path  # still percent-encoded
@@ -217,6 +234,7 @@ class Request:
         self.headers = headers
         self.body = body
         self.content_type = content_type
+        self.body_stream = body_stream
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lowercase), or None."""
@@ -701,31 +719,39 @@ class _Connection:
                 head = await self._receive_head()
                 if head is None:
                     return
-                # Only a batch may be this large: at most max_batch_requests at once.
-                if (
-                    (head.chunked or head.content_length > limits.max_body_bytes)
-                    and head.target.partition(b"?")[0] == BATCH_PATH
-                    and not self._take_batch_slot()
-                ):
-                    await self._answer_and_linger(_BATCHES_BUSY_ANSWER)
-                    return
-                body = parser.next_body() if head.content_length or head.chunked else b""
-                if body is None:
-                    body = await self._receive_body(head)
                 path, _, query = head.target.partition(b"?")
-                request = Request(head.method, path.decode("ascii"), query, head.headers, body, head.content_type)
-                del body  # the request holds it; a handler may drop it once parsed (a batch: 16 MiB)
+                # Only a batch may be this large: at most max_batch_requests at once, each
+                # read by its handler as it arrives (the handler's deadline starts at its end).
+                stream: _BodyStream | None = None
+                if (head.chunked or head.content_length > limits.max_body_bytes) and path == BATCH_PATH:
+                    if not self._take_batch_slot():
+                        await self._answer_and_linger(_BATCHES_BUSY_ANSWER)
+                        return
+                    stream = _BodyStream(self, head)
+                    body = b""
+                    self.phase = _BODY
+                    self.deadline = trio.current_time() + limits.body_timeout_s
+                else:
+                    whole = parser.next_body() if head.content_length or head.chunked else b""
+                    body = await self._receive_body(head) if whole is None else whole
+                    self.phase = _HANDLER
+                    self.deadline = trio.current_time() + limits.request_timeout_s
+                request = Request(
+                    head.method, path.decode("ascii"), query, head.headers, body, head.content_type, stream
+                )
+                del body  # the request holds it; a handler may drop it once parsed
                 self.keep_alive = keep_alive = head.keep_alive
                 self.head_only = head_only = head.method == "HEAD"
-
-                self.phase = _HANDLER
-                self.deadline = trio.current_time() + limits.request_timeout_s
                 try:
                     response = await app.handle(request)
                 except Exception:
                     log.exception("handler failed for %s %s", head.method, request.path)
                     response = error_response(500, "internal_error", "internal server error")
                 keep_alive = keep_alive and not server.closing
+                # Answered before the whole body came (refused as it arrived): the rest of
+                # it is unread, so this answer ends the connection, after a lingering drain.
+                unread_body = stream is not None and not stream.done
+                keep_alive = keep_alive and not unread_body
                 if response.stream is not None and not head_only:
                     if self.expired != _NOT_EXPIRED:
                         await _checkpoint()  # the deadline passed as it returned: 504
@@ -735,8 +761,12 @@ class _Connection:
                 if self.expired != _NOT_EXPIRED:
                     # The deadline passed just as the handler returned: its answer is here, so
                     # send it (from a fresh scope: this one is cancelled) instead of a 504.
-                    self.pending = (data, _THEN_CONTINUE if keep_alive else _THEN_CLOSE)
+                    then = _THEN_LINGER if unread_body else _THEN_CONTINUE if keep_alive else _THEN_CLOSE
+                    self.pending = (data, then)
                     await _checkpoint()
+                if unread_body:
+                    await self._answer_and_linger(data)
+                    return
                 self.responding = True
                 await self._send(data)
                 self.responding = False
@@ -845,6 +875,25 @@ class _Connection:
             self.deadline = deadline
         return await self._read_until(parser.next_body, "body")
 
+    async def next_body_piece(self, head: RequestHead, *, first: bool) -> tuple[bytes, bool]:
+        """The next bytes of a streamed body (see ``_BodyStream``) and whether it has ended."""
+        parser = self.parser
+        if first and head.expect_continue and not parser.body_started:
+            deadline = self.deadline
+            await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.phase = _BODY  # one that blocked ran in _WRITE
+            self.deadline = deadline
+        piece, done = parser.next_body_piece()
+        while not piece and not done:
+            if not await self._read_more():
+                parser.feed_eof()
+                raise HttpParseError(400, "bad_http_request", "connection closed inside the request body")
+            piece, done = parser.next_body_piece()
+        if done:
+            self.phase = _HANDLER
+            self.deadline = trio.current_time() + self.limits.request_timeout_s
+        return piece, done
+
     async def _read_until(self, take: Callable[[], _T | None], part: str) -> _T:
         """Read until ``take`` (the parser's next_head or next_body) has its part."""
         while True:
@@ -940,6 +989,27 @@ class _Connection:
         except _NETWORK_ERRORS:
             pass
         scope.cancel()
+
+
+class _BodyStream:
+    """``BodyStream`` for one request on one connection. The body's deadline
+    (``body_timeout_s``) runs from the head to the body's end, as for a body read whole."""
+
+    __slots__ = ("_connection", "_head", "_started", "done")
+
+    def __init__(self, connection: _Connection, head: RequestHead) -> None:
+        self._connection = connection
+        self._head = head
+        self._started = False
+        self.done = False
+
+    async def next_piece(self) -> bytes | None:
+        if self.done:
+            return None
+        first = not self._started
+        self._started = True
+        piece, self.done = await self._connection.next_body_piece(self._head, first=first)
+        return piece or None  # empty only with done: next_body_piece waits for bytes
 
 
 def _parse_error_response(error: HttpParseError) -> Response:

@@ -80,7 +80,7 @@ from walstore.event import (
     NewEvent,
     Tracking,
 )
-from walstore.json_text import Member, fast_object, load_object, stored_text
+from walstore.json_text import Member, fast_object, is_canonical, load_object, stored_text
 from walstore.service import Direction
 
 # Versions and indexes are 64-bit on disk; keeping them signed leaves room for sentinels.
@@ -96,7 +96,7 @@ MAX_FILTER_TYPES: Final = 100
 _EVENT_FIELDS: Final = frozenset(
     ("id", "type", "aggregate_id", "payload", "payload_base64", "metadata", "expected_version")
 )
-_BATCH_FIELDS: Final = frozenset(("events", "tracking"))
+BATCH_FIELDS: Final = frozenset(("events", "tracking"))
 _TRACKING_FIELDS: Final = frozenset(("consumer", "position"))
 _EMPTY_OBJECT: Final = b"{}"
 
@@ -229,23 +229,17 @@ def parse_batch_with_tracking(
         text, members = load_object(body, arrays_of_objects=_BATCH_ARRAYS)
         obj = _values(members)
     for key in obj:
-        if key not in _BATCH_FIELDS:
+        if key not in BATCH_FIELDS:
             raise ValidationError(f"unknown field {key!r}", code="unknown_field", field=key)
     if "events" not in obj:
         raise ValidationError("missing field 'events'", code="missing_field", field="events")
     items = obj["events"]
     if not isinstance(items, list):
         raise ValidationError("'events' must be an array", code="invalid_field", field="events")
-    tracking = _tracking(obj["tracking"]) if obj.get("tracking") is not None else None
+    tracking = tracking_from_value(obj["tracking"]) if obj.get("tracking") is not None else None
     if not items and tracking is None:
         raise ValidationError("a batch needs at least one event", code="empty_batch", field="events")
-    if len(items) > max_events:
-        raise ValidationError(
-            f"a batch holds at most {max_events} events, got {len(items)}",
-            code="too_many_events",
-            field="events",
-            limit=max_events,
-        )
+    check_batch_size(len(items), max_events)
     events: list[NewEvent] = []
     seen_ids: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -258,19 +252,49 @@ def parse_batch_with_tracking(
         else:
             walked = cast(dict[str, Member], item)  # the exact path walks event objects
             event = _event_from_object(_values(walked), _spans(text, walked), i)
-        first = seen_ids.setdefault(event.id, i)
-        if first != i:
-            raise ValidationError(
-                f"event id {event.id!r} appears twice in the batch (events {first} and {i})",
-                code="duplicate_id",
-                field="id",
-                event_index=i,
-            )
-        events.append(event)
+        add_batch_event(events, seen_ids, event)
     return events, tracking
 
 
-def _tracking(value: object) -> Tracking:
+def check_batch_size(count: int, max_events: int) -> None:
+    """``too_many_events`` when a batch has (or, streaming, has reached) ``count`` > max."""
+    if count > max_events:
+        raise ValidationError(
+            f"a batch holds at most {max_events} events, got {count}",
+            code="too_many_events",
+            field="events",
+            limit=max_events,
+        )
+
+
+def add_batch_event(events: list[NewEvent], seen_ids: dict[str, int], event: NewEvent) -> None:
+    """Append the batch's next event; ``duplicate_id`` if an earlier one has its id."""
+    i = len(events)
+    first = seen_ids.setdefault(event.id, i)
+    if first != i:
+        raise ValidationError(
+            f"event id {event.id!r} appears twice in the batch (events {first} and {i})",
+            code="duplicate_id",
+            field="id",
+            event_index=i,
+        )
+    events.append(event)
+
+
+def batch_event(value: object, sent: bytes, index: int) -> NewEvent:
+    """Element ``index`` of a batch's ``events`` array, checked: ``value`` is a parse of
+    ``sent``, the element's bytes as they came (``walstore.http.batch_stream``)."""
+    if not isinstance(value, dict):
+        raise ValidationError(
+            "each event must be a JSON object", code="invalid_field", field="events", event_index=index
+        )
+    if is_canonical(value, sent):
+        return _event_from_object(value, _encoded(value), index)
+    text, members = load_object(sent)
+    return _event_from_object(_values(members), _spans(text, members), index)
+
+
+def tracking_from_value(value: object) -> Tracking:
     """``{"consumer": name, "position": int >= 1}``; the name follows the aggregate id's
     rules (it is the path segment of ``GET /consumers/{consumer}``)."""
     if not isinstance(value, dict):
