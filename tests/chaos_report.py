@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.checker import Report
+from walstore.checker import Report
 
 # Kinds that have their own column; every other kind is summed under "other".
 _OWN_COLUMNS = frozenset(("lost", "duplicate", "divergent"))

@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 import pytest
-from harness.checker import KEY_FIELD, KINDS, MAX_REPORTED_PER_KIND, Report, check
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from walstore.checker import KEY_FIELD, KINDS, MAX_REPORTED_PER_KIND, Report, check
 from walstore.errors import ValidationError
 
 Op = dict[str, Any]

@@ -1,7 +1,7 @@
 """Fault-matrix rows for the disk and the clock, against real ``walstore serve`` processes
 and a real etcd (``tests/harness``): each row puts a cluster under load, hurts one node,
 heals, lets the nodes catch up, reads every log back and checks the history
-(``harness.checker``: no lost ack, no duplicate, no divergence, no phantom, no definite
+(``walstore.checker``: no lost ack, no duplicate, no divergence, no phantom, no definite
 failure present), then records its row in ``chaos_report``.
 
 How each fault is made, on this machine:
@@ -47,10 +47,10 @@ from typing import Any
 import orjson
 import pytest
 from chaos_report import record_row
-from harness.checker import KEY_FIELD, Report, check
 from harness.cluster import HOST, ProcessCluster, events_from_dump, stop_clusters
 from harness.history import LoadClient, classify
 
+from walstore.checker import KEY_FIELD, Report, check
 from walstore.errors import ConfigError
 
 POLL_S = 0.05

@@ -36,11 +36,11 @@ import orjson
 import pytest
 import trio
 from chaos_report import record_row
-from harness.checker import KEY_FIELD, Report, check
 from harness.cluster import ProcessCluster, events_from_dump
 from harness.history import LoadClient, classify
 from harness.proxy import Direction
 
+from walstore.checker import KEY_FIELD, Report, check
 from walstore.protocol import Fetch, Message
 from walstore.replication.follower import FollowerService
 from walstore.replication.leader import TAIL_CACHE_BYTES

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.checker import check
 from harness.cluster import ProcessCluster, events_from_dump
 from harness.history import LoadClient, classify, load_history, run_load
 
+from walstore.checker import check
 from walstore.errors import ConfigError, ValidationError
 
 pytest_plugins = ["harness.cluster"]  # cluster_factory, process_cluster

@@ -13,4 +13,4 @@ import pytest
 # Before any submodule is imported: their asserts get pytest's rewriting, and a test module
 # that imports them and also names ``harness.cluster`` in ``pytest_plugins`` gets no
 # "already imported" warning.
-pytest.register_assert_rewrite("harness.checker", "harness.cluster", "harness.history", "harness.proxy")
+pytest.register_assert_rewrite("harness.cluster", "harness.history", "harness.proxy")

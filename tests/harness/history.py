@@ -1,5 +1,5 @@
 """A load client that records a history: K worker threads append (and read) for T seconds
-against a set of walstore nodes and write every operation down for ``harness.checker``.
+against a set of walstore nodes and write every operation down for ``walstore.checker``.
 
 Threads with blocking ``http.client`` rather than trio tasks: simple, obviously correct, and a
 fault test can run it in the background while its own thread kills and pauses processes.
@@ -59,9 +59,8 @@ from typing import IO, Any
 
 import orjson
 
+from walstore.checker import KEY_FIELD
 from walstore.errors import ConfigError, ValidationError
-
-from .checker import KEY_FIELD
 
 # Hard ceiling on operations per run whatever the settings say: history memory stays bounded.
 MAX_OPS_CEILING = 1_000_000
