@@ -279,6 +279,25 @@ def test_fsync_failure_poisons_the_log() -> None:
     assert log.last_index == 2  # the failed batch is not there
 
 
+def test_after_a_failed_fsync_the_next_process_does_not_build_on_what_never_reached_the_disk() -> None:
+    """The kernel may keep the pages of a failed fdatasync in its page cache, readable. A node
+    restarted on the same boot (no crash between) must not see the failed records and append
+    after them: a later crash would leave a hole mid-log. Found by the simulator (seed 9)."""
+    log, fs = open_sim()
+    add(log, 2)
+    fs.fail_next_fdatasync()
+    with pytest.raises(FsyncError):
+        add(log, 2)
+    log.close()
+    again, _ = open_sim(fs)  # the process restarts; the machine did not crash
+    assert again.last_index == 2
+    add(again, 3, epoch=2)  # durable: these sync
+    again.close()
+    fs.crash()  # power loss: the page cache is gone
+    after, _ = open_sim(fs)  # opens (no hole, no CorruptionError) with every synced record
+    assert [(r.index, r.epoch) for r in after.read(1)] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
+
+
 def test_fsync_failure_with_unsynced_appends_before_it() -> None:
     log, fs = open_sim()
     add(log, 2, sync=False)

@@ -357,6 +357,15 @@ class WriteAheadLog:
             if sync and not single:
                 self._sync_dirty()
         except FsyncError as e:
+            # Not durable, and after a failed fdatasync the kernel may keep those pages in
+            # the page cache, clean and readable. The next process on this boot would read
+            # the records as if they were on disk and append after them, and a later power
+            # loss would leave a hole in the middle of its log, which then refuses to open.
+            # Zero them in the page cache (no sync: nothing can be synced now). Found by the
+            # simulator (docs/simulation.md).
+            for seg, end in written:
+                with contextlib.suppress(StorageError):
+                    write_zeros(seg.file, seg.end, end, sync=False)
             self._poison(e)
             raise
         except StorageError:
