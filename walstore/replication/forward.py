@@ -180,15 +180,23 @@ class Forwarder:
         self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            while True:
-                await trio.sleep(EPOCH_POLL_S)
-                channel = self._channel
-                if channel is not None and self.epoch() > self._channel_epoch:
-                    log.info("promised epoch %d: dropping the forwarding link to %s", self.epoch(), self._channel_peer)
-                    self._channel = None
-                    await channel.aclose()  # _read_answers wakes its waiters: 504
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                while True:
+                    await trio.sleep(EPOCH_POLL_S)
+                    channel = self._channel
+                    if channel is not None and self.epoch() > self._channel_epoch:
+                        log.info(
+                            "promised epoch %d: dropping the forwarding link to %s", self.epoch(), self._channel_peer
+                        )
+                        self._channel = None
+                        await channel.aclose()  # _read_answers wakes its waiters: 504
+        finally:
+            # The node is stopping (or its log failed): requests still being answered by
+            # the HTTP nursery, which outlives this one, get a 503, not a RuntimeError (500)
+            # from a closed nursery. Found by the simulator.
+            self._nursery = None
 
     async def forward(
         self, leader: PeerSpec, events: Sequence[NewEvent], timeout_s: float, *, tracking: Tracking | None = None
@@ -237,16 +245,24 @@ class Forwarder:
             if self._channel is not None and self._channel_peer == leader.node_id:
                 return self._channel
             await self._drop()
+            self._check_running()
             try:
                 channel = await dial(
                     leader.host, leader.port, cluster_id=self.cluster_id, node_id=self.node_id, epoch=self.epoch()
                 )
             except (OSError, PeerClosed, WalstoreError, trio.TooSlowError) as exc:
                 raise UnavailableError(f"leader {leader.node_id} unreachable: {exc!r}", code="no_leader") from exc
+            if self._nursery is None:  # stopped while we dialled
+                await channel.aclose()
+                self._check_running()
+            assert self._nursery is not None
             self._channel, self._channel_peer, self._channel_epoch = channel, leader.node_id, self.epoch()
-            assert self._nursery is not None, "Forwarder.run() must be running"
             self._nursery.start_soon(self._read_answers, channel)
             return channel
+
+    def _check_running(self) -> None:
+        if self._nursery is None:
+            raise UnavailableError("this node is stopping: it forwards no more writes", code="shutting_down")
 
     async def _read_answers(self, channel: PeerChannel) -> None:
         try:
