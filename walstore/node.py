@@ -34,8 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -58,6 +57,10 @@ from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.replicator import Replicator, Role
+from walstore.runtime import Runtime
+from walstore.runtime import current as current_runtime
+from walstore.runtime import reset as reset_runtime
+from walstore.runtime import use as use_runtime
 from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, NodeStatus, PeerStatus, subscription
 from walstore.store import EventStore
 from walstore.wal.fs import Buffer, FileSystem, RealFileSystem, WalFile
@@ -130,15 +133,16 @@ class _SpaceWatch:
     passed straight through (only created files are wrapped, so reads of the segments
     opened at start-up pay nothing)."""
 
-    def __init__(self, inner: FileSystem) -> None:
+    def __init__(self, inner: FileSystem, clock: Callable[[], float]) -> None:
         self.inner = inner
-        self.full_at: float | None = None  # time.monotonic() of the last ENOSPC, until a write succeeds
+        self.clock = clock  # the writer's clock (the runtime's monotonic): full_at is compared with its times
+        self.full_at: float | None = None  # clock() of the last ENOSPC, until a write succeeds
 
     def create(self, path: Path) -> WalFile:
         try:
             return _WatchedFile(self, self.inner.create(path))
         except DiskFullError:
-            self.full_at = time.monotonic()
+            self.full_at = self.clock()
             raise
 
     def open(self, path: Path, *, writable: bool = True) -> WalFile:
@@ -182,7 +186,7 @@ class _WatchedFile:
         try:
             self._inner.pwritev(buffers, offset, sync=sync)
         except DiskFullError:
-            self._watch.full_at = time.monotonic()
+            self._watch.full_at = self._watch.clock()
             raise
         self._watch.full_at = None
 
@@ -193,7 +197,7 @@ class _WatchedFile:
         try:
             self._inner.fallocate(length)
         except DiskFullError:
-            self._watch.full_at = time.monotonic()
+            self._watch.full_at = self._watch.clock()
             raise
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -220,15 +224,19 @@ class Node:
         http_limits: HttpLimits | None = None,
         append_timeout_s: float = APPEND_TIMEOUT_S,
         slow_disk_s: float = SLOW_ROUND_S,
+        runtime: Runtime | None = None,
     ) -> None:
         self.config = config
+        # The seams to the world outside (walstore.runtime): real ones unless simulated.
+        self.runtime = runtime if runtime is not None else current_runtime()
         self.append_timeout_s = append_timeout_s
         # A write + fdatasync round slower than this (or one in flight for longer) makes the
         # node not ready: a leader whose disk stalls holds every write of the cluster.
         self.slow_disk_s = slow_disk_s
         self.metrics = metrics or Metrics()
         self._election = election
-        self._space = _SpaceWatch(fs if fs is not None else RealFileSystem())
+        self._real_disk = fs is None
+        self._space = _SpaceWatch(fs if fs is not None else RealFileSystem(), self.runtime.monotonic)
         self.http_limits = http_limits or HttpLimits(
             max_body_bytes=config.max_body_bytes,
             max_batch_body_bytes=config.max_batch_bytes,
@@ -258,17 +266,28 @@ class Node:
     # -- life cycle ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        # Every task this node starts inherits its runtime (walstore.runtime).
+        token = use_runtime(self.runtime)
+        try:
+            await self._run(task_status)
+        finally:
+            reset_runtime(token)
+
+    async def _run(self, task_status: trio.TaskStatus[Node]) -> None:
         cfg = self.config
         # A record must fit one segment; small test segments therefore cap record size.
         max_body = min(MAX_RECORD_BODY_BYTES, cfg.segment_size_bytes - 128)
         options = WalOptions(segment_size_bytes=cfg.segment_size_bytes, max_record_body_bytes=max_body)
-        self.wal = await trio.to_thread.run_sync(self._open_wal, options)
+        self.wal = await self.runtime.run_sync(self._open_wal, options)
         self.writer = GroupCommitWriter(
             self.wal,
             metrics=self.metrics,
             on_rollback=self._on_rollback,
             on_failure=self._on_storage_failed,
             slow_round_s=self.slow_disk_s,
+            clock=self.runtime.monotonic,
+            inline=self.runtime.inline_writer,
+            round_delay_s=self.runtime.disk_delay_s,
         )
         # The writer sets this gauge from WAL rounds alone; the node also knows about a full
         # disk that failed a promise (metadata), so the gauge reports what health reports.
@@ -347,11 +366,14 @@ class Node:
             finally:
                 probes_done.set()
 
-        if cfg.probe_port is not None:
+        if cfg.probe_port is not None and self.runtime.serve_http:
             self.probe_port = await http_nursery.start(probes)
         else:
             probes_done.set()
-        self.http_port = await http_nursery.start(http)
+        if self.runtime.serve_http:
+            self.http_port = await http_nursery.start(http)
+        else:
+            http_done.set()  # the simulator calls the service directly
         self.started.set()
         log.info(
             "node %s serving HTTP on %s:%d%s; log %d..%d",
@@ -438,7 +460,8 @@ class Node:
             nursery.cancel_scope.cancel()
 
     def _open_wal(self, options: WalOptions) -> WriteAheadLog:
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._real_disk:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
         return WriteAheadLog.open(self.config.data_dir, options, fs=self._space)
 
     async def _start_solo(self) -> None:
@@ -687,7 +710,7 @@ class Node:
         try:
             prepared = self.store.prepare(
                 events,
-                timestamp_us=time.time_ns() // 1000,
+                timestamp_us=self.runtime.wall_time_ns() // 1000,
                 next_log_index=self.rlog.tail_index + 1,
                 tracking=tracking,
                 max_events=self.config.max_batch_events,
@@ -836,7 +859,7 @@ class Node:
         reasons = []
         if self.disk_full:
             reasons.append("disk_full")
-        now = time.monotonic()
+        now = self.runtime.monotonic()
         slow_now = w.round_in_flight_s(now) > self.slow_disk_s
         slow_lately = w.last_round_s > self.slow_disk_s and now - w.last_round_ended_at < SLOW_DISK_HOLD_S
         if slow_now or slow_lately:

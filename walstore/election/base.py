@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
@@ -239,7 +239,7 @@ class Election(Protocol):
         backend is unreachable; never use it for safety, use epochs."""
         ...
 
-    def watch_leader(self) -> AsyncIterator[LeaderInfo | None]:
+    def watch_leader(self) -> AsyncGenerator[LeaderInfo | None, None]:
         """Yield the current observation at once, then every change. Rapid changes may be
         coalesced into the latest one. Ends when the election is closed."""
         ...
@@ -289,7 +289,7 @@ class LeaderObserver:
         state it guards, so that no change can slip in between."""
         return self._changed
 
-    async def watch(self) -> AsyncIterator[LeaderInfo | None]:
+    async def watch(self) -> AsyncGenerator[LeaderInfo | None, None]:
         first = True
         last: LeaderInfo | None = None
         while not self.closed:
@@ -359,7 +359,7 @@ class ElectionBase:
     def current_leader(self) -> LeaderInfo | None:
         return self._observer.leader
 
-    def watch_leader(self) -> AsyncIterator[LeaderInfo | None]:
+    def watch_leader(self) -> AsyncGenerator[LeaderInfo | None, None]:
         return self._observer.watch()
 
     def _entered(self) -> None:

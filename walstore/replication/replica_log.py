@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import trio
 
+from walstore import runtime
 from walstore.errors import CommittedTruncation, LogStateError
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.writer import GroupCommitWriter, PendingAppend
@@ -51,7 +52,7 @@ class ReplicaLog:
             return
         self.promised_epoch = epoch
         async with self._meta_lock:
-            await trio.to_thread.run_sync(self.wal.set_promised_epoch, self.promised_epoch)
+            await runtime.current().run_sync(self.wal.set_promised_epoch, self.promised_epoch)
 
     @property
     def incarnation(self) -> str:
@@ -63,7 +64,7 @@ class ReplicaLog:
         if index <= self.wal.known_commit:
             return
         async with self._meta_lock:
-            await trio.to_thread.run_sync(self.wal.set_known_commit, index)
+            await runtime.current().run_sync(self.wal.set_known_commit, index)
 
     def halt(self, reason: str) -> None:
         """Stop taking writes: a safety invariant was about to break. Idempotent."""

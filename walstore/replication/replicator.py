@@ -145,20 +145,25 @@ class Replicator:
             await self.follower.serve(channel, first)
 
     async def _watch_leader(self) -> None:
-        async for leader in self.election.watch_leader():
-            self.metrics.leader_observed(leader.node_id if leader else None, leader.epoch if leader else 0)
-            if self.role is not Role.LEADER:
-                self.leader = leader
+        # aclosing: an iterator left by a return or a cancellation is closed here, not by
+        # the garbage collector at some later moment (trio's finaliser then runs it as a
+        # task of its own, which makes the simulator's runs depend on the collector).
+        async with contextlib.aclosing(self.election.watch_leader()) as leaders:
+            async for leader in leaders:
+                self.metrics.leader_observed(leader.node_id if leader else None, leader.epoch if leader else 0)
+                if self.role is not Role.LEADER:
+                    self.leader = leader
 
     async def _verify_leader(self, epoch: int, leader_id: str) -> bool:
         """Does the election say ``leader_id`` holds ``epoch``? Waits briefly for our
         view of etcd to catch up with a leader that has just won."""
         with trio.move_on_after(VERIFY_LEADER_TIMEOUT_S):
-            async for leader in self.election.watch_leader():
-                if leader is not None and leader.epoch == epoch and leader.node_id == leader_id:
-                    return True
-                if leader is not None and leader.epoch > epoch:
-                    return False
+            async with contextlib.aclosing(self.election.watch_leader()) as leaders:
+                async for leader in leaders:
+                    if leader is not None and leader.epoch == epoch and leader.node_id == leader_id:
+                        return True
+                    if leader is not None and leader.epoch > epoch:
+                        return False
         return False
 
     def _on_leader_seen(self, epoch: int, leader_id: str) -> None:

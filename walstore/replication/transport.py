@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from walstore import runtime
 from walstore.errors import ProtocolError
 from walstore.protocol import CLOSED, NEED_DATA, Message, PeerConnection, Signal
 
@@ -116,7 +117,7 @@ async def dial(
     """Connect and exchange HELLOs. Raises OSError, PeerClosed, ProtocolError, TooSlowError.
     The peer's incarnation is then ``channel.conn.peer_incarnation``."""
     with trio.fail_after(timeout_s):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await runtime.current().network.connect(host, port)
         conn = PeerConnection(cluster_id, node_id, "client", incarnation=incarnation)
         channel = PeerChannel(stream, conn, f"{host}:{port}")
         try:
@@ -148,7 +149,9 @@ async def serve_peers(
     ids in ``known_peers`` (when given) are served."""
     open_connections = 0
 
-    async def one(stream: trio.SocketStream) -> None:
+    network = runtime.current().network
+
+    async def one(stream: trio.abc.Stream) -> None:
         nonlocal open_connections
         if open_connections >= MAX_INBOUND_CONNECTIONS:
             log.warning("refusing a peer connection: %d already open", open_connections)
@@ -161,12 +164,8 @@ async def serve_peers(
         finally:
             open_connections -= 1
 
-    async def serve_one(stream: trio.SocketStream) -> None:
-        try:
-            host, port = stream.socket.getpeername()[:2]
-            remote = f"{host}:{port}"
-        except OSError:
-            remote = "?"
+    async def serve_one(stream: trio.abc.Stream) -> None:
+        remote = network.remote_name(stream)
         conn = PeerConnection(cluster_id, node_id, "server", incarnation=incarnation)
         channel = PeerChannel(stream, conn, remote, idle_timeout_s=INBOUND_IDLE_TIMEOUT_S)
         try:
@@ -190,8 +189,7 @@ async def serve_peers(
         finally:
             await channel.aclose()
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
+    listeners, bound = await network.listen(host, port)
     task_status.started(bound)
     await trio.serve_listeners(one, listeners)
 

@@ -40,10 +40,10 @@ the directory. A crash leaves either the old or the new file, never a mix.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from walstore import runtime
 from walstore._native import crc32c
 from walstore.errors import CorruptionError, LogStateError
 from walstore.wal.fs import FileSystem
@@ -58,7 +58,7 @@ MAX_META_BYTES = 1 << 20
 
 def new_incarnation() -> str:
     """A fresh data-directory identity: 128 random bits as 32 lowercase hex digits."""
-    return secrets.token_hex(INCARNATION_HEX_CHARS // 2)
+    return runtime.current().token_hex(INCARNATION_HEX_CHARS // 2)
 
 
 def is_incarnation(value: object) -> bool:

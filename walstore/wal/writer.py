@@ -201,6 +201,13 @@ _checkpoint = trio.lowlevel.checkpoint
 _ABORTED = trio.lowlevel.Abort.SUCCEEDED
 
 
+class _Stop:
+    """The job loop's answer when the writer is asked to stop."""
+
+
+_STOP = _Stop()
+
+
 @dataclass(eq=False)
 class _Truncate:
     after_index: int
@@ -227,8 +234,18 @@ class GroupCommitWriter:
         on_failure: Callable[[StorageError], None] | None = None,
         max_round_bytes: int = MAX_ROUND_BYTES,
         slow_round_s: float = SLOW_ROUND_S,
+        clock: Callable[[], float] = time.monotonic,
+        inline: bool = False,
+        round_delay_s: Callable[[], float] | None = None,
     ) -> None:
         self._log = log
+        # Health times; read by the writer thread too, so time.monotonic unless inline.
+        self._clock = clock
+        # The simulator's mode (walstore.runtime): rounds run as a task of the event loop,
+        # the same job loop without the thread, so a seed decides every interleaving.
+        self._inline = inline
+        self._inline_wake: trio.Event | None = None
+        self._round_delay_s = round_delay_s  # inline only: the simulated disk's latency per job
         self._max_round_bytes = max_round_bytes
         self._max_body = log.options.max_record_body_bytes
         self._metrics = metrics
@@ -309,7 +326,7 @@ class GroupCommitWriter:
         started = self._round_started_at
         if started is None:
             return 0.0
-        return max(0.0, (time.monotonic() if now is None else now) - started)
+        return max(0.0, (self._clock() if now is None else now) - started)
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -417,6 +434,12 @@ class GroupCommitWriter:
         if self._running:
             raise LogStateError("GroupCommitWriter.run is already running")
         self._running = True
+        if self._inline:
+            try:
+                await self._run_inline(task_status)
+            finally:
+                self._running = False
+            return
         ended = trio.Event()
         with self._lock:
             self._stopping = False
@@ -450,7 +473,54 @@ class GroupCommitWriter:
         """(Under _lock.) Release the sleeping thread, once per sleep."""
         if self._sleeping:
             self._sleeping = False
-            self._wake.release()
+            if self._inline_wake is not None:
+                self._inline_wake.set()
+            else:
+                self._wake.release()
+
+    async def _run_inline(self, task_status: trio.TaskStatus[None]) -> None:
+        """The writer as a task: the thread's job loop, with each outcome handled at once
+        (``post`` calls straight through) and a sleep on a trio Event instead of the lock.
+        Cancellation between jobs fails the queued batches, as ``run`` does; a job is never
+        cut in half, because it does not await."""
+        with self._lock:
+            self._stopping = False
+            self._unseen = False
+
+        def post(fn: Callable[..., object], *args: object) -> None:
+            fn(*args)
+
+        try:
+            task_status.started()
+            while True:
+                job = self._next_job()
+                if isinstance(job, _Stop):
+                    break
+                if job is None:
+                    # _next_job set _sleeping and nothing ran since: the next wake sets this.
+                    wake = self._inline_wake = trio.Event()
+                    await wake.wait()
+                    continue
+                started = self._clock()
+                self._round_started_at = started
+                try:
+                    # The disk's latency in virtual time; other tasks run meanwhile, as they
+                    # do while the thread writes.
+                    await trio.sleep(self._round_delay_s() if self._round_delay_s is not None else 0.0)
+                except BaseException:
+                    # Stopped before the write began (a simulated crash): nothing of it reached
+                    # the disk, and its waiters get the writer's failure below.
+                    if isinstance(job, list):
+                        self._fail_job(job, StorageError("the write-ahead log writer stopped"))
+                    raise
+                if not self._do_job(job, post, started):
+                    break
+            if self._crash is not None:
+                raise self._crash
+            raise self._failure if self._failure is not None else StorageError("the write-ahead log writer stopped")
+        except BaseException as e:
+            self._fail_all(e if isinstance(e, StorageError) else StorageError("the write-ahead log writer stopped"))
+            raise
 
     def _thread_main(self, post: Callable[..., object], ended: Callable[[], None]) -> None:
         """The writer thread: take the whole queue as one round (or one truncation), write
@@ -468,42 +538,61 @@ class GroupCommitWriter:
 
     def _thread_loop(self, post: Callable[..., object]) -> None:
         while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                job: list[PendingAppend] | _Truncate | None = None
-                if self._queue and not self._unseen:
-                    head = self._queue[0]
-                    if isinstance(head, _Truncate):
-                        del self._queue[0]
-                        job = head
-                    else:
-                        job = self._take_round()
-                    self._unseen = True
-                else:
-                    self._sleeping = True
+            job = self._next_job()
+            if isinstance(job, _Stop):
+                return
             if job is None:
                 self._wake.acquire()
                 continue
-            if isinstance(job, _Truncate):
-                try:
-                    self._log.truncate_suffix(job.after_index)
-                except BaseException as e:
-                    post(self._truncate_done, job, e)
-                    return
-                post(self._truncate_done, job, None)
-                continue
-            started = time.perf_counter()
-            self._round_started_at = time.monotonic()
-            try:
-                nbytes = self._encode_and_append(_round_parts(job))
-            except DiskFullError as e:
-                post(self._round_done, job, 0, time.perf_counter() - started, e)  # the loop rolls the tail back
-                continue
-            except BaseException as e:
-                post(self._round_done, job, 0, time.perf_counter() - started, e)
+            if not self._do_job(job, post):
                 return
-            post(self._round_done, job, nbytes, time.perf_counter() - started, None)
+
+    def _next_job(self) -> list[PendingAppend] | _Truncate | _Stop | None:
+        """The next round or truncation to run; None: nothing yet (``_sleeping`` is set, so
+        the next submit or ``_seen`` wakes the loop); _STOP when asked to stop."""
+        with self._lock:
+            if self._stopping:
+                return _STOP
+            if self._queue and not self._unseen:
+                head = self._queue[0]
+                job: list[PendingAppend] | _Truncate
+                if isinstance(head, _Truncate):
+                    del self._queue[0]
+                    job = head
+                else:
+                    job = self._take_round()
+                self._unseen = True
+                return job
+            self._sleeping = True
+            return None
+
+    def _do_job(
+        self, job: list[PendingAppend] | _Truncate, post: Callable[..., object], started: float | None = None
+    ) -> bool:
+        """Run one job and post its outcome; False when the loop must stop (fatal).
+        ``started``: the clock when the round began (inline, before its simulated latency)."""
+        if isinstance(job, _Truncate):
+            try:
+                self._log.truncate_suffix(job.after_index)
+            except BaseException as e:
+                post(self._truncate_done, job, e)
+                return False
+            post(self._truncate_done, job, None)
+            return True
+        clock = self._clock
+        if started is None:
+            started = clock()
+            self._round_started_at = started
+        try:
+            nbytes = self._encode_and_append(_round_parts(job))
+        except DiskFullError as e:
+            post(self._round_done, job, 0, clock() - started, e)  # the loop rolls the tail back
+            return True
+        except BaseException as e:
+            post(self._round_done, job, 0, clock() - started, e)
+            return False
+        post(self._round_done, job, nbytes, clock() - started, None)
+        return True
 
     def _take_round(self) -> list[PendingAppend]:
         """(Under _lock.) The queued appends up to the first truncation, at most
@@ -543,7 +632,7 @@ class GroupCommitWriter:
     def _round_done(self, batch: list[PendingAppend], nbytes: int, elapsed: float, error: BaseException | None) -> None:
         self._round_started_at = None
         self.last_round_s = elapsed
-        self.last_round_ended_at = time.monotonic()
+        self.last_round_ended_at = self._clock()
         if elapsed > self.slow_round_s:
             self._slow_round(elapsed, batch)
         if error is None:
@@ -596,7 +685,7 @@ class GroupCommitWriter:
     def _disk_is_full(self, error: DiskFullError, batch: list[PendingAppend]) -> None:
         """A round failed for space: say so once, then once per LOG_EVERY_S. A follower
         whose disk is full fails a round per leader frame and used to say nothing at all."""
-        now = time.monotonic()
+        now = self._clock()
         self._disk_full_rounds += 1
         if self._disk_full_since is None:
             self._disk_full_since = now
@@ -619,7 +708,7 @@ class GroupCommitWriter:
         logger.warning(
             "disk has space again: a round succeeded after %d failed for space over %.1fs",
             self._disk_full_rounds,
-            time.monotonic() - self._disk_full_since,
+            self._clock() - self._disk_full_since,
         )
         self._disk_full_since = None
         self._disk_full_rounds = 0
@@ -631,7 +720,7 @@ class GroupCommitWriter:
         if self._metrics is not None:
             self._metrics.wal_slow_rounds_total.inc()
         self._slow_rounds_unlogged += 1
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_slow_log < LOG_EVERY_S:
             return
         self._last_slow_log = now
@@ -683,6 +772,12 @@ class GroupCommitWriter:
             else:
                 item.error = error
                 item.done.set()
+
+    @staticmethod
+    def _fail_job(job: list[PendingAppend], error: StorageError) -> None:
+        for pending in job:
+            if not pending.done:
+                pending._finish(error)
 
     def _fail_all(self, error: StorageError) -> None:
         if self._failure is None:
