@@ -16,7 +16,7 @@ BENCH_PKGS := postgresql-15 wrk etcd-server
 HTTP_PORT ?= 8080
 DATA_DIR  ?= ./data/wal
 
-.PHONY: install system-deps test-deps build-native dist openapi run test test-fast bench bench-wal lint fuzz chaos clean
+.PHONY: install system-deps test-deps build-native dist openapi run test test-fast bench bench-wal lint fuzz simulate chaos clean
 
 # apt only for what is missing, so a machine with everything installed never needs root.
 define apt_ensure
@@ -84,6 +84,10 @@ bench: test-deps
 
 bench-wal: install
 	$(BIN)/walstore bench wal
+
+# The deterministic simulator (docs/simulation.md); `make test` runs a fixed budget of it.
+simulate: install
+	$(BIN)/walstore simulate --seeds $${SEEDS:-1000} --keep-going
 
 fuzz: install
 	$(BIN)/python -m walstore.fuzz --seconds $${FUZZ_SECONDS:-60}

@@ -842,5 +842,13 @@ def cluster_restart(node: str, directory: Path, crash: bool) -> None:
     click.echo(f"{node} {url} (pid {pid})")
 
 
+def _add_simulate() -> None:
+    from walstore.sim.command import simulate
+
+    main.add_command(simulate)
+
+
+_add_simulate()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from walstore import planted_bugs
 from walstore.errors import ElectionError
 
 log = logging.getLogger("walstore.membership")
@@ -138,7 +139,7 @@ async def register(store: MembershipStore, node_id: str, incarnation: str) -> Me
         current = (await store.read_members()).get(node_id)
         if current is not None and current.incarnation == incarnation:
             return current
-        voter = current is None
+        voter = current is None or "wiped_node_votes" in planted_bugs.active
         if await store.write_member(
             node_id, encode_member(incarnation, voter), expect_revision=current.revision if current else 0
         ):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import trio
 
-from walstore import _native
+from walstore import _native, planted_bugs
 from walstore.errors import CommittedTruncation, DiskFullError, LogStateError, ProtocolError
 from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Heartbeat, Message, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
@@ -110,7 +110,7 @@ class FollowerService:
     async def _answer_in_order(self, channel: PeerChannel, answers: trio.MemoryReceiveChannel[_Answer]) -> None:
         async with answers:
             async for answer in answers:
-                if answer.durable_at:
+                if answer.durable_at and not (answer.message is not None and "ack_before_fsync" in planted_bugs.active):
                     try:
                         await self.rlog.writer.wait_durable(answer.durable_at)
                     except (LogStateError, DiskFullError):
@@ -148,7 +148,8 @@ class FollowerService:
         own word is never enough, even for the epoch we promised: any node of the cluster
         could claim it. The confirmed (epoch, leader) pair is remembered."""
         if epoch < self.rlog.promised_epoch:
-            return False
+            # Refused, unless the planted bug takes the sender's word for an epoch we promised past.
+            return "accept_lower_epoch" in planted_bugs.active
         if self._confirmed != (epoch, leader_id):
             if not await self.verify_leader(epoch, leader_id):
                 log.warning("refusing epoch %d claimed by %s: the election does not confirm it", epoch, leader_id)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from walstore import planted_bugs
 from walstore.config import PeerSpec
 from walstore.errors import DiskFullError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
@@ -199,7 +200,8 @@ class LeaderTerm:
             reverse=True,
         )
         majority_holds = matches[self.cluster_size // 2]
-        if majority_holds >= self.start_index and majority_holds > self.commit.value:
+        own_epoch = majority_holds >= self.start_index or "commit_older_epoch" in planted_bugs.active
+        if own_epoch and majority_holds > self.commit.value:
             self.commit.advance(majority_holds)
             for progress in self.progress.values():
                 progress.poke()  # tell the followers soon (see _send_appends)

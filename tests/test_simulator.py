@@ -1,0 +1,81 @@
+"""The deterministic simulator (docs/simulation.md): a seed replays exactly, a budget of seeds
+under every fault kind finds no violation, and each planted bug class is found.
+
+This file is the simulator's CI budget (about two minutes on two cores). A long run is
+``make simulate SEEDS=100000``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from walstore import planted_bugs
+from walstore.sim.kinds import FRAME_KINDS, KINDS
+from walstore.sim.many import run_seeds
+from walstore.sim.run import SimOptions, simulate
+
+# Seeds that once failed, each with what it found; they stay green from then on.
+REGRESSION_SEEDS = {
+    5: "a follower forwarding while stopping hit the forwarder's closed nursery (RuntimeError, a 500)",
+}
+# The clean budget: this many seeds of every fault kind, 20 virtual seconds each.
+CLEAN_SEEDS = range(100, 112)
+# Each planted bug with the fault kinds its class needs, and the seeds the test may spend.
+PLANTED = {
+    "wiped_node_votes": (("lost_disk", "crash", "isolate", "blackhole", "partition"), range(1, 26)),
+    "ack_before_fsync": (("crash", "torn", "restart", "slow_disk", "partition", "isolate"), range(1, 26)),
+    "accept_lower_epoch": (("lease_expiry", "etcd_cut", "pause", "isolate", "partition"), range(1, 26)),
+    "commit_older_epoch": (("crash", "restart", "isolate", "partition", "slow_disk", "lease_expiry"), range(1, 26)),
+}
+
+
+def test_a_seed_replays_exactly() -> None:
+    options = SimOptions(seconds=8)
+    first, second = simulate(7, options), simulate(7, options)
+    assert first.trace.lines == second.trace.lines
+    assert first.digest == second.digest and first.violations == second.violations
+    assert first.acked > 0 and sum(first.faults.values()) > 0  # it did something
+    assert simulate(8, options).digest != first.digest
+
+
+def test_a_budget_of_seeds_under_every_fault_finds_nothing() -> None:
+    summary = run_seeds(CLEAN_SEEDS, SimOptions(seconds=20))
+    failing = {r.seed: r.violations[:5] for r in summary.failed}
+    assert not failing, f"{failing}\n" + "\n\n".join(r.trace.tail(80) for r in summary.failed[:1])
+    assert summary.acked > 100 * len(CLEAN_SEEDS)
+    # The budget really injects faults of (nearly) every kind, not a quiet cluster.
+    assert len(set(summary.faults) & set(KINDS)) >= len(KINDS) - 2, summary.faults
+    print(summary.report())
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
+def test_regression_seed(seed: int) -> None:
+    result = simulate(seed, SimOptions(seconds=20))
+    assert result.ok, f"{REGRESSION_SEEDS[seed]}: {result.violations}\n{result.trace.tail(80)}"
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_each_planted_bug_is_found_within_the_budget(bug: str) -> None:
+    faults, seeds = PLANTED[bug]
+    summary = run_seeds(
+        seeds,
+        SimOptions(seconds=20, faults=faults, plant=(bug,), mean_fault_gap_s=0.8),
+        stop_at_first_failure=True,
+    )
+    assert summary.failed, f"{bug} not found in {summary.seeds_run} seeds: {summary.report()}"
+    print(f"{bug}: found by seed {summary.failed[0].seed}: {summary.failed[0].violations[:3]}")
+    assert planted_bugs.active == frozenset()  # switched off again after the run
+
+
+def test_frame_faults_are_injected_and_counted() -> None:
+    result = simulate(3, SimOptions(seconds=10, faults=FRAME_KINDS, frame_fault_rate=0.05))
+    assert result.ok, result.violations
+    lines = "\n".join(result.trace.lines)
+    assert "drop a frame" in lines and "duplicate a frame" in lines
+
+
+def test_unknown_fault_kinds_and_bugs_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown fault"):
+        SimOptions(faults=("crash", "meteor"))
+    with pytest.raises(ValueError, match="unknown planted bug"):
+        planted_bugs.enable("no_such_bug")

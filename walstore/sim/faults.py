@@ -1,0 +1,210 @@
+"""Which faults a simulation injects, and when: the nemesis.
+
+Faults come in kinds (``KINDS``); a run enables some of them. Every step the nemesis waits a
+random while, picks an enabled kind and a victim, and injects it; most faults are undone a
+random while later (a partition heals, a crashed node restarts, a slow disk recovers), so
+faults overlap: a lost disk while another node is partitioned, a leader paused while a
+follower's fsync fails, and so on. Combinations are the point (docs/fault-model.md).
+The nemesis never leaves more than a minority of the voters without their data: a wiped
+or rotted node counts until a leader has caught it up and made it a voter again. Losing a
+majority's disks loses data by definition, and stops the cluster by design
+(docs/membership.md); neither is a bug the simulator should report.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+
+import trio
+
+from walstore.election.membership import decode_member
+from walstore.sim.cluster import SimCluster
+from walstore.sim.kinds import KINDS
+from walstore.sim.network import SimNetwork
+from walstore.sim.trace import Trace
+from walstore.wal.segment import SEGMENT_SUFFIX
+
+
+class Nemesis:
+    def __init__(
+        self,
+        cluster: SimCluster,
+        net: SimNetwork,
+        rng: random.Random,
+        trace: Trace,
+        kinds: Sequence[str],
+        *,
+        mean_gap_s: float,
+    ) -> None:
+        self.cluster = cluster
+        self.net = net
+        self.rng = rng
+        self.trace = trace
+        self.kinds = [k for k in kinds if k in KINDS]
+        self.mean_gap_s = mean_gap_s
+        self._damaged: set[str] = set()  # rotted disks not yet replaced by the operator
+
+    async def run(self, until: float, nursery: trio.Nursery) -> None:
+        if not self.kinds:
+            return
+        while True:
+            await trio.sleep(self.rng.expovariate(1.0 / self.mean_gap_s))
+            if trio.current_time() >= until:
+                return
+            kind = self.rng.choice(self.kinds)
+            await self._inject(kind, nursery)
+
+    async def _later(self, delay: float, what: str, fn: object) -> None:
+        await trio.sleep(delay)
+        await fn()  # type: ignore[operator]
+
+    def _victim(self, *, leader_bias: float = 0.5) -> str:
+        leader = self.cluster.leader()
+        if leader is not None and self.rng.random() < leader_bias:
+            return leader.config.node_id
+        return self.rng.choice(self.cluster.ids)
+
+    async def _inject(self, kind: str, nursery: trio.Nursery) -> None:
+        c, rng, ttl = self.cluster, self.rng, self.cluster.lease_ttl_s
+        victim = self._victim()
+        slot = c.nodes[victim]
+        minority = (len(c.ids) - 1) // 2
+        if kind in ("crash", "torn", "lost_disk") and slot.up:
+            if kind == "lost_disk" and len(self.amnesiacs() - {victim}) >= minority:
+                return
+            down_for = rng.uniform(0.1, 4 * ttl)
+            self.trace.fault(kind, f"{victim}, back in {down_for:.2f}s")
+            if kind == "lost_disk":
+                await c.wipe(victim)
+            else:
+                await c.crash(victim, torn=kind == "torn")
+            nursery.start_soon(self._later, down_for, "restart", lambda: self._start(victim))
+        elif kind == "restart" and slot.up:
+            self.trace.fault(kind, victim)
+            await c.restart(victim)
+        elif kind == "fsync_eio" and slot.up:
+            self.trace.fault(kind, f"{victim}: the next fdatasync fails")
+            slot.disk.fs.fail_next_fdatasync()
+        elif kind == "enospc" and slot.up:
+            room = rng.choice([0, 512, 4096, 65536])
+            lasts = rng.uniform(0.2, 3 * ttl)
+            self.trace.fault(kind, f"{victim}: {room} bytes left for {lasts:.2f}s")
+            fs = slot.disk.fs
+            fs.fail_writes_after(room)
+            nursery.start_soon(self._later, lasts, "space", lambda: self._space_back(victim, fs))
+        elif kind == "slow_disk":
+            slot.disk.slow_s = rng.choice([0.05, 0.3, 1.0, 2 * ttl])
+            slot.disk.slow_until = trio.current_time() + rng.uniform(0.5, 3 * ttl)
+            self.trace.fault(kind, f"{victim}: rounds take {slot.disk.slow_s:.2f}s until {slot.disk.slow_until:.2f}")
+        elif kind == "corrupt":
+            self._corrupt(victim)
+        elif kind in ("partition", "blackhole"):
+            other = rng.choice([n for n in c.ids if n != victim])
+            lasts = rng.uniform(0.2, 4 * ttl)
+            self.trace.fault(kind, f"{victim} | {other} for {lasts:.2f}s")
+            self.net.cut(victim, other, reset=kind == "partition")
+            nursery.start_soon(self._later, lasts, "heal", lambda: self._heal(victim, other))
+        elif kind == "isolate":
+            lasts = rng.uniform(0.2, 4 * ttl)
+            reset = rng.random() < 0.5
+            self.trace.fault(kind, f"{victim} from everyone for {lasts:.2f}s ({'reset' if reset else 'silent'})")
+            for other in c.ids:
+                if other != victim:
+                    self.net.cut(victim, other, reset=reset)
+            nursery.start_soon(self._later, lasts, "heal", lambda: self._heal_all_of(victim))
+        elif kind == "pause" and slot.up:
+            seconds = rng.uniform(0.5 * ttl, 3 * ttl)
+            self.trace.fault(kind, f"{victim} for {seconds:.2f}s (lease {ttl}s)")
+            c.pause(victim, seconds)
+        elif kind == "lease_expiry":
+            leader = c.leader()
+            if leader is not None and rng.random() < 0.5:
+                # The split-brain window: etcd ends the lease of a leader that cannot hear
+                # it (cut off from etcd), so another node may win while the old one still
+                # believes it leads until its own deadline. Epoch fencing must cover this.
+                old = leader.config.node_id
+                lasts = rng.uniform(0.5, 2 * ttl)
+                self.trace.fault(kind, f"{old} cut from etcd for {lasts:.2f}s, and its lease ends now")
+                c.hub.set_reachable(old, False)
+                c.hub.expire_lease()
+                nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back([old]))
+            else:
+                self.trace.fault(kind, "the leader's lease ends now")
+                c.hub.expire_lease()
+        elif kind == "etcd_cut":
+            lasts = rng.uniform(0.2, 3 * ttl)
+            self.trace.fault(kind, f"{victim} cannot reach etcd for {lasts:.2f}s")
+            c.hub.set_reachable(victim, False)
+            nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back([victim]))
+        elif kind == "etcd_down":
+            lasts = rng.uniform(0.2, 2 * ttl)
+            self.trace.fault(kind, f"etcd unavailable for {lasts:.2f}s")
+            for n in c.ids:
+                c.hub.set_reachable(n, False)
+            nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back(c.ids))
+
+    def amnesiacs(self) -> set[str]:
+        """Nodes without the data their vote stands for: a learner (a new incarnation not
+        yet caught up and promoted), one whose disk is gone, or one with rot in its log."""
+        out = set(self._damaged)
+        for node_id in self.cluster.ids:
+            record = self.cluster.hub.members.get(node_id)
+            if record is not None and not decode_member(node_id, *record).voter:
+                out.add(node_id)
+            if self.cluster.nodes[node_id].disk.fs.crashes == 0 and not self.cluster.nodes[node_id].up:
+                out.add(node_id)  # wiped and not started again yet
+        return out
+
+    def disk_replaced(self, node_id: str) -> None:
+        self._damaged.discard(node_id)
+
+    async def _start(self, node_id: str) -> None:
+        slot = self.cluster.nodes[node_id]
+        if not slot.up:
+            self.cluster.start(node_id)
+
+    async def _space_back(self, node_id: str, fs: object) -> None:
+        slot = self.cluster.nodes[node_id]
+        if slot.disk.fs is fs:
+            slot.disk.fs.clear_faults()
+            self.trace.note("fault", f"{node_id}: disk has space again")
+
+    async def _heal(self, a: str, b: str) -> None:
+        self.net.heal(a, b)
+        self.trace.note("fault", f"healed {a} | {b}")
+
+    async def _heal_all_of(self, a: str) -> None:
+        for other in self.cluster.ids:
+            if other != a:
+                self.net.heal(a, other)
+        self.trace.note("fault", f"healed {a}")
+
+    async def _etcd_back(self, nodes: Sequence[str]) -> None:
+        for n in nodes:
+            # A paused node stays cut off until it resumes; a stopped one until it starts.
+            if self.cluster.nodes[n].up and self.net.paused_until(n) <= trio.current_time():
+                self.cluster.hub.set_reachable(n, True)
+        self.trace.note("fault", f"etcd reachable again for {', '.join(nodes)}")
+
+    def _corrupt(self, node_id: str) -> None:
+        """Flip a byte inside a sealed segment (not the newest one, which recovery may
+        legitimately cut back as a torn tail)."""
+        fs = self.cluster.nodes[node_id].disk.fs
+        directory = self.cluster.data_dir(node_id)
+        if not fs.exists(directory):
+            return
+        segments = sorted(n for n in fs.listdir(directory) if n.endswith(SEGMENT_SUFFIX))
+        if len(segments) < 2 or len(self.amnesiacs() - {node_id}) >= (len(self.cluster.ids) - 1) // 2:
+            return
+        name = self.rng.choice(segments[:-1])
+        path = PurePosixPath(directory) / name
+        data = fs.read_file(path)  # type: ignore[arg-type]
+        used = len(data.rstrip(b"\x00"))
+        if used < 64:
+            return
+        offset = self.rng.randrange(32, used)
+        fs.damage(path, offset, bytes([data[offset] ^ (1 << self.rng.randrange(8))]))  # type: ignore[arg-type]
+        self._damaged.add(node_id)  # until the operator has replaced the disk
+        self.trace.fault("corrupt", f"{node_id}: bit flipped in {name} at {offset}")
