@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from walstore.config import Config, from_env
+from walstore.election.base import Candidate
 from walstore.election.memory import MemoryElection, MemoryElectionHub
 from walstore.errors import StorageError
 from walstore.node import Node
@@ -33,6 +34,21 @@ WALL_CLOCK_BASE_NS = 1_767_225_600 * 10**9
 # Small segments, so that a short run seals some (read corruption needs a sealed one).
 # Below Config's floor on purpose: only the simulator builds such a config.
 SIM_SEGMENT_BYTES = 64 * 1024
+
+
+class SimElectionHub(MemoryElectionHub):
+    """The in-memory etcd, telling the nemesis of every leadership it grants (so that it
+    can crash a new leader in the middle of its takeover)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_grant: Callable[[str], None] = lambda node_id: None
+
+    def try_acquire(self, candidate: Candidate, ttl_s: float) -> Any:
+        lease = super().try_acquire(candidate, ttl_s)
+        if lease is not None:
+            self.on_grant(candidate.node_id)
+        return lease
 
 
 class SimDisk:
@@ -85,7 +101,7 @@ class SimCluster:
         self.rng = rng
         self.trace = trace
         self.net = net
-        self.hub = MemoryElectionHub()
+        self.hub = SimElectionHub()
         self.lease_ttl_s = lease_ttl_s
         self.append_timeout_s = append_timeout_s
         self.on_unexpected = on_unexpected

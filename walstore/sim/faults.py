@@ -45,16 +45,42 @@ class Nemesis:
         self.kinds = [k for k in kinds if k in KINDS]
         self.mean_gap_s = mean_gap_s
         self._damaged: set[str] = set()  # rotted disks not yet replaced by the operator
+        self._nursery: trio.Nursery | None = None
+        self._until = 0.0
+        if "crash" in self.kinds:
+            cluster.hub.on_grant = self._on_grant
+
+    def _on_grant(self, node_id: str) -> None:
+        """A node just won an election: sometimes it crashes in the middle of its takeover
+        (before or while it writes and ships its EPOCH_START), the moment that decides what
+        an older epoch's entries become."""
+        if self._nursery is None or trio.current_time() >= self._until or self.rng.random() >= 0.15:
+            return
+        delay = self.rng.uniform(0.0, 0.02)
+        down_for = self.rng.uniform(0.1, 3 * self.cluster.lease_ttl_s)
+
+        async def crash_it() -> None:
+            await trio.sleep(delay)
+            if self.cluster.nodes[node_id].up:
+                self.trace.fault("crash", f"{node_id} {delay * 1000:.1f} ms into its takeover, back in {down_for:.2f}s")
+                await self.cluster.crash(node_id)
+                await self._later(down_for, "restart", lambda: self._start(node_id))
+
+        self._nursery.start_soon(crash_it)
 
     async def run(self, until: float, nursery: trio.Nursery) -> None:
         if not self.kinds:
             return
-        while True:
-            await trio.sleep(self.rng.expovariate(1.0 / self.mean_gap_s))
-            if trio.current_time() >= until:
-                return
-            kind = self.rng.choice(self.kinds)
-            await self._inject(kind, nursery)
+        self._nursery, self._until = nursery, until
+        try:
+            while True:
+                await trio.sleep(self.rng.expovariate(1.0 / self.mean_gap_s))
+                if trio.current_time() >= until:
+                    return
+                kind = self.rng.choice(self.kinds)
+                await self._inject(kind, nursery)
+        finally:
+            self._nursery = None  # no takeover crash scheduled into a finished phase
 
     async def _later(self, delay: float, what: str, fn: object) -> None:
         await trio.sleep(delay)
@@ -124,10 +150,17 @@ class Nemesis:
                 # The split-brain window: etcd ends the lease of a leader that cannot hear
                 # it (cut off from etcd), so another node may win while the old one still
                 # believes it leads until its own deadline. Epoch fencing must cover this.
+                # Half of those also cut it from one peer (a partial partition): the new
+                # leader's PREPARE cannot reach it, while the other follower still can.
                 old = leader.config.node_id
                 lasts = rng.uniform(0.5, 2 * ttl)
-                self.trace.fault(kind, f"{old} cut from etcd for {lasts:.2f}s, and its lease ends now")
+                peer = rng.choice([n for n in c.ids if n != old]) if rng.random() < 0.5 else None
+                cut = f" and from {peer}" if peer else ""
+                self.trace.fault(kind, f"{old} cut from etcd{cut} for {lasts:.2f}s, and its lease ends now")
                 c.hub.set_reachable(old, False)
+                if peer is not None:
+                    self.net.cut(old, peer, reset=rng.random() < 0.5)
+                    nursery.start_soon(self._later, lasts, "heal", lambda: self._heal(old, peer))
                 c.hub.expire_lease()
                 nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back([old]))
             else:

@@ -33,7 +33,7 @@ import trio.testing
 
 from walstore import planted_bugs
 from walstore.checker import check
-from walstore.errors import CorruptionError, StorageError
+from walstore.errors import StorageError
 from walstore.node import Node
 from walstore.sim.cluster import SimCluster
 from walstore.sim.faults import Nemesis
@@ -159,14 +159,17 @@ async def _main(seed: int, options: SimOptions, result: SeedResult) -> None:
             phase.start_soon(nemesis.run, until, phase)
             phase.start_soon(_supervise, cluster, nemesis, rng, trace)
             phase.start_soon(watch.run)
-            await trio.sleep(until)
-            # Let the clients' last calls finish, then end the nemesis' pending undo steps.
-            await trio.sleep(options.append_timeout_s + 2 * options.lease_ttl_s + 1)
+            # Until the load ends and the clients' last calls are answered, or an invariant
+            # breaks: the trace up to that moment is the story, and nothing after it helps.
+            with trio.move_on_after(until + options.append_timeout_s + 2 * options.lease_ttl_s + 1):
+                await watch.violated.wait()
             phase.cancel_scope.cancel()
-        trace.note("sim", "load over: healing every fault")
-        await _heal(cluster, net, trace)
-        converged = await _converge(cluster, trace)
-        watch.sample()
+        converged: bool | None = None
+        if not watch.violated.is_set():
+            trace.note("sim", "load over: healing every fault")
+            await _heal(cluster, net, trace)
+            converged = await _converge(cluster, trace)
+            watch.sample()
         result.acked, result.failed, result.unknown = workload.acked, workload.failed, workload.unknown
         _final_check(cluster, workload, result, converged)
         result.virtual_s = trio.current_time()
@@ -208,18 +211,21 @@ class _Invariants:
         self.commit: dict[int, int] = {}
         self.epochs_seen = 0
         self.reported: set[str] = set()
+        self.violated = trio.Event()
 
     async def run(self) -> None:
         while True:
             await trio.sleep(0.1)
             self.sample()
 
-    def _violation(self, kind: str, text: str) -> None:
-        if kind in self.reported:
+    def _violation(self, kind: str, text: str, *, key: str | None = None) -> None:
+        key = key or kind
+        if key in self.reported:
             return
-        self.reported.add(kind)
+        self.reported.add(key)
         self.result.violations.append(f"{kind}: {text}")
         self.trace.note("check", f"VIOLATION {kind}: {text}")
+        self.violated.set()
 
     def sample(self) -> None:
         for slot in self.cluster.nodes.values():
@@ -232,11 +238,35 @@ class _Invariants:
                 self._violation("commit_went_back", f"{slot.node_id}: {self.commit[key]} -> {commit}")
             self.commit[key] = commit
             self._compare_applied(slot.node_id, node, key)
+            if node.rlog.halted is not None and slot.halted is None:
+                slot.halted = node.rlog.halted
+                self._violation("safety_halt", f"{slot.node_id}: {node.rlog.halted}", key=f"halt {slot.node_id}")
+        self._acks_are_durable()
         history = self.cluster.hub.history
         for info in history[self.epochs_seen :]:
             if self.epochs_seen and info.epoch <= history[self.epochs_seen - 1].epoch:
                 self._violation("epoch_went_back", f"{info.node_id} got epoch {info.epoch} after a higher one")
             self.epochs_seen += 1
+
+    def _acks_are_durable(self) -> None:
+        """What the leader counts as a follower's (its match index) is on that follower's
+        disk, while the follower is in the leader's epoch and the same incarnation."""
+        leader = self.cluster.leader()
+        if leader is None or leader.replicator is None:
+            return
+        epoch = leader.replicator.epoch
+        for progress in leader.replicator.peer_progress():
+            follower = self.cluster.nodes[progress.peer.node_id].node
+            if follower is None or not follower.started.is_set() or follower.writer.failure is not None:
+                continue
+            if progress.incarnation != follower.wal.incarnation or follower.rlog.promised_epoch != epoch:
+                continue
+            if progress.match_index > follower.writer.durable_index:
+                self._violation(
+                    "acked_not_durable",
+                    f"{leader.config.node_id} counts {progress.peer.node_id} up to {progress.match_index}, "
+                    f"its disk holds up to {follower.writer.durable_index}",
+                )
 
     def _compare_applied(self, node_id: str, node: Node, key: int) -> None:
         start = self.checked.get(key, 0) + 1
@@ -332,23 +362,26 @@ def _payload(raw: bytes) -> Any:
     return json.loads(raw)
 
 
-def _final_check(cluster: SimCluster, workload: Workload, result: SeedResult, converged: bool) -> None:
+def _final_check(cluster: SimCluster, workload: Workload, result: SeedResult, converged: bool | None) -> None:
+    """``converged`` None: the run stopped at a broken invariant, before healing."""
     for slot in cluster.nodes.values():
         node = slot.node
         if node is not None and node.started.is_set() and node.rlog.halted is not None:
             slot.halted = node.rlog.halted
-        if slot.halted is not None:
-            result.violations.append(f"safety_halt: {slot.node_id}: {slot.halted}")
-    if not converged:
+        halt = f"safety_halt: {slot.node_id}: {slot.halted}"
+        if slot.halted is not None and halt not in result.violations:
+            result.violations.append(halt)
+    if converged is False:
         result.violations.append("stuck: the healed cluster did not converge within the timeout")
     logs: dict[str, list[dict[str, Any]]] = {}
     for node in cluster.running():
         try:
             logs[node.config.node_id] = _final_log(node)
-        except CorruptionError as exc:
-            # Rot in a sealed record (the "corrupt" fault), found by its CRC on this read: the
-            # node refuses to serve it, which is right; its copy cannot be checked.
-            result.trace.note("sim", f"{node.config.node_id}: final read found corruption ({exc}); not compared")
+        except StorageError as exc:
+            # Rot in a sealed record (the "corrupt" fault) found by its CRC on this read, or
+            # a log poisoned by a failed fsync: the node refuses to serve it, which is
+            # right; its copy cannot be compared.
+            result.trace.note("sim", f"{node.config.node_id}: final read refused ({exc}); not compared")
     complete = list(logs) if converged else []
     if not logs:
         result.violations.append("stuck: no node is running at the end")
@@ -360,5 +393,5 @@ def _final_check(cluster: SimCluster, workload: Workload, result: SeedResult, co
     for kind, count in report.counts.items():
         if count and not any(v.kind == kind for v in report.violations):
             result.violations.append(f"{kind}: {count}")
-    if not converged:
+    if converged is not True:
         result.trace.note("sim", f"final logs: { {k: len(v) for k, v in logs.items()} }")
