@@ -417,7 +417,12 @@ class Replicator:
             # from it could otherwise use (a trade-off, docs/membership.md).
             answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
             heard_at = answered[needed - 1] if len(answered) >= needed else -math.inf
-            if now - heard_at >= grace_s:
+            # One expression for the test and the wake-up: ``now - heard_at < grace_s`` can
+            # hold while ``heard_at + grace_s == now`` in floating point, and sleeping until
+            # now returns at once: a busy loop, forever on the simulator's frozen clock
+            # (found by it), for a moment on a real one.
+            quorum_until = heard_at + grace_s
+            if now >= quorum_until:
                 if now - wake_at < stall_s:
                     return
                 # We woke late: our own loop stalled (GC, a long batch) and the answers may
@@ -425,7 +430,7 @@ class Replicator:
                 # let the receivers run for a heartbeat, then judge.
                 wake_at = now + stall_s
             else:
-                wake_at = min(heard_at + grace_s, leadership.deadline())
+                wake_at = min(quorum_until, leadership.deadline())
             await trio.sleep_until(wake_at)
 
     def _end_term(self, leadership: Leadership) -> None:

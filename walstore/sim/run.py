@@ -43,6 +43,7 @@ from walstore.sim.trace import Trace, capture_logs
 from walstore.sim.workload import Workload
 
 CONVERGE_TIMEOUT_S = 120.0  # virtual seconds for the healed cluster to settle
+BUSY_STEPS = 200_000  # task steps at one virtual instant: a busy loop (see _BusyLoopWatchdog)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def simulate(seed: int, options: SimOptions | None = None) -> SeedResult:
     try:
         with capture_logs(result.trace):
             clock = trio.testing.MockClock(autojump_threshold=0)
-            trio.run(_main, seed, options, result, clock=clock)
+            watchdog = _BusyLoopWatchdog(result)
+            trio.run(_main, seed, options, result, watchdog, clock=clock, instruments=[watchdog])
     finally:
         trio_random.setstate(saved[0])
         run_module._ALLOW_DETERMINISTIC_SCHEDULING = saved[1]
@@ -115,7 +117,41 @@ def simulate(seed: int, options: SimOptions | None = None) -> SeedResult:
     return result
 
 
-async def _main(seed: int, options: SimOptions, result: SeedResult) -> None:
+class _BusyLoopWatchdog(trio.abc.Instrument):
+    """The virtual clock moves only when every task waits. A task that never waits (a loop
+    that sleeps until a moment already past) freezes it, and the run would never end: after
+    BUSY_STEPS task steps at one instant, report the task and end the seed."""
+
+    def __init__(self, result: SeedResult) -> None:
+        self.result = result
+        self.scope: trio.CancelScope | None = None
+        self._at = -1.0
+        self._steps = 0
+        self._by_task: Counter[str] = Counter()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        now = trio.current_time()
+        if now != self._at:
+            self._at, self._steps = now, 0
+            self._by_task.clear()
+            return
+        self._steps += 1
+        if self._steps > BUSY_STEPS // 2:
+            self._by_task[task.name] += 1
+        if self._steps == BUSY_STEPS and self.scope is not None:
+            name, _ = self._by_task.most_common(1)[0]
+            self.result.violations.append(f"busy_loop: {name} ran {BUSY_STEPS} steps at virtual {now:.4f}s")
+            self.result.trace.note("check", f"VIOLATION busy_loop: {name} never lets the clock move")
+            self.scope.cancel()
+
+
+async def _main(seed: int, options: SimOptions, result: SeedResult, watchdog: _BusyLoopWatchdog) -> None:
+    with trio.CancelScope() as scope:
+        watchdog.scope = scope
+        await _run_seed(seed, options, result)
+
+
+async def _run_seed(seed: int, options: SimOptions, result: SeedResult) -> None:
     rng = random.Random(seed)
     trace = result.trace
     trace.note("sim", f"seed {seed}: {options.nodes} nodes, {options.seconds}s, plant={list(options.plant)}")
