@@ -4,7 +4,10 @@ hook), so one ``make chaos`` run shows what each fault cost and whether a promis
 
 Rows live in a plain module-level list: pytest imports this module once per session (the
 ``tests`` directory is on ``sys.path``), and every fault test module appends to the same list.
-A row is recorded before the test asserts, so a failing row still shows its numbers.
+A row is recorded before the test asserts, so a failing row still shows its numbers. Under
+pytest-xdist (``make test`` runs ``pytest -n``) each worker process has its own list: a worker
+hands its rows to the controller when it finishes (``to_wire``/``from_wire``, through
+``tests/conftest.py``), and the controller prints them all.
 
 Columns: fault, operations, acknowledged (``ok`` appends), lost, duplicates, divergent
 replicas (nodes whose log disagrees with the longest one), other violations (phantoms,
@@ -14,7 +17,8 @@ seconds (``-`` where the fault does not replace the leader), and a free-text not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from typing import Any
 
 from walstore.checker import Report
 
@@ -69,6 +73,15 @@ def record_row(fault: str, report: Report, *, time_to_leader_s: float | None = N
     )
     ROWS.append(row)
     return row
+
+
+def to_wire(rows: list[Row] | None = None) -> list[list[Any]]:
+    """The rows as plain lists (what execnet carries from an xdist worker to the controller)."""
+    return [list(astuple(row)) for row in (ROWS if rows is None else rows)]
+
+
+def from_wire(rows: list[list[Any]]) -> list[Row]:
+    return [Row(*row) for row in rows]
 
 
 def render_table(rows: list[Row] | None = None) -> str:
