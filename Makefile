@@ -69,8 +69,15 @@ run: install
 	mkdir -p $(DATA_DIR)
 	NODE_ID=$${NODE_ID:-event-store-0} HTTP_PORT=$(HTTP_PORT) DATA_DIR=$(DATA_DIR) $(BIN)/walstore serve
 
+# The tests mostly wait on real processes (leases, timeouts, sleeps), not on the CPU, so
+# `make test` runs them on one pytest-xdist worker more than this 2-core machine has cores,
+# each worker a whole test file at a time (a module's fixtures start once). TEST_WORKERS=0
+# runs them in one process, one after another. `make chaos` stays serial: its rows assert
+# failover times.
+TEST_WORKERS ?= 3
+
 test: test-deps
-	$(BIN)/python -m pytest -q -m 'not chaos'
+	$(BIN)/python -m pytest -q -m 'not chaos' -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m 'not slow and not chaos'
