@@ -470,10 +470,15 @@ STOP_CEILING_S = 5.0
 # The one 504 this change does not remove (walstore/replication/forward.py, outside it): a
 # follower whose Forwarder learns of the new leader drops its connection to the old one
 # while forwards still wait on it, instead of letting the old leader answer them (503).
-# Its log says so, in this line, at the moment of the 504.
+# Its log says so, in this line, at the moment of the 504: the connection's reader task ends
+# on trio's ClosedResourceError, our own close. Its text depends only on where the reader
+# was when the connection was closed: parked in receive, "another task closed this fd";
+# still runnable (woken, or just started on a connection dialled a moment before the new
+# epoch was promised), "this socket was already closed". The second is rare on an idle
+# machine and common on a busy one (other tests running at the same time, pytest -n).
 FORWARDER_DROP = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO walstore\.forward: forwarding connection closed: "
-    r".*another task closed this fd"
+    r".*ClosedResourceError\('(?:another task closed this fd|this socket was already closed)'\)"
 )
 
 
@@ -548,7 +553,16 @@ def test_rolling_restart_under_load_drains_and_hands_over(cluster_factory: Facto
     assert all(t < STOP_CEILING_S for _, t, _ in stops), stops
     assert handovers, "the leader was never among the nodes stopped"
     assert resets == 0, f"connection errors attributable to the server: {dict(by_code)}"
-    assert http_504 == 0 and timeouts == 0, f"504s {http_504}, timeouts {timeouts}: {dict(by_code)}"
+    unexplained = [
+        (r["node"], r["error_code"], round(r["start"], 3), round(r["end"], 3))
+        for r in all_504
+        if not is_forwarder_drop(r, drops)
+    ]
+    shown_drops = {node: [round(t, 3) for t in times] for node, times in drops.items()}
+    assert http_504 == 0 and timeouts == 0, (
+        f"504s {http_504}, timeouts {timeouts}: {dict(by_code)}; 504s (node, code, start, end) {unexplained[:10]}; "
+        f"forwarder drops {shown_drops}"
+    )
     # At most one forward per worker can be waiting on a dropped connection, per handover.
     assert forwarder_504 <= load.config.workers * len(handovers), forwarder_504
     # Resigned, not expired: the successor is chosen in well under a lease.
