@@ -14,7 +14,7 @@ majority's disks loses data by definition, and stops the cluster by design
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import PurePosixPath
 
 import trio
@@ -64,7 +64,7 @@ class Nemesis:
             if self.cluster.nodes[node_id].up:
                 self.trace.fault("crash", f"{node_id} {delay * 1000:.1f} ms into its takeover, back in {down_for:.2f}s")
                 await self.cluster.crash(node_id)
-                await self._later(down_for, "restart", lambda: self._start(node_id))
+                await self._later(down_for, lambda: self._start(node_id))
 
         self._nursery.start_soon(crash_it)
 
@@ -82,9 +82,10 @@ class Nemesis:
         finally:
             self._nursery = None  # no takeover crash scheduled into a finished phase
 
-    async def _later(self, delay: float, what: str, fn: object) -> None:
+    async def _later(self, delay: float, undo: Callable[[], Awaitable[None]]) -> None:
+        """Undo a fault after ``delay`` (cancelled with the load phase; healing covers it)."""
         await trio.sleep(delay)
-        await fn()  # type: ignore[operator]
+        await undo()
 
     def _victim(self, *, leader_bias: float = 0.5) -> str:
         leader = self.cluster.leader()
@@ -106,7 +107,7 @@ class Nemesis:
                 await c.wipe(victim)
             else:
                 await c.crash(victim, torn=kind == "torn")
-            nursery.start_soon(self._later, down_for, "restart", lambda: self._start(victim))
+            nursery.start_soon(self._later, down_for, lambda: self._start(victim))
         elif kind == "restart" and slot.up:
             self.trace.fault(kind, victim)
             await c.restart(victim)
@@ -119,7 +120,7 @@ class Nemesis:
             self.trace.fault(kind, f"{victim}: {room} bytes left for {lasts:.2f}s")
             fs = slot.disk.fs
             fs.fail_writes_after(room)
-            nursery.start_soon(self._later, lasts, "space", lambda: self._space_back(victim, fs))
+            nursery.start_soon(self._later, lasts, lambda: self._space_back(victim, fs))
         elif kind == "slow_disk":
             slot.disk.slow_s = rng.choice([0.05, 0.3, 1.0, 2 * ttl])
             slot.disk.slow_until = trio.current_time() + rng.uniform(0.5, 3 * ttl)
@@ -131,7 +132,7 @@ class Nemesis:
             lasts = rng.uniform(0.2, 4 * ttl)
             self.trace.fault(kind, f"{victim} | {other} for {lasts:.2f}s")
             self.net.cut(victim, other, reset=kind == "partition")
-            nursery.start_soon(self._later, lasts, "heal", lambda: self._heal(victim, other))
+            nursery.start_soon(self._later, lasts, lambda: self._heal(victim, other))
         elif kind == "isolate":
             lasts = rng.uniform(0.2, 4 * ttl)
             reset = rng.random() < 0.5
@@ -139,7 +140,7 @@ class Nemesis:
             for other in c.ids:
                 if other != victim:
                     self.net.cut(victim, other, reset=reset)
-            nursery.start_soon(self._later, lasts, "heal", lambda: self._heal_all_of(victim))
+            nursery.start_soon(self._later, lasts, lambda: self._heal_all_of(victim))
         elif kind == "pause" and slot.up:
             seconds = rng.uniform(0.5 * ttl, 3 * ttl)
             self.trace.fault(kind, f"{victim} for {seconds:.2f}s (lease {ttl}s)")
@@ -160,9 +161,9 @@ class Nemesis:
                 c.hub.set_reachable(old, False)
                 if peer is not None:
                     self.net.cut(old, peer, reset=rng.random() < 0.5)
-                    nursery.start_soon(self._later, lasts, "heal", lambda: self._heal(old, peer))
+                    nursery.start_soon(self._later, lasts, lambda: self._heal(old, peer))
                 c.hub.expire_lease()
-                nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back([old]))
+                nursery.start_soon(self._later, lasts, lambda: self._etcd_back([old]))
             else:
                 self.trace.fault(kind, "the leader's lease ends now")
                 c.hub.expire_lease()
@@ -170,13 +171,13 @@ class Nemesis:
             lasts = rng.uniform(0.2, 3 * ttl)
             self.trace.fault(kind, f"{victim} cannot reach etcd for {lasts:.2f}s")
             c.hub.set_reachable(victim, False)
-            nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back([victim]))
+            nursery.start_soon(self._later, lasts, lambda: self._etcd_back([victim]))
         elif kind == "etcd_down":
             lasts = rng.uniform(0.2, 2 * ttl)
             self.trace.fault(kind, f"etcd unavailable for {lasts:.2f}s")
             for n in c.ids:
                 c.hub.set_reachable(n, False)
-            nursery.start_soon(self._later, lasts, "etcd", lambda: self._etcd_back(c.ids))
+            nursery.start_soon(self._later, lasts, lambda: self._etcd_back(c.ids))
 
     def amnesiacs(self) -> set[str]:
         """Nodes without the data their vote stands for: a learner (a new incarnation not

@@ -27,6 +27,7 @@ from walstore.errors import (
     WalstoreError,
 )
 from walstore.event import NewEvent
+from walstore.node import Node
 from walstore.sim.cluster import SimCluster
 from walstore.sim.trace import Trace
 
@@ -69,9 +70,10 @@ class Workload:
                 await self._read(c, rng)
             await trio.sleep(rng.uniform(0.0, 0.04))
 
-    def _node(self, rng: random.Random) -> tuple[str, Any] | None:
-        running = [(s.node_id, s.node) for s in self.cluster.nodes.values() if s.node is not None]
-        running = [(n, node) for n, node in running if node.started.is_set()]
+    def _node(self, rng: random.Random) -> tuple[str, Node] | None:
+        running = [
+            (s.node_id, s.node) for s in self.cluster.nodes.values() if s.node is not None and s.node.started.is_set()
+        ]
         return rng.choice(running) if running else None
 
     async def _append(self, c: int, rng: random.Random, until: float) -> None:
@@ -123,7 +125,7 @@ class Workload:
                 return
             await trio.sleep(rng.uniform(0.05, 0.5))
 
-    async def _call_append(self, node: Any, event: NewEvent, record: dict[str, Any]) -> tuple[str, str | None]:
+    async def _call_append(self, node: Node, event: NewEvent, record: dict[str, Any]) -> tuple[str, str | None]:
         # The call runs in this client's task, as an HTTP request runs in a task of the
         # node's: with the node's runtime current (its forwards dial through its network).
         token = runtime.use(node.runtime)
