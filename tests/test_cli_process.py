@@ -71,7 +71,8 @@ def test_tail_resumes_after_a_restart_without_gaps_or_repeats(tmp_path: Path) ->
         fill(url, "t", 3)
         env = {k: v for k, v in os.environ.items() if k != "WALSTORE_URL"}
         tail = subprocess.Popen(
-            [sys.executable, "-m", "walstore", "tail", "--url", url, "--json"],
+            # faulthandler: if it ever ignores SIGINT, SIGABRT below shows where it is.
+            [sys.executable, "-X", "faulthandler", "-m", "walstore", "tail", "--url", url, "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -87,7 +88,12 @@ def test_tail_resumes_after_a_restart_without_gaps_or_repeats(tmp_path: Path) ->
             assert seen == [1, 2, 3, 4, 5]
         finally:
             tail.send_signal(signal.SIGINT)
-            _, stderr = tail.communicate(timeout=10)
+            try:
+                _, stderr = tail.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                tail.send_signal(signal.SIGABRT)
+                _, stderr = tail.communicate(timeout=10)
+                raise AssertionError(f"walstore tail did not stop on SIGINT in 10 s; its stack:\n{stderr}") from None
         assert "reconnecting" in stderr and "Traceback" not in stderr
         assert tail.returncode == 0
 
