@@ -107,7 +107,6 @@ class SimCluster:
         self.on_unexpected = on_unexpected
         self.ids = [f"n{i}" for i in range(size)]
         self.nodes = {n: SimNode(n, SimDisk(rng.getrandbits(32))) for n in self.ids}
-        self.disks_lost = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -217,7 +216,6 @@ class SimCluster:
         """The node's disk is lost: it comes back (later) with an empty data directory."""
         await self.crash(node_id)
         self.trace.note(node_id, "disk lost")
-        self.disks_lost += 1
         self.nodes[node_id].disk = SimDisk(self.rng.getrandbits(32))
 
     async def restart(self, node_id: str) -> None:

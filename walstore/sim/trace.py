@@ -22,7 +22,6 @@ import trio
 class Trace:
     lines: list[str] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
-    keep_node_logs: bool = True
 
     def note(self, who: str, text: str) -> None:
         try:
@@ -52,8 +51,6 @@ class _TraceHandler(logging.Handler):
         self.trace = trace
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not self.trace.keep_node_logs:
-            return
         try:
             text = record.getMessage()
         except Exception:  # a bad format string is a bug, but not the simulator's to raise
