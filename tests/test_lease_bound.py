@@ -48,13 +48,13 @@ def hold_disks(nodes: list[Node], release: threading.Event, monkeypatch: pytest.
     answers in order, and its empty APPENDs queue behind the held write (a blackholed link
     looks the same to the leader)."""
     for node in nodes:
-        real = node.writer._encode_and_append
+        real = node.writer._write_round
 
-        def held(parts: list[Any], real: Any = real) -> int:
+        def held(job: list[Any], real: Any = real) -> int:
             release.wait(60)
-            return int(real(parts))
+            return int(real(job))
 
-        monkeypatch.setattr(node.writer, "_encode_and_append", held)
+        monkeypatch.setattr(node.writer, "_write_round", held)
 
 
 async def wait_not_leading(node: Node, timeout_s: float) -> float:

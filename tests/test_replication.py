@@ -90,13 +90,13 @@ async def test_an_append_waiting_when_the_term_ends_is_unknown_at_once(
         await leader.append([event(n=1)])
         for node in cluster.nodes.values():
             if node is not leader:  # followers stay connected but sync nothing: no acks
-                real = node.writer._encode_and_append
+                real = node.writer._write_round
 
-                def held(parts: list[Any], real: Any = real) -> int:
+                def held(job: list[Any], real: Any = real) -> int:
                     release.wait(30)
-                    return int(real(parts))
+                    return int(real(job))
 
-                monkeypatch.setattr(node.writer, "_encode_and_append", held)
+                monkeypatch.setattr(node.writer, "_write_round", held)
         outcome: list[str] = []
 
         async def append() -> None:
@@ -547,4 +547,45 @@ async def test_a_follower_far_behind_gets_frames_pipelined(tmp_path: Path, monke
                 < backlog
             ):
                 await frames_out.receive()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that reconnects resends from the follower's last acknowledged index, which
+    can overlap records the follower has submitted but not yet synced. Their epoch is not
+    in the log yet: the follower waits for them to be written and compares then (it used
+    to stop with LogStateError, found by the simulator, seed 107)."""
+    import threading
+
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        rlog = await _local_log(tmp_path, nursery)
+        real = rlog.writer._write_round
+
+        def held(job: list[Any]) -> int:
+            release.wait(10)
+            return int(real(job))
+
+        monkeypatch.setattr(rlog.writer, "_write_round", held)
+
+        async def verify(epoch: int, leader_id: str) -> bool:
+            return True
+
+        service = FollowerService(rlog, Watermark(), verify_leader=verify, on_leader_seen=lambda e, n: None)
+        first = await service.handle(Append(EPOCH, 0, 0, 0, _records(1, 3)), "leader")
+        assert rlog.tail_index == 3 and rlog.durable_index == 0  # in flight
+
+        async def write_soon() -> None:
+            await trio.sleep(0.2)
+            release.set()
+
+        nursery.start_soon(write_soon)
+        again = await service.handle(Append(EPOCH, 0, 0, 0, _records(1, 5)), "leader")
+        acks = [first.message, again.message]
+        assert all(isinstance(a, AppendAck) and a.ok for a in acks)
+        assert [a.match_index for a in acks if isinstance(a, AppendAck)] == [3, 5] and rlog.tail_index == 5
+        await rlog.drain()
+        assert [r.index for r in rlog.wal.read(1)] == [1, 2, 3, 4, 5]
         nursery.cancel_scope.cancel()

@@ -30,9 +30,16 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "(tests/test_wal_log.py::test_after_a_failed_fsync_the_next_process_does_not_build_on_what_never_"
         "reached_the_disk)",
     ),
+    107: (
+        SimOptions(),
+        "a leader's resend overlapping records still in flight on a follower stopped it with LogStateError, "
+        "which the simulator took for an expected storage exit until broken invariants became violations "
+        "(tests/test_replication.py::test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash)",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)
+FIVE_NODE_SEEDS = range(300, 304)
 # Each planted bug with the fault kinds its class needs; the test stops at the first seed
 # that finds it and may spend at most this many.
 PLANTED = {
@@ -51,6 +58,15 @@ def test_a_seed_replays_exactly() -> None:
     assert first.digest == second.digest and first.violations == second.violations
     assert first.acked > 0 and sum(first.faults.values()) > 0  # it did something
     assert simulate(8, options).digest != first.digest
+
+
+def test_five_node_clusters_under_every_fault_find_nothing() -> None:
+    """Five voters under every fault kind, with the same checks as the 3-node budget."""
+    summary = run_seeds(FIVE_NODE_SEEDS, SimOptions(nodes=5))
+    failing = {r.seed: r.violations[:5] for r in summary.failed}
+    assert not failing, f"{failing}\n" + "\n\n".join(r.trace.tail(80) for r in summary.failed[:1])
+    assert summary.acked > 100 * len(FIVE_NODE_SEEDS)
+    assert summary.faults["crash"] + summary.faults["lost_disk"] > len(FIVE_NODE_SEEDS)
 
 
 def test_a_budget_of_seeds_under_every_fault_finds_nothing() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from walstore.errors import ConflictError, CorruptionError, LogStateError, ValidationError
+from walstore.errors import ConflictError, CorruptionError, EntriesReplaced, LogStateError, NotCaughtUp, ValidationError
 from walstore.event import MAX_BATCH_EVENTS, AppendResult, NewEvent, encode_event_body
 from walstore.store import (
     HASH_MASK,
@@ -461,7 +461,7 @@ def test_pending_added_guards(store: EventStore, log: MemLog) -> None:
     store.pending_added(log.write(p2.bodies), p2)
     with pytest.raises(LogStateError):
         store.pending_added(2, p2)  # twice
-    with pytest.raises(LogStateError):
+    with pytest.raises(NotCaughtUp):
         store.prepare([ev("3", "a")], next_log_index=5)  # the log holds records we never saw
     repeat = store.prepare([ev("2", "a")])
     with pytest.raises(LogStateError):
@@ -482,7 +482,7 @@ def test_pending_clear_forgets_the_overlay(store: EventStore, log: MemLog) -> No
     log.apply_all(store)
     again = append(store, log, ev("3", "a", expected=1), ev("2", "b"))
     assert again == [AppendResult("3", 2, 2), AppendResult("2", 3, 1)]
-    with pytest.raises(LogStateError):
+    with pytest.raises(EntriesReplaced):
         store.results(p)  # its record was replaced and its id now means something else
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_store import TS, MemLog, append, ev
 
 import walstore.store as store_module
-from walstore.errors import ConflictError, CorruptionError, LogStateError, ValidationError
+from walstore.errors import ConflictError, CorruptionError, EntriesReplaced, ValidationError
 from walstore.event import (
     EXISTS,
     FLAG_BINARY_PAYLOAD,
@@ -405,7 +405,7 @@ def test_a_diverged_log_drops_pending_tracking(tstore: EventStore, tlog: TLog) -
     tlog.append(KIND_EPOCH_START, b"{}")  # another leader's record where ours was
     tlog.apply_all(tstore)
     tstore.prepare([], tracking=Tracking("c", 3))  # no longer pending
-    with pytest.raises(LogStateError):
+    with pytest.raises(EntriesReplaced):
         tstore.results(prepared)
 
 

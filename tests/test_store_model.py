@@ -19,7 +19,7 @@ from hypothesis import event as note_event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from walstore.errors import ConflictError, LogStateError, ValidationError
+from walstore.errors import ConflictError, EntriesReplaced, LogStateError, ValidationError
 from walstore.event import AppendResult, NewEvent, StoredEvent
 from walstore.store import HASH_MASK, KIND_EPOCH_START, KIND_EVENT, EventStore, Prepared
 
@@ -249,7 +249,7 @@ class StoreModel(RuleBasedStateMachine):
                 continue
             expected = self._expected_results(batch, plan)
             if expected is None:
-                with pytest.raises(LogStateError):
+                with pytest.raises(EntriesReplaced):
                     self.store.results(prepared)
                 note_event("results: replaced")
             else:

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from walstore import _native
-from walstore.errors import DiskFullError, FsyncError, LogStateError, StorageError
+from walstore.errors import DiskFullError, FsyncError, InvalidRecords, LogStateError, StorageError, Truncated
 from walstore.wal.log import WalOptions, WriteAheadLog
-from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT
+from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, check_records
 from walstore.wal.simfs import SimulatedFileSystem
 from walstore.wal.writer import GroupCommitWriter, PendingAppend, encode_pending
 
@@ -113,15 +113,76 @@ async def test_submit_raw_follower_path() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         while writer.submitted_index < leader.last_index:
-            pending = writer.submit_raw(leader.read_raw(writer.submitted_index + 1, 200))
+            records = check_records(
+                leader.read_raw(writer.submitted_index + 1, 200), writer.submitted_index + 1, min_epoch=2
+            )
+            pending = writer.submit_raw(records)
         await pending.wait_durable()
-        # a frame that does not continue the log is refused before it is queued
+        # checked records that do not continue the log are refused before they are queued
         with pytest.raises(LogStateError):
-            writer.submit_raw(leader.read_raw(3, 200))
-        with pytest.raises(LogStateError):
-            writer.submit_raw(b"")
+            writer.submit_raw(check_records(leader.read_raw(3, 200), 3, min_epoch=2))
         nursery.cancel_scope.cancel()
     assert [(r.index, r.body) for r in follower.read(1)] == [(r.index, r.body) for r in leader.read(1)]
+
+
+async def test_a_round_of_checked_batches_is_written_without_a_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follower's records are checked once, where they arrive: several checked batches
+    in one round reach the disk joined, offsets shifted, and the log never scans them."""
+    leader, _ = open_log()
+    for i in range(5):
+        leader.append(leader.encode([ev(f"e{i}"), ev(f"f{i}" * (i + 1))], 1 + i // 2, leader.last_index + 1))
+    follower, fs = open_log()
+    writer = GroupCommitWriter(follower)
+    batches = []
+    index = 1
+    while index <= leader.last_index:
+        raw = leader.read_raw(index, 1)  # one batch at a time
+        batches.append(check_records(raw, index, min_epoch=1))
+        index = batches[-1].last_index + 1
+    scans: list[int] = []
+    real_scan = _native.scan
+
+    def counting_scan(*args: object, **kwargs: object) -> object:
+        scans.append(1)
+        return real_scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_native, "scan", counting_scan)
+    pendings = [writer.submit_raw(b) for b in batches]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await pendings[-1].wait_durable()
+        nursery.cancel_scope.cancel()
+    assert writer.rounds == 1 and not scans
+    monkeypatch.setattr(_native, "scan", real_scan)
+    assert follower.epoch_history == leader.epoch_history
+    fs.crash()
+    reopened, _ = open_log(fs)
+    assert [(r.index, r.epoch, r.body, r.flags) for r in reopened.read(1)] == [
+        (r.index, r.epoch, r.body, r.flags) for r in leader.read(1)
+    ]
+
+
+def test_check_records_refuses_what_is_not_the_next_records() -> None:
+    log, _ = open_log()
+    data = log.encode([ev("a"), ev("b"), ev("c")], 3, 7)
+    records = check_records(data, 7, min_epoch=3)
+    assert (records.first_index, records.last_index, records.first_epoch, records.last_epoch) == (7, 9, 3, 3)
+    assert records.batch_end_index == 9
+    tail = records.suffix(1)
+    assert (tail.first_index, tail.data, list(tail.offsets)) == (8, data[records.offsets[1] :], [0, tail.offsets[1]])
+    assert records.suffix(0) is records
+    flipped = bytearray(data)
+    flipped[40] ^= 1
+    for bad, first, min_epoch in [
+        (b"", 7, 3),  # nothing
+        (data, 8, 3),  # another index
+        (data, 7, 4),  # an epoch going back
+        (bytes(flipped), 7, 3),  # a bad CRC
+        (data + bytes(8), 7, 3),  # trailing zeros
+        (data[:-8], 7, 3),  # a cut record
+    ]:
+        with pytest.raises(InvalidRecords):
+            check_records(bad, first, min_epoch=min_epoch)
 
 
 async def test_fsync_failure_fails_the_batch_and_every_later_one() -> None:
@@ -190,7 +251,7 @@ async def test_truncate_is_serialised_with_writes() -> None:
             await writer.submit([ev(f"x{i}"), ev(f"y{i}")], 1).wait_durable()
         queued = writer.submit([ev("queued")], 1)  # index 9, not yet written
         await writer.truncate_suffix(5)
-        with pytest.raises(LogStateError):
+        with pytest.raises(Truncated):
             await queued.wait_durable()
         assert writer.submitted_index == 5 and writer.durable_index == 5 and log.last_index == 5
         after = writer.submit([(KIND_EVENT, FLAG_BATCH_END, b"new")], 2)
@@ -243,7 +304,8 @@ async def test_a_round_is_encoded_byte_for_byte_as_each_batch_alone() -> None:
         writer.submit([ev("x" * 13)], 2),
     ]
     shipped = pendings[1].data  # taken before the round, as a leader does right after submit
-    pendings.append(writer.submit_raw(other.encode([ev("raw")], 2, writer.submitted_index + 1)))
+    raw = other.encode([ev("raw")], 2, writer.submitted_index + 1)
+    pendings.append(writer.submit_raw(check_records(raw, writer.submitted_index + 1, min_epoch=2)))
     pendings.append(writer.submit([ev("last")], 3))
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -518,7 +580,7 @@ async def test_cancelling_the_writer_mid_round_finishes_and_accounts_that_round(
     assert [r.body for r in log.read(1)] == [b"in the round"]
 
 
-@pytest.mark.parametrize("where", ["_encode_and_append", "_take_round"])  # in a round, and around one
+@pytest.mark.parametrize("where", ["_write_round", "_take_round"])  # in a round, and around one
 async def test_a_crash_in_the_writer_thread_stops_the_writer_and_fails_waiters(
     monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from walstore.errors import DiskFullError, FsyncError, LogStateError, StorageError
+from walstore.errors import DiskFullError, FsyncError, StorageError, Truncated
 from walstore.wal.log import WalOptions, WriteAheadLog
 from walstore.wal.record import KIND_EVENT
 from walstore.wal.simfs import SimulatedFileSystem
@@ -110,7 +110,7 @@ async def test_truncation_runs_in_order_with_the_writes(autojump_clock: trio.tes
         await writer.submit([ev("a"), ev("b"), ev("c")], 1).wait_durable()
         doomed = writer.submit([ev("d")], 1)
         await writer.truncate_suffix(1)
-        with pytest.raises(LogStateError):
+        with pytest.raises(Truncated):
             await doomed.wait_durable()
         await writer.submit([ev("e")], 2).wait_durable()
         nursery.cancel_scope.cancel()

@@ -11,7 +11,15 @@ peer) so a log line or an HTTP body can name it.
     │   ├── FsyncError         fdatasync failed: fatal, never retried, batch never acked
     │   ├── DiskFullError      ENOSPC: the batch is not durable; the node answers 503
     │   ├── CorruptionError    damage that is not a torn tail (file, offset, reason)
-    │   └── LogStateError      an append or read that breaks the log's rules (gaps, bounds)
+    │   ├── CommittedTruncation  refused: a cut below the commit index (the replica halts)
+    │   ├── Truncated          outcome: records dropped before they were durable (another
+    │   │                      leader's suffix replaced them, or a rollback moved the tail)
+    │   └── LogStateError      a broken invariant of the log (a gap, an overlap, a bound):
+    │                          a bug, never an outcome; nothing catches it to carry on
+    ├── NotCaughtUp            outcome: the log holds records the store has not applied yet
+    ├── EntriesReplaced        outcome: an applied batch's records are another leader's
+    ├── InvalidRecords         bytes that are not the records expected (offset, reason):
+    │                          the boundary that received them says what they were
     ├── ProtocolError          a peer sent bytes that are not our protocol (reason)
     ├── ElectionError          the election backend failed (etcd unreachable ...)
     ├── RequestError           a client asked for something wrong: maps to a 4xx
@@ -78,11 +86,31 @@ class CorruptionError(StorageError):
         super().__init__(f"corrupt write-ahead log: {path} at offset {offset}: {reason}")
 
 
+class Truncated(StorageError):
+    """An outcome, not a bug: records were dropped from the log's tail before they were
+    durable (a new leader's APPEND replaced them, or a disk-full rollback moved the tail
+    back). A wait for them ends with this; whoever waited looks at the log again."""
+
+
 class LogStateError(StorageError):
-    """An operation that would break the log's invariants (gap, overlap, out of range)."""
+    """An operation that would break the log's invariants (a gap, an overlap, an index out
+    of range, an epoch going back). A bug in the caller, never an expected outcome: it is
+    raised to stop what was running, and no code catches it to carry on (the outcomes
+    have their own exceptions: ``Truncated``, ``NotCaughtUp``, ``EntriesReplaced``,
+    ``DiskFullError``)."""
 
 
-class CommittedTruncation(LogStateError):
+class NotCaughtUp(WalstoreError):
+    """An outcome: the log holds records the store has neither applied nor seen pending
+    (a new leader before its epoch start is applied), so a batch cannot be validated yet."""
+
+
+class EntriesReplaced(WalstoreError):
+    """An outcome: the records a batch was written as were replaced by another leader's
+    (leadership changed and the suffix was truncated); the batch's fate is unknown."""
+
+
+class CommittedTruncation(StorageError):
     """A request to cut the log at or below an index this node knows is committed.
 
     Committed entries are on a majority of voters and every later leader holds them, so no
@@ -97,6 +125,18 @@ class CommittedTruncation(LogStateError):
             f"refusing to truncate the log after index {after_index}: entries up to {known_commit} "
             f"are known committed ({why})"
         )
+
+
+class InvalidRecords(WalstoreError):
+    """Bytes offered as encoded records that are not the records expected (a bad CRC, a
+    gap in the indexes, an epoch going back, trailing bytes). Raised by
+    ``walstore.wal.record.check_records``; the caller turns it into its boundary's error
+    (a ProtocolError for a peer's frame)."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"at offset {offset}: {reason}")
 
 
 class ProtocolError(WalstoreError):

@@ -45,9 +45,11 @@ from walstore.config import Config
 from walstore.election.base import Election
 from walstore.errors import (
     DiskFullError,
-    LogStateError,
+    EntriesReplaced,
+    NotCaughtUp,
     OutcomeUnknown,
     StorageError,
+    Truncated,
     UnavailableError,
     ValidationError,
 )
@@ -523,7 +525,7 @@ class Node:
                     continue
                 try:
                     await self.writer.wait_durable(target)
-                except (LogStateError, DiskFullError):
+                except (Truncated, DiskFullError):
                     continue  # rolled back or truncated meanwhile; look again
             self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
             await trio.lowlevel.checkpoint()
@@ -581,7 +583,7 @@ class Node:
             return False
         try:
             await self.writer.wait_durable(target)
-        except (LogStateError, DiskFullError):
+        except (Truncated, DiskFullError):
             return False  # rolled back meanwhile (disk full): its appends answer 503
         self.commit.advance(self.writer.durable_index)
         return True
@@ -592,7 +594,7 @@ class Node:
             store.apply_own(upto)  # a leader's own appends: from memory, not read back
             first = store.last_applied_log_index + 1
             if upto >= first:
-                store.rebuild(self.wal.read(first, upto))
+                store.rebuild(self.rlog.records_to_apply(first, upto))
         self._publish_applied()
 
     def _publish_applied(self) -> None:
@@ -715,7 +717,7 @@ class Node:
                 tracking=tracking,
                 max_events=self.config.max_batch_events,
             )
-        except LogStateError as exc:  # the log holds entries not applied yet (a new term)
+        except NotCaughtUp as exc:  # the log holds entries not applied yet (a new term)
             raise UnavailableError(f"catching up: {exc}", code="not_caught_up", retry_after_s=0.2) from exc
         own: PendingAppend | None = None
         if prepared.bodies:
@@ -736,7 +738,7 @@ class Node:
             raise OutcomeUnknown("leadership lost before the answer; the write is committed")
         try:
             return self.store.results(prepared)
-        except LogStateError as exc:  # our records were replaced by another leader's
+        except EntriesReplaced as exc:  # our records were replaced by another leader's
             raise OutcomeUnknown(f"the batch's log entries were replaced: {exc}") from exc
 
     async def _wait_applied(self, index: int, own: PendingAppend | None = None, *, ours: bool = False) -> None:

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from walstore._native import U64Map
-from walstore.errors import ConflictError, CorruptionError, LogStateError, ValidationError
+from walstore.errors import ConflictError, CorruptionError, EntriesReplaced, LogStateError, NotCaughtUp, ValidationError
 from walstore.event import (
     BODY_FORMAT,
     EXISTS,
@@ -808,7 +808,7 @@ class EventStore:
         Raises ValidationError (empty or oversized batch, an id twice in it, a bad event)
         and ConflictError (``wrong_expected_version``, ``duplicate_event_id``); nothing is
         changed when it raises. Pass the writer's ``next_log_index`` to have the store
-        refuse (LogStateError, before anything is written) when the log holds records it
+        refuse (NotCaughtUp, before anything is written) when the log holds records it
         has neither applied nor seen as pending: versions computed without them could
         collide with theirs. A new leader therefore applies through its epoch start first.
 
@@ -820,7 +820,7 @@ class EventStore:
         be empty.
         """
         if next_log_index is not None and next_log_index != self.next_log_index:
-            raise LogStateError(
+            raise NotCaughtUp(
                 f"the log's next index is {next_log_index} but the store knows the log up to "
                 f"{self.next_log_index - 1}: apply the rest before preparing"
             )
@@ -993,9 +993,10 @@ class EventStore:
     def results(self, prepared: Prepared) -> list[AppendResult]:
         """The answer for every event of an applied batch, in input order.
 
-        Raises LogStateError if the batch is not applied yet, or if a record it was
-        written as was replaced (leadership changed and the suffix was truncated) and the
-        id is not applied anywhere else with the same content.
+        Raises LogStateError if the batch is not applied yet (a bug in the caller), and
+        EntriesReplaced if a record it was written as was replaced (leadership changed and
+        the suffix was truncated) and the id is not applied anywhere else with the same
+        content.
         """
         wait = prepared.wait_log_index
         if wait > len(self._prev):
@@ -1005,7 +1006,7 @@ class EventStore:
             # Not seen applied as written (the overlay was dropped meanwhile): look.
             where = tracked.log_index
             if self._is_event(where) or self._reader.body(where) != tracked.body:
-                raise LogStateError(f"the tracking record written at log index {where} was replaced")
+                raise EntriesReplaced(f"the tracking record written at log index {where} was replaced")
             tracked.applied = True
         out: list[AppendResult] = []
         for plan in prepared._planned:
@@ -1022,6 +1023,6 @@ class EventStore:
             found = self._applied_log_index_of_id(plan.id_utf8)
             stored = None if found is None else self._read_event(found)
             if stored is None or not plan.event.same_content(stored):
-                raise LogStateError(f"event {plan.event.id!r} written at log index {plan.log_index} was replaced")
+                raise EntriesReplaced(f"event {plan.event.id!r} written at log index {plan.log_index} was replaced")
             out.append(AppendResult(stored.id, stored.index, stored.version))
         return out

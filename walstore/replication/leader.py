@@ -33,7 +33,7 @@ import trio
 
 from walstore import planted_bugs
 from walstore.config import PeerSpec
-from walstore.errors import DiskFullError, ProtocolError, StorageError
+from walstore.errors import DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
 from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
@@ -253,6 +253,8 @@ class LeaderTerm:
                     await self._send_appends(channel, progress)
             except* (PeerClosed, ProtocolError, trio.TooSlowError) as group:
                 log.info("replication link to %s lost: %s", progress.peer.node_id, group.exceptions[0])
+            except* LogStateError:
+                raise  # a broken invariant of our own log: it stops the node, never the stream alone
             except* StorageError as group:
                 # Our own log was rolled back under the stream (disk full): this term is
                 # ending (the node steps down); stop streaming rather than crash.

@@ -16,16 +16,23 @@ while the previous one is still syncing.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import trio
 
 from walstore import runtime
-from walstore.errors import CommittedTruncation, LogStateError
+from walstore.errors import CommittedTruncation
 from walstore.wal.log import WriteAheadLog
+from walstore.wal.record import CheckedRecords, Record, check_records
 from walstore.wal.writer import GroupCommitWriter, PendingAppend
 
 log = logging.getLogger("walstore.replication")
+
+# A follower's checked batches are kept until applied, so the applier decodes them from
+# memory instead of reading and scanning them back from the segments. Past this much (a
+# follower whose commit index stalls), the oldest are dropped and read from disk instead.
+UNAPPLIED_CACHE_BYTES = 64 << 20
 
 
 class ReplicaLog:
@@ -41,6 +48,9 @@ class ReplicaLog:
         # the tail, and almost never is anyone waiting, so no Event per submit.
         self._tail_moved: trio.Event | None = None
         self._meta_lock = trio.Lock()
+        # Batches from submit_raw not applied yet, consecutive, oldest first.
+        self._unapplied: deque[CheckedRecords] = deque()
+        self._unapplied_bytes = 0
 
     # -- promises ----------------------------------------------------------------------
 
@@ -102,6 +112,26 @@ class ReplicaLog:
     def durable_index(self) -> int:
         return self.writer.durable_index
 
+    def records_to_apply(self, first: int, last: int) -> list[Record]:
+        """Records ``first..last``, durable here, for the applier (which asks in order):
+        from the checked batches still in memory when they hold the whole range, else read
+        back from the segments. Batches before ``first`` are applied: they are let go."""
+        cache = self._unapplied
+        while cache and cache[0].last_index < first:
+            self._unapplied_bytes -= len(cache.popleft().data)
+        if not cache or cache[0].first_index > first or cache[-1].last_index < last:
+            return self.wal.read(first, last)
+        out: list[Record] = []
+        for batch in cache:
+            if batch.first_index > last:
+                break
+            out += batch.records(max(first, batch.first_index), min(last, batch.last_index))
+        return out
+
+    def _forget_unapplied(self) -> None:
+        self._unapplied.clear()
+        self._unapplied_bytes = 0
+
     def read_raw(self, first: int, max_bytes: int) -> bytes:
         if first > self.wal.last_index:
             return b""
@@ -114,12 +144,22 @@ class ReplicaLog:
         self._tail_changed()
         return pending
 
-    def submit_raw(self, data: bytes, last_index: int, last_epoch: int) -> PendingAppend:
-        pending = self.writer.submit_raw(data)
-        if pending.last_index != last_index or pending.last_epoch != last_epoch:
-            raise LogStateError(f"raw append ended at {pending.last_index}, expected {last_index}")
+    def submit_raw(self, records: CheckedRecords) -> PendingAppend:
+        """Queue a leader's records, checked where they arrived (``check_records``)."""
+        pending = self.writer.submit_raw(records)
+        cache = self._unapplied
+        if cache and cache[-1].last_index + 1 != records.first_index:
+            self._forget_unapplied()  # not consecutive (cannot happen: truncation clears it)
+        cache.append(records)
+        self._unapplied_bytes += len(records.data)
+        while self._unapplied_bytes > UNAPPLIED_CACHE_BYTES and len(cache) > 1:
+            self._unapplied_bytes -= len(cache.popleft().data)
         self._tail_changed()
         return pending
+
+    def check_records(self, data: bytes, first_index: int, *, min_epoch: int) -> CheckedRecords:
+        """Validate a peer's records against this log's limits (the one check they get)."""
+        return check_records(data, first_index, min_epoch=min_epoch, max_body=self.wal.options.max_record_body_bytes)
 
     async def drain(self) -> None:
         """Wait until everything submitted is durable (or raise the writer's error)."""
@@ -133,6 +173,7 @@ class ReplicaLog:
             await self.drain()
             self._refuse_committed_cut(index, commit_index, asked_by)
             log.warning("truncating the log after index %d (was %d), asked by %s", index, self.tail_index, asked_by)
+            self._forget_unapplied()  # the writer drops what was queued after index too
             await self.writer.truncate_suffix(index)
         self._tail_changed()
 
@@ -148,6 +189,7 @@ class ReplicaLog:
 
     def rolled_back(self) -> None:
         """The writer dropped failed batches (disk full) and moved its tail back."""
+        self._forget_unapplied()
         self._tail_changed()
 
     def _tail_changed(self) -> None:

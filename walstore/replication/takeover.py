@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import trio
 
-from walstore import _native
 from walstore.config import PeerSpec
 from walstore.election.membership import Member, counts
 from walstore.election.membership import majority as membership_majority
-from walstore.errors import ProtocolError, UnavailableError
+from walstore.errors import InvalidRecords, ProtocolError, UnavailableError
 from walstore.protocol import Fetch, FetchResult, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
@@ -213,10 +212,11 @@ async def _fetch_from(
             data = bytes(answer.entries)
             if not data:
                 raise UnavailableError(f"takeover: {peer.node_id} sent no entries", code="no_quorum")
-            scan = _native.scan(data, 0, rlog.tail_index + 1, min_epoch=rlog.tail_epoch)
-            if scan.stop is not _native.ScanStop.END_ZERO or scan.end_offset != len(data):
-                raise ProtocolError(f"FETCH_RESULT from {peer.node_id}: invalid records ({scan.reason})")
-            rlog.submit_raw(data, scan.next_index - 1, scan.last_epoch)
+            try:
+                records = rlog.check_records(data, rlog.tail_index + 1, min_epoch=rlog.tail_epoch)
+            except InvalidRecords as exc:
+                raise ProtocolError(f"FETCH_RESULT from {peer.node_id}: invalid records ({exc})") from None
+            rlog.submit_raw(records)
         await rlog.drain()
     finally:
         await channel.aclose()

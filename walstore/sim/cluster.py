@@ -21,7 +21,7 @@ import trio
 from walstore.config import Config, from_env
 from walstore.election.base import Candidate
 from walstore.election.memory import MemoryElection, MemoryElectionHub
-from walstore.errors import StorageError
+from walstore.errors import LogStateError, StorageError
 from walstore.node import Node
 from walstore.runtime import Runtime
 from walstore.sim.network import SimNetwork
@@ -170,14 +170,13 @@ class SimCluster:
             try:
                 with scope:
                     await node.run()
-            except StorageError as exc:  # a failed fsync, a corrupt log: the process exits
-                slot.exit_reason = f"{type(exc).__name__}: {exc}"
-                self.trace.note(node_id, f"exited: {slot.exit_reason}")
             except BaseException as exc:
                 leaves = _leaves(exc)
                 if not leaves:
                     raise  # only cancellation: the whole simulation is ending
-                if all(isinstance(e, StorageError) for e in leaves):
+                # A failed fsync, a corrupt log: the process exits, as it should. A broken
+                # invariant of the log (LogStateError) is a bug, whatever stopped on it.
+                if all(isinstance(e, StorageError) and not isinstance(e, LogStateError) for e in leaves):
                     slot.exit_reason = "; ".join(f"{type(e).__name__}: {e}" for e in leaves)
                     self.trace.note(node_id, f"exited: {slot.exit_reason}")
                 else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import threading
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +54,7 @@ from walstore.wal.record import (
     KIND_NAMES,
     MAX_RECORD_BODY_BYTES,
     RECORD_HEADER_BYTES,
+    CheckedRecords,
     Record,
     decode_record,
     peek_header,
@@ -260,7 +262,8 @@ class WriteAheadLog:
     def append(self, data: bytes | bytearray | memoryview, *, sync: bool = True) -> int:
         """Append encoded records that start exactly at last_index + 1; return the new
         last_index. Raises LogStateError (nothing written) for bytes that are not the next
-        valid records, DiskFullError (nothing durable, tail rolled back), FsyncError (fatal)."""
+        valid records, DiskFullError (nothing durable, tail rolled back), FsyncError (fatal).
+        The bytes are scanned here; records checked already go to ``append_checked``."""
         self._check_usable()
         mv = memoryview(data).cast("B")
         if not len(mv):
@@ -274,8 +277,29 @@ class WriteAheadLog:
                 f"append: bytes at offset {res.end_offset} of {len(mv)} are not record {res.next_index} "
                 f"(epoch >= {res.last_epoch}): {why}"
             )
+        return self._append_valid(mv, res.offsets, res.next_index - 1, res.last_epoch, res.batch_end_index, sync)
+
+    def append_checked(self, records: CheckedRecords, *, sync: bool = True) -> int:
+        """``append`` for records ``check_records`` validated (a follower's copy of its
+        leader's bytes): not scanned again. That they continue this log is an invariant of
+        the caller (the writer numbers its queue from our tail), asserted here."""
+        self._check_usable()
+        if records.first_index != self._last_index + 1 or records.first_epoch < self._last_epoch:
+            raise LogStateError(
+                f"append_checked: records {records.first_index}.. of epoch {records.first_epoch} do not continue "
+                f"the log at {self._last_index} (epoch {self._last_epoch})"
+            )
+        mv = memoryview(records.data).cast("B")
+        return self._append_valid(
+            mv, records.offsets, records.last_index, records.last_epoch, records.batch_end_index, sync
+        )
+
+    def _append_valid(
+        self, mv: memoryview, offsets: array[int], last_index: int, last_epoch: int, batch_end_index: int, sync: bool
+    ) -> int:
+        first = self._last_index + 1
         try:
-            plan, created = self._plan(mv, res.offsets)
+            plan, created = self._plan(mv, offsets)
         except FsyncError as e:  # creating a segment syncs too
             self._poison(e)
             raise
@@ -283,15 +307,15 @@ class WriteAheadLog:
         # Publish: arrays first, last_index last (concurrent readers check against it).
         for seg, a, b, lo, hi in plan:
             shift = seg.end - a
-            seg.offsets.extend([o + shift for o in res.offsets[lo:hi]])
+            seg.offsets.extend([o + shift for o in offsets[lo:hi]])
             seg.end += b - a
             seg.junk_end = 0
-            seg.last_epoch = peek_header(mv, res.offsets[hi - 1]).epoch
-        self._history += epoch_changes(mv, res.offsets, self._last_index + 1, self._last_epoch)
-        if res.batch_end_offset:
-            self._batch_end_index = res.batch_end_index
-        self._last_epoch = res.last_epoch
-        self._last_index = res.next_index - 1
+            seg.last_epoch = peek_header(mv, offsets[hi - 1]).epoch
+        self._history += epoch_changes(mv, offsets, first, self._last_epoch)
+        if batch_end_index >= first:
+            self._batch_end_index = batch_end_index
+        self._last_epoch = last_epoch
+        self._last_index = last_index
         return self._last_index
 
     def _plan(

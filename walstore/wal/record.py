@@ -29,6 +29,7 @@ encoder in pure Python that tests hold the C encoder to.
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 
 from walstore._native import (
@@ -39,10 +40,12 @@ from walstore._native import (
     KIND_TRACKING,
     MAX_RECORD_BODY_BYTES,
     RECORD_HEADER_BYTES,
+    ScanStop,
     crc32c,
     record_size,
+    scan,
 )
-from walstore.errors import CorruptionError, LogStateError
+from walstore.errors import CorruptionError, InvalidRecords, LogStateError
 
 __all__ = [
     "FLAG_BATCH_END",
@@ -53,8 +56,10 @@ __all__ = [
     "KIND_TRACKING",
     "MAX_RECORD_BODY_BYTES",
     "RECORD_HEADER_BYTES",
+    "CheckedRecords",
     "Record",
     "RecordHeader",
+    "check_records",
     "decode_record",
     "encode_record",
     "peek_header",
@@ -104,6 +109,83 @@ def peek_header(buf: bytes | bytearray | memoryview, offset: int) -> RecordHeade
     (by the scanner at open or at append) whose epoch or flags a caller needs."""
     body_len, crc, kind, flags, _, _, epoch, index = _HEADER.unpack_from(buf, offset)
     return RecordHeader(body_len, crc, kind, flags, epoch, index)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRecords:
+    """Encoded records that passed the one validation at the trust boundary
+    (``check_records``): CRC, lengths, kinds, flags, padding, consecutive indexes
+    ``first_index..last_index`` and epochs from ``first_epoch`` up to ``last_epoch`` that
+    never decrease. ``offsets`` holds where each record starts in ``data``.
+
+    The writer and the log take these without scanning the bytes again: a follower's copy
+    of the leader's records is checked once, when it arrives, not again on submit and on
+    append. Only ``check_records`` and ``suffix`` build one."""
+
+    data: bytes
+    offsets: array[int]
+    first_index: int
+    last_index: int
+    first_epoch: int
+    last_epoch: int
+    batch_end_index: int  # the last record that ends a batch; first_index - 1 if none
+
+    def suffix(self, k: int) -> CheckedRecords:
+        """The records from the k-th (0-based) on: what a follower writes when it already
+        holds the first k."""
+        if k == 0:
+            return self
+        if not 0 < k < len(self.offsets):
+            raise LogStateError(f"suffix({k}) of {len(self.offsets)} records")
+        base = self.offsets[k]
+        offsets = array("Q", [o - base for o in self.offsets[k:]])
+        return CheckedRecords(
+            self.data[base:],
+            offsets,
+            self.first_index + k,
+            self.last_index,
+            peek_header(self.data, base).epoch,
+            self.last_epoch,
+            self.batch_end_index,
+        )
+
+    def records(self, first: int, last: int) -> list[Record]:
+        """Records ``first..last`` (within this batch) decoded from memory: the CRC was
+        checked when the batch was, so only the headers are read."""
+        if not self.first_index <= first <= last <= self.last_index:
+            raise LogStateError(f"records({first}, {last}) of a batch holding {self.first_index}..{self.last_index}")
+        data, unpack = self.data, _HEADER.unpack_from
+        out: list[Record] = []
+        for offset in self.offsets[first - self.first_index : last - self.first_index + 1]:
+            body_len, _, kind, flags, _, _, epoch, index = unpack(data, offset)
+            body = data[offset + RECORD_HEADER_BYTES : offset + RECORD_HEADER_BYTES + body_len]
+            out.append(Record(kind, flags, epoch, index, body, offset, record_size(body_len)))
+        return out
+
+
+def check_records(
+    data: bytes, first_index: int, *, min_epoch: int, max_body: int = MAX_RECORD_BODY_BYTES
+) -> CheckedRecords:
+    """Validate ``data`` as whole records ``first_index``.. of epochs >= ``min_epoch`` and
+    nothing else; InvalidRecords (offset, reason) for anything less. One native scan."""
+    res = scan(data, 0, first_index, max_body, min_epoch=min_epoch)
+    if res.stop is not ScanStop.END_ZERO or res.end_offset != len(data) or res.count == 0:
+        if res.count == 0 and res.stop is ScanStop.END_ZERO:
+            reason = "no records" if not data else "zero bytes where a record was expected"
+        elif res.stop is ScanStop.END_ZERO:
+            reason = "zero bytes after the last record"
+        else:
+            reason = res.reason
+        raise InvalidRecords(res.end_offset, f"not record {res.next_index} (epoch >= {res.last_epoch}): {reason}")
+    return CheckedRecords(
+        data,
+        res.offsets,
+        first_index,
+        res.next_index - 1,
+        peek_header(data, 0).epoch,
+        res.last_epoch,
+        res.batch_end_index,
+    )
 
 
 def decode_record(

@@ -44,6 +44,7 @@ import logging
 import math
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -51,8 +52,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from walstore import _native
-from walstore._native import ScanStop
-from walstore.errors import DiskFullError, FsyncError, LogStateError, NativeError, StorageError
+from walstore.errors import DiskFullError, FsyncError, LogStateError, NativeError, StorageError, Truncated
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.record import (
     FLAG_BATCH_END,
@@ -61,6 +61,7 @@ from walstore.wal.record import (
     KIND_NOOP,
     KIND_TRACKING,
     RECORD_HEADER_BYTES,
+    CheckedRecords,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class PendingAppend:
     # The usual single waiter is kept in _waiter; _more holds any others (a leader's
     # durability watcher waits on the same batch as the client that submitted it).
     __slots__ = (
+        "_checked",
         "_data",
         "_entries",
         "_log",
@@ -118,9 +120,11 @@ class PendingAppend:
         entries: Sequence[tuple[int, int, bytes]] = (),
         log: WriteAheadLog | None = None,
         nbytes: int = 0,
+        checked: CheckedRecords | None = None,
     ) -> None:
-        """Either ``data`` (already encoded) or ``entries`` checked by ``log.encoded_size``
-        (which gave ``nbytes``) to be encoded later. submit passes them positionally (hot path)."""
+        """Either ``data`` (already encoded), ``entries`` checked by ``log.encoded_size``
+        (which gave ``nbytes``) to be encoded later, or ``checked`` records (validated where
+        they came in, written without another scan). submit passes them positionally (hot path)."""
         self.first_index = first_index
         self.last_index = last_index
         self.last_epoch = last_epoch
@@ -128,6 +132,7 @@ class PendingAppend:
         self._data = data
         self._entries = entries
         self._log = log
+        self._checked = checked
         # _RUNNING until finished, then None (durable) or the StorageError that stopped it.
         self._state: StorageError | object | None = _RUNNING
         self._waiter: trio.lowlevel.Task | None = None
@@ -360,20 +365,22 @@ class GroupCommitWriter:
             PendingAppend(first, first + len(entries) - 1, epoch, None, tuple(entries), self._log, nbytes)
         )
 
-    def submit_raw(self, data: bytes) -> PendingAppend:
-        """Queue records encoded elsewhere (a follower's copy of the leader's bytes). They
-        must start at submitted_index + 1; checked now, so a bad frame never reaches the
-        queue."""
+    def submit_raw(self, records: CheckedRecords) -> PendingAppend:
+        """Queue records encoded and checked elsewhere (a follower's copy of the leader's
+        bytes, validated once by ``check_records`` where they arrived). That they continue
+        the submitted tail is the caller's invariant, asserted here: nothing is queued
+        otherwise."""
         self._check_alive()
         first = self._submitted_index + 1
-        max_body = self._log.options.max_record_body_bytes
-        res = _native.scan(data, 0, first, max_body, min_epoch=self._submitted_epoch, collect_offsets=False)
-        if res.stop is not ScanStop.END_ZERO or res.end_offset != len(data) or res.count == 0:
+        if records.first_index != first or records.first_epoch < self._submitted_epoch:
             raise LogStateError(
-                f"submit_raw: bytes at offset {res.end_offset} of {len(data)} are not record {res.next_index} "
-                f"({res.reason if res.count or res.stop is not ScanStop.END_ZERO else 'no records'})"
+                f"submit_raw: records {records.first_index}.. of epoch {records.first_epoch} do not continue "
+                f"the submitted tail {self._submitted_index} (epoch {self._submitted_epoch})"
             )
-        return self._enqueue(PendingAppend(first, res.next_index - 1, res.last_epoch, bytes(data)))
+        data = records.data
+        return self._enqueue(
+            PendingAppend(first, records.last_index, records.last_epoch, data, (), None, len(data), records)
+        )
 
     def _enqueue(self, pending: PendingAppend) -> PendingAppend:
         self._submitted_index = pending.last_index
@@ -387,7 +394,7 @@ class GroupCommitWriter:
 
     async def truncate_suffix(self, after_index: int) -> None:
         """Drop every record > after_index, in order with the writes: batches queued before
-        this call that reach past after_index fail with LogStateError (never written)."""
+        this call that reach past after_index fail with Truncated (never written)."""
         self._check_alive()
         if after_index < self._log.first_index - 1:
             raise LogStateError(f"truncate_suffix({after_index}): the log starts at {self._log.first_index}")
@@ -401,7 +408,7 @@ class GroupCommitWriter:
             if self._sleeping and not self._unseen:
                 self._wake_thread()
         for item in dropped:
-            item._finish(LogStateError(f"records {item.first_index}..{item.last_index} were truncated"))
+            item._finish(Truncated(f"records {item.first_index}..{item.last_index} were truncated"))
         self._submitted_index = after_index
         survivors = [p for p in kept if isinstance(p, PendingAppend)]
         if survivors:
@@ -418,7 +425,8 @@ class GroupCommitWriter:
             if self._failure is not None:
                 raise self._failure
             if index > self._submitted_index:
-                raise LogStateError(f"wait_durable({index}): only {self._submitted_index} submitted")
+                # A truncation or a rollback moved the tail back under the waiter.
+                raise Truncated(f"wait_durable({index}): only {self._submitted_index} submitted")
             await self._durable_changed.wait()
 
     def _check_alive(self) -> None:
@@ -584,7 +592,7 @@ class GroupCommitWriter:
             started = clock()
             self._round_started_at = started
         try:
-            nbytes = self._encode_and_append(_round_parts(job))
+            nbytes = self._write_round(job)
         except DiskFullError as e:
             post(self._round_done, job, 0, clock() - started, e)  # the loop rolls the tail back
             return True
@@ -608,9 +616,20 @@ class GroupCommitWriter:
         del self._queue[:n]
         return batch
 
+    def _write_round(self, job: list[PendingAppend]) -> int:
+        """Writer thread: write and fdatasync the round; return its size. A round of checked
+        records only (a follower's) goes to the log as it is; any other is encoded (and
+        scanned by the log's ``append``)."""
+        checked = [p._checked for p in job]
+        if all(c is not None for c in checked):
+            records = _joined([c for c in checked if c is not None])
+            self._log.append_checked(records)
+            return len(records.data)
+        return self._encode_and_append(_round_parts(job))
+
     def _encode_and_append(self, parts: list[bytes | _Run]) -> int:
-        """Writer thread: encode the round's runs (the C part drops the GIL, so the event
-        loop keeps going), write and fdatasync it all at once; return its size."""
+        """Encode the round's runs (the C part drops the GIL, so the event loop keeps
+        going), write and fdatasync it all at once; return its size."""
         try:
             chunks = [_native.encode_records(*p) if isinstance(p, tuple) else p for p in parts]
         except (NativeError, ValueError, OverflowError) as e:
@@ -824,6 +843,34 @@ def encode_pending(batches: Sequence[PendingAppend]) -> bytes:
                 pos += p.nbytes
         i = j
     return batches[0].data if n == 1 else b"".join(p.data for p in batches)
+
+
+def _joined(parts: Sequence[CheckedRecords]) -> CheckedRecords:
+    """Consecutive checked batches as one (a follower's round): their bytes joined, their
+    offsets shifted, nothing scanned."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = array("Q")
+    base = 0
+    for before, part in zip((None, *parts), parts, strict=False):
+        if before is not None and part.first_index != before.last_index + 1:
+            raise LogStateError(f"a round's records jump from {before.last_index} to {part.first_index}")
+        if base:
+            offsets.extend([o + base for o in part.offsets])
+        else:
+            offsets.extend(part.offsets)
+        base += len(part.data)
+    first, last = parts[0], parts[-1]
+    batch_end = next((p.batch_end_index for p in reversed(parts) if p.batch_end_index >= p.first_index), 0)
+    return CheckedRecords(
+        b"".join(p.data for p in parts),
+        offsets,
+        first.first_index,
+        last.last_index,
+        first.first_epoch,
+        last.last_epoch,
+        batch_end or first.first_index - 1,
+    )
 
 
 def _round_parts(batch: Sequence[PendingAppend]) -> list[bytes | _Run]:
