@@ -412,8 +412,8 @@ async def test_leader_ships_cached_batches_and_sends_the_commit_in_an_unanswered
     async with trio.open_nursery() as nursery:
         rlog, term = await _term_with_fake_follower(tmp_path, nursery, fake_follower)
         commit = term.commit
-        first = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"one")], EPOCH)
-        second = rlog.submit([(KIND_EVENT, 0, b"two"), (KIND_EVENT, FLAG_BATCH_END, b"three")], EPOCH)
+        first = rlog.submit([(KIND_EVENT, 0, b"one")], EPOCH)
+        second = rlog.submit([(KIND_EVENT, 0, b"two"), (KIND_EVENT, 0, b"three")], EPOCH)
         term.appended(first)
         term.appended(second)
         nursery.start_soon(term.run)
@@ -424,7 +424,7 @@ async def test_leader_ships_cached_batches_and_sends_the_commit_in_an_unanswered
             beat = await frames_out.receive()
             assert isinstance(beat, Heartbeat) and beat.epoch == EPOCH and beat.leader_commit == 3
             assert commit.value == 3
-            third = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"four")], EPOCH)
+            third = rlog.submit([(KIND_EVENT, 0, b"four")], EPOCH)
             term.appended(third)
             following = await frames_out.receive()
             assert isinstance(following, Append) and following.prev_index == 3 and following.leader_commit == 3
@@ -503,14 +503,14 @@ async def test_batches_submitted_while_a_frame_is_unanswered_go_out_as_one_frame
     received: list[Append] = []
     async with trio.open_nursery() as nursery:
         rlog, term, frames_out = await _held_follower_term(tmp_path, nursery, release, received)
-        first = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"first")], EPOCH)
+        first = rlog.submit([(KIND_EVENT, 0, b"first")], EPOCH)
         term.appended(first)
         nursery.start_soon(term.run)
         with trio.fail_after(10):
             assert bytes((await frames_out.receive()).entries) == first.data
             later = []
             for i in range(5):
-                pending = rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"later-%d" % i)], EPOCH)
+                pending = rlog.submit([(KIND_EVENT, 0, b"later-%d" % i)], EPOCH)
                 term.appended(pending)
                 later.append(pending)
                 await trio.sleep(0.01)  # the sender runs between submits: it must still wait
@@ -533,7 +533,7 @@ async def test_a_follower_far_behind_gets_frames_pipelined(tmp_path: Path, monke
         rlog, term, frames_out = await _held_follower_term(tmp_path, nursery, release, received)
         backlog = 3 * leader_module.PIPELINE_MIN_ENTRIES  # > WINDOW frames of ~100 entries beyond it
         for i in range(backlog):
-            term.appended(rlog.submit([(KIND_EVENT, FLAG_BATCH_END, b"b%d" % i)], EPOCH))
+            term.appended(rlog.submit([(KIND_EVENT, 0, b"b%d" % i)], EPOCH))
         nursery.start_soon(term.run)
         with trio.fail_after(10):
             for _ in range(leader_module.WINDOW):

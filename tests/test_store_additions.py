@@ -428,5 +428,5 @@ def test_tracking_body_round_trip_and_damage() -> None:
 def test_tracking_kind_agrees_with_the_wal() -> None:
     from walstore.wal import record
 
-    assert (store_module.KIND_TRACKING, store_module.FLAG_BATCH_END) == (record.KIND_TRACKING, record.FLAG_BATCH_END)
+    assert store_module.KIND_TRACKING == record.KIND_TRACKING
     assert record.KIND_NAMES[record.KIND_TRACKING] == "TRACKING"

@@ -254,7 +254,7 @@ async def test_truncate_is_serialised_with_writes() -> None:
         with pytest.raises(Truncated):
             await queued.wait_durable()
         assert writer.submitted_index == 5 and writer.durable_index == 5 and log.last_index == 5
-        after = writer.submit([(KIND_EVENT, FLAG_BATCH_END, b"new")], 2)
+        after = writer.submit([(KIND_EVENT, 0, b"new")], 2)
         assert after.first_index == 6
         await after.wait_durable()
         nursery.cancel_scope.cancel()
@@ -298,7 +298,7 @@ async def test_a_round_is_encoded_byte_for_byte_as_each_batch_alone() -> None:
     other, _ = open_log()  # encodes each batch alone, as PendingAppend.data does
     pendings = [
         writer.submit([ev("one")], 1),
-        writer.submit([ev("two-a"), (KIND_EVENT, FLAG_BATCH_END, b"two-b"), ev("two-c")], 1),
+        writer.submit([ev("two-a"), ev("two-b"), ev("two-c")], 1),
         writer.submit([(KIND_EPOCH_START, 0, b"{}")], 2),
         writer.submit([ev("")], 2),  # an empty body: header only
         writer.submit([ev("x" * 13)], 2),
@@ -314,7 +314,7 @@ async def test_a_round_is_encoded_byte_for_byte_as_each_batch_alone() -> None:
     assert writer.rounds == 1 and all(p.done for p in pendings)
     expected = [
         other.encode([ev("one")], 1, 1),
-        other.encode([ev("two-a"), (KIND_EVENT, FLAG_BATCH_END, b"two-b"), ev("two-c")], 1, 2),
+        other.encode([ev("two-a"), ev("two-b"), ev("two-c")], 1, 2),
         other.encode([(KIND_EPOCH_START, 0, b"{}")], 2, 5),
         other.encode([ev("")], 2, 6),
         other.encode([ev("x" * 13)], 2, 7),
@@ -324,8 +324,8 @@ async def test_a_round_is_encoded_byte_for_byte_as_each_batch_alone() -> None:
     assert [p.data for p in pendings] == expected and shipped == expected[1]
     assert [p.nbytes for p in pendings] == [len(e) for e in expected]
     assert log.read_raw(1, 1 << 20) == b"".join(expected)
-    # BATCH_END on the last record of each submit, and where the caller put it (3)
-    assert [r.index for r in log.read(1) if r.batch_end] == [1, 3, 4, 5, 6, 7, 8, 9]
+    # BATCH_END on the last record of each submit, and nowhere else
+    assert [r.index for r in log.read(1) if r.batch_end] == [1, 4, 5, 6, 7, 8, 9]
     assert log.epoch_history == [(1, 1), (2, 5), (3, 9)]
 
 
@@ -333,7 +333,7 @@ async def test_a_round_is_encoded_byte_for_byte_as_each_batch_alone() -> None:
     batches=st.lists(
         st.tuples(
             st.lists(
-                st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([0, 1]), st.binary(max_size=40)),
+                st.tuples(st.sampled_from([1, 2, 3]), st.just(0), st.binary(max_size=40)),
                 min_size=1,
                 max_size=4,
             ),
@@ -379,6 +379,8 @@ async def test_bad_entries_fail_their_submit_and_queue_nothing() -> None:
         ([(0, 0, b"kind 0")], 1),
         ([(5, 0, b"unknown kind")], 1),  # 4 is TRACKING
         ([(KIND_EVENT, 2, b"unknown flag")], 1),
+        ([(KIND_EVENT, FLAG_BATCH_END, b"framed by the caller")], 1),  # the writer frames batches
+        ([ev("a"), (KIND_EVENT, FLAG_BATCH_END, b"a batch end mid-batch"), ev("c")], 1),
         ([ev("epoch too big")], 1 << 64),
     ]
     for entries, epoch in bad:

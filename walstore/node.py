@@ -67,7 +67,7 @@ from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, Node
 from walstore.store import EventStore
 from walstore.wal.fs import Buffer, FileSystem, RealFileSystem, WalFile
 from walstore.wal.log import WalOptions, WriteAheadLog
-from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, MAX_RECORD_BODY_BYTES
+from walstore.wal.record import KIND_EPOCH_START, KIND_EVENT, MAX_RECORD_BODY_BYTES
 from walstore.wal.writer import SLOW_ROUND_S, GroupCommitWriter, PendingAppend
 from walstore.watermark import Watermark
 
@@ -472,7 +472,7 @@ class Node:
         self._apply_now(self.wal.last_index)
         epoch = max(self.rlog.promised_epoch, self.wal.last_epoch) + 1
         await self.rlog.promise(epoch)
-        pending = self.rlog.submit([(KIND_EPOCH_START, FLAG_BATCH_END, b'{"solo":true}')], epoch)
+        pending = self.rlog.submit([(KIND_EPOCH_START, 0, b'{"solo":true}')], epoch)
         await pending.wait_durable()
         self.commit.advance(pending.last_index)
         self._solo_epoch = epoch

@@ -92,7 +92,6 @@ KIND_EPOCH_START = 2
 KIND_NOOP = 3
 KIND_TRACKING = 4  # a consumer position (walstore.event's tracking body); not an event
 _SYSTEM_KINDS = frozenset((KIND_EPOCH_START, KIND_NOOP))
-FLAG_BATCH_END = 1  # the record flag that ends an atomic batch (walstore.wal.record)
 
 # Aggregates longer than this get a per-aggregate array of log indexes (8 bytes per event
 # plus one object per aggregate); shorter ones walk their chain, at most this many links.
@@ -175,13 +174,11 @@ class Prepared:
 
     def records(self) -> list[tuple[int, int, bytes]]:
         """(kind, flags, body) of what to write: the events, then the tracking record if
-        any; the last one carries BATCH_END."""
+        any. One submit is one atomic batch; the WAL marks its end (BATCH_END), here
+        nothing does."""
         entries = [(KIND_EVENT, 0, body) for body in self.bodies]
         if self._tracking is not None:
             entries[-1] = (KIND_TRACKING, 0, self.bodies[-1])
-        if entries:
-            kind, _, body = entries[-1]
-            entries[-1] = (kind, FLAG_BATCH_END, body)
         return entries
 
     @property

@@ -45,7 +45,7 @@ from walstore.replication.leader import FollowerProgress, LeaderTerm
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.takeover import Superseded, take_over
 from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
-from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START
+from walstore.wal.record import KIND_EPOCH_START
 from walstore.wal.writer import PendingAppend
 from walstore.watermark import Watermark
 
@@ -346,7 +346,7 @@ class Replicator:
                     scope.cancel()
                     return
                 body = orjson.dumps({"epoch": epoch, "leader": self.config.node_id})
-                pending = self.rlog.submit([(KIND_EPOCH_START, FLAG_BATCH_END, body)], epoch)
+                pending = self.rlog.submit([(KIND_EPOCH_START, 0, body)], epoch)
                 self.metrics.append_times.clear()
                 self.metrics.append_times.appended(pending.first_index)
                 self.term = LeaderTerm(

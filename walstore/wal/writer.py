@@ -336,10 +336,11 @@ class GroupCommitWriter:
     # -- submitting ---------------------------------------------------------------------------
 
     def submit(self, entries: Sequence[tuple[int, int, bytes]], epoch: int) -> PendingAppend:
-        """Reserve the next indexes for (kind, flags, body) entries, check them, and queue
-        them as one atomic batch (encoded with the rest of its round, or on first use of
-        ``data``). Synchronous: the indexes are known on return, and bad entries raise
-        LogStateError here with nothing queued."""
+        """Reserve the next indexes for (kind, 0, body) entries, check them, and queue
+        them as one atomic batch, encoded with the rest of its round or on first use of
+        ``data``. The writer is the one place a batch is framed: the encoder gives its last
+        record BATCH_END, so callers pass no flags. Synchronous: the indexes are known on
+        return, and bad entries raise LogStateError here with nothing queued."""
         if self._failure is not None:
             raise self._failure
         if epoch < self._submitted_epoch:
@@ -352,9 +353,14 @@ class GroupCommitWriter:
             # it for the checks and their error messages.
             kind, flags, body = entries[0]
             n = len(body)
-            if n <= self._max_body and 1 <= kind <= KIND_MAX and not flags & ~FLAG_BATCH_END:
+            if n <= self._max_body and 1 <= kind <= KIND_MAX and not flags:
                 nbytes = RECORD_HEADER_BYTES + ((n + 7) & ~7)
         if not nbytes:
+            if any(flags for _, flags, _ in entries):
+                # Framing is the writer's alone (its encoders mark the last record): a flag
+                # from a caller, BATCH_END mid-batch above all, would split the atomic batch
+                # at recovery.
+                raise LogStateError("submit: entries carry no flags; the writer marks the batch's end")
             try:
                 nbytes = self._log.encoded_size(entries, epoch, first)
             except LogStateError as e:
