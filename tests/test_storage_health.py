@@ -298,7 +298,7 @@ async def test_round_in_flight_counts_from_the_start_of_its_write() -> None:
         await nursery.start(writer.run)
         assert writer.round_in_flight_s() == 0.0
         disk.delay_s = 0.5
-        pending = writer.submit([(KIND_EVENT, 1, b"x")], 1)
+        pending = writer.submit([(KIND_EVENT, 0, b"x")], 1)
         await trio.sleep(0.3)
         assert 0.2 < writer.round_in_flight_s() < 0.5
         await pending.wait_durable()
