@@ -46,6 +46,7 @@ def test_every_variable_is_read() -> None:
         "LOG_LEVEL": "debug",
         "MAX_BATCH_EVENTS": "20000",
         "MAX_BATCH_BYTES": str(8 << 20),
+        "REPLICATION_FRAME_BYTES": str(1 << 20),
     }
     assert set(env) == set(ENV_VARS) - {"CLUSTER_SIZE"}
     c = from_env(env)
@@ -55,6 +56,17 @@ def test_every_variable_is_read() -> None:
     assert (c.lease_ttl_s, c.max_body_bytes, c.http_max_connections, c.log_level) == (3.5, 4096, 7, "DEBUG")
     assert c.probe_port == 91
     assert (c.max_batch_events, c.max_batch_bytes) == (20_000, 8 << 20)
+    assert c.replication_frame_bytes == 1 << 20
+
+
+def test_replication_frames_are_4_mib_by_default_and_bounded() -> None:
+    from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
+
+    assert from_env({}).replication_frame_bytes == 4 << 20
+    assert from_env({"REPLICATION_FRAME_BYTES": str(64 << 10)}).replication_frame_bytes == 64 << 10
+    for bad in (64 << 10) - 1, MAX_APPEND_ENTRIES_BYTES + 1:
+        with pytest.raises(ConfigError, match="REPLICATION_FRAME_BYTES"):
+            from_env({"REPLICATION_FRAME_BYTES": str(bad)})
 
 
 def test_batch_limits_default_to_10000_events_and_16_mib() -> None:

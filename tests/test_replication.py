@@ -521,16 +521,16 @@ async def test_batches_submitted_while_a_frame_is_unanswered_go_out_as_one_frame
         nursery.cancel_scope.cancel()
 
 
-async def test_a_follower_far_behind_gets_frames_pipelined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_follower_far_behind_gets_frames_pipelined(tmp_path: Path) -> None:
     """Catching up (at least PIPELINE_MIN_ENTRIES waiting), several frames leave before the
     first answer, up to WINDOW."""
     from walstore.replication import leader as leader_module
 
-    monkeypatch.setattr(leader_module, "MAX_APPEND_BYTES", 4096)  # many frames for the backlog
     release = trio.Event()
     received: list[Append] = []
     async with trio.open_nursery() as nursery:
         rlog, term, frames_out = await _held_follower_term(tmp_path, nursery, release, received)
+        term.max_append_bytes = 4096  # many frames for the backlog
         backlog = 3 * leader_module.PIPELINE_MIN_ENTRIES  # > WINDOW frames of ~100 entries beyond it
         for i in range(backlog):
             term.appended(rlog.submit([(KIND_EVENT, 0, b"b%d" % i)], EPOCH))

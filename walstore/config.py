@@ -23,6 +23,9 @@ from pathlib import Path
 from walstore.errors import ConfigError
 from walstore.event import MAX_BATCH_EVENTS
 from walstore.protocol.frames import MAX_FRAME_BYTES
+from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
+
+REPLICATION_FRAME_BYTES = min(4 << 20, MAX_APPEND_ENTRIES_BYTES)
 
 # Every variable `walstore serve` reads; the k8s manifest test checks the StatefulSet
 # against this set so the two cannot drift apart.
@@ -49,6 +52,7 @@ ENV_VARS = (
     "LOG_LEVEL",
     "MAX_BATCH_EVENTS",
     "MAX_BATCH_BYTES",
+    "REPLICATION_FRAME_BYTES",
 )
 
 # A batch travels whole in one frame twice: as FORWARD (its events as JSON, follower to
@@ -109,6 +113,9 @@ class Config:
     # POST /events keeps max_body_bytes.
     max_batch_events: int = MAX_BATCH_EVENTS
     max_batch_bytes: int = 16 * 1024 * 1024
+    # Most record bytes a leader sends in one APPEND (a batch bigger than this still goes
+    # whole): what a follower holds per frame in flight, against frames per catch-up.
+    replication_frame_bytes: int = REPLICATION_FRAME_BYTES
 
     @property
     def clustered(self) -> bool:
@@ -155,6 +162,10 @@ class Config:
             raise ConfigError(
                 f"MAX_BATCH_BYTES {self.max_batch_bytes} with MAX_BATCH_EVENTS {self.max_batch_events}: the largest "
                 f"batch ({frame} bytes forwarded or replicated) would not fit one peer frame ({MAX_FRAME_BYTES})"
+            )
+        if not 64 << 10 <= self.replication_frame_bytes <= MAX_APPEND_ENTRIES_BYTES:
+            raise ConfigError(
+                f"REPLICATION_FRAME_BYTES {self.replication_frame_bytes}: between 64 KiB and {MAX_APPEND_ENTRIES_BYTES}"
             )
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
@@ -232,6 +243,7 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Confi
         log_level=env.get("LOG_LEVEL", "").strip().upper() or d.log_level,
         max_batch_events=_int(env, "MAX_BATCH_EVENTS", d.max_batch_events),
         max_batch_bytes=_int(env, "MAX_BATCH_BYTES", d.max_batch_bytes),
+        replication_frame_bytes=_int(env, "REPLICATION_FRAME_BYTES", d.replication_frame_bytes),
     )
     given = {k: v for k, v in overrides.items() if v is not None}
     peers_text = given.pop("peers", None) or env.get("PEERS", "")

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 import trio
 
 from walstore import planted_bugs
-from walstore.config import PeerSpec
+from walstore.config import REPLICATION_FRAME_BYTES, PeerSpec
 from walstore.errors import DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
-from walstore.protocol.messages import MAX_APPEND_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.wal.record import peek_header
@@ -51,7 +50,6 @@ WINDOW = 8  # APPEND frames in flight per follower while it catches up
 # every frame costs both sides a wake-up, a decode and an answer, and the follower syncs
 # what has arrived in one round either way (measured: docs/performance-notes.md).
 PIPELINE_MIN_ENTRIES = 1024
-MAX_APPEND_BYTES = min(4 << 20, MAX_APPEND_ENTRIES_BYTES)  # per frame; bounds follower memory
 TAIL_CACHE_BYTES = 64 << 20  # recent batches kept in memory for followers
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -97,8 +95,10 @@ class LeaderTerm:
         on_progress: Callable[[FollowerProgress], None] = lambda p: None,
         votes: Callable[[str, str], bool] = lambda node_id, incarnation: True,
         incarnation: str = "",
+        max_append_bytes: int = REPLICATION_FRAME_BYTES,
     ) -> None:
         self.epoch = epoch
+        self.max_append_bytes = max_append_bytes  # record bytes per APPEND (Config.replication_frame_bytes)
         self.start_index = start_index
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -334,7 +334,7 @@ class LeaderTerm:
             batches = [pending]
             size, last = pending.nbytes, pending.last_index
             while (batch := self._cache_by_first.get(last + 1)) is not None:
-                if size + batch.nbytes > MAX_APPEND_BYTES:
+                if size + batch.nbytes > self.max_append_bytes:
                     break
                 batches.append(batch)
                 size += batch.nbytes
@@ -343,7 +343,7 @@ class LeaderTerm:
             return encode_pending(batches), last
         if first > self.rlog.wal.last_index:
             await self.rlog.writer.wait_durable(first)
-        data = self.rlog.read_raw(first, MAX_APPEND_BYTES)
+        data = self.rlog.read_raw(first, self.max_append_bytes)
         if not data:
             return b"", first - 1
         return data, _last_index_of(data)

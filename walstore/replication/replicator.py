@@ -361,6 +361,7 @@ class Replicator:
                     on_higher_epoch=self._on_higher_epoch,
                     votes=self._votes,
                     incarnation=self.rlog.incarnation,
+                    max_append_bytes=self.config.replication_frame_bytes,
                 )
                 self.term.appended(pending)
                 self.role = Role.LEADER
