@@ -7,6 +7,8 @@ This file is the simulator's CI budget (about two minutes on two cores). A long 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 import trio.testing
@@ -40,14 +42,22 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)
 FIVE_NODE_SEEDS = range(300, 304)
-# Each planted bug with the fault kinds its class needs; the test stops at the first seed
-# that finds it and may spend at most this many.
+# Each planted bug with the faults its class needs; the test stops at the first seed that
+# finds it and may spend at most PLANTED_SEEDS.
 PLANTED = {
-    "wiped_node_votes": ("lost_disk", "crash", "isolate", "blackhole", "partition"),
-    "ack_before_fsync": ("crash", "torn", "restart", "slow_disk", "partition", "isolate"),
-    "accept_lower_epoch": ("lease_expiry", "etcd_cut", "pause", "isolate", "partition"),
+    "wiped_node_votes": SimOptions(
+        faults=("lost_disk", "crash", "isolate", "blackhole", "partition"), mean_fault_gap_s=0.6
+    ),
+    "ack_before_fsync": SimOptions(
+        faults=("crash", "torn", "restart", "slow_disk", "partition", "isolate"), mean_fault_gap_s=0.6
+    ),
+    "accept_lower_epoch": SimOptions(
+        faults=("lease_expiry", "etcd_cut", "pause", "isolate", "partition"), mean_fault_gap_s=0.6
+    ),
+    # Raft's figure 8 (docs/simulation.md): the fault that stages it, and frames of one
+    # record each, so that a follower acknowledges old entries before the new EPOCH_START.
+    "commit_older_epoch": SimOptions(faults=("figure8",), mean_fault_gap_s=0.6, replication_frame_bytes=64),
 }
-# Not in the list yet: "commit_older_epoch" (docs/simulation.md says why it is not found).
 PLANTED_SEEDS = range(1, 41)
 
 
@@ -88,21 +98,19 @@ def test_regression_seed(seed: int) -> None:
 
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_each_planted_bug_is_found_within_the_budget(bug: str) -> None:
-    summary = run_seeds(
-        PLANTED_SEEDS,
-        SimOptions(faults=PLANTED[bug], plant=(bug,), mean_fault_gap_s=0.6),
-        stop_at_first_failure=True,
-    )
+    summary = run_seeds(PLANTED_SEEDS, dataclasses.replace(PLANTED[bug], plant=(bug,)), stop_at_first_failure=True)
     assert summary.failed, f"{bug} not found in {summary.seeds_run} seeds: {summary.report()}"
     print(f"{bug}: found by seed {summary.failed[0].seed}: {summary.failed[0].violations[:3]}")
     assert planted_bugs.active == frozenset()  # switched off again after the run
 
 
 def test_frame_faults_are_injected_and_counted() -> None:
-    result = simulate(3, SimOptions(seconds=10, faults=FRAME_KINDS, frame_fault_rate=0.05))
+    result = simulate(4, SimOptions(seconds=10, faults=FRAME_KINDS, frame_fault_rate=0.01))
     assert result.ok, result.violations
     lines = "\n".join(result.trace.lines)
-    assert "drop a frame" in lines and "duplicate a frame" in lines
+    assert "drop a frame" in lines and "duplicate a frame" in lines and "carrying an EPOCH_START" in lines
+    assert all(result.faults[kind] > 0 for kind in FRAME_KINDS), result.faults
+    assert result.acked > 0  # EPOCH_STARTs lost half the time still let leaders through
 
 
 def test_unknown_fault_kinds_and_bugs_are_refused() -> None:
@@ -126,3 +134,23 @@ def test_a_task_that_never_lets_the_clock_move_ends_the_seed_as_a_violation() ->
 
     trio.run(spin, clock=trio.testing.MockClock(autojump_threshold=0), instruments=[watchdog])
     assert len(result.violations) == 1 and result.violations[0].startswith("busy_loop: ")
+
+
+def test_the_network_knows_an_append_that_carries_an_epoch_start() -> None:
+    """The aimed frame fault (``epoch_start_drop``, ``figure8``) picks these frames out."""
+    from walstore.protocol import Append, Heartbeat
+    from walstore.protocol.messages import encode_message
+    from walstore.sim.network import _carries_epoch_start
+    from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, encode_record
+
+    events = encode_record(KIND_EVENT, 0, 3, 7, b"x" * 13) + encode_record(KIND_EVENT, FLAG_BATCH_END, 3, 8, b"")
+    start = encode_record(KIND_EPOCH_START, FLAG_BATCH_END, 4, 9, b'{"epoch":4}')
+
+    def append(entries: bytes) -> bytes:
+        return encode_message(Append(4, 6, 3, 5, entries))
+
+    assert _carries_epoch_start(append(events + start))
+    assert _carries_epoch_start(append(start))
+    assert not _carries_epoch_start(append(events))
+    assert not _carries_epoch_start(append(b""))  # an empty APPEND: the commit index only
+    assert not _carries_epoch_start(encode_message(Heartbeat(4, 5, 0)))

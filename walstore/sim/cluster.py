@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from walstore.config import Config, from_env
+from walstore.config import REPLICATION_FRAME_BYTES, Config, from_env
 from walstore.election.base import Candidate
 from walstore.election.memory import MemoryElection, MemoryElectionHub
 from walstore.errors import LogStateError, StorageError
@@ -34,6 +34,11 @@ WALL_CLOCK_BASE_NS = 1_767_225_600 * 10**9
 # Small segments, so that a short run seals some (read corruption needs a sealed one).
 # Below Config's floor on purpose: only the simulator builds such a config.
 SIM_SEGMENT_BYTES = 64 * 1024
+# APPEND frame sizes a seed draws from (Config.replication_frame_bytes), also below its floor.
+# Small frames split a catch-up across many frames (64 bytes: one record each), so that a
+# follower acknowledges part of a leader's log at a time; with 4 MiB frames the simulator's
+# small logs travel whole.
+SIM_FRAME_BYTES = (64, 512, 4096, REPLICATION_FRAME_BYTES)
 
 
 class SimElectionHub(MemoryElectionHub):
@@ -77,6 +82,7 @@ class SimNode:
         self.stopped: trio.Event | None = None
         self.starts = 0
         self.exit_reason: str | None = None  # why the last process ended by itself
+        self.crashing: trio.Event | None = None  # set once the process being killed is gone
         self.halted: str | None = None
 
     @property
@@ -96,8 +102,13 @@ class SimCluster:
         lease_ttl_s: float,
         append_timeout_s: float,
         on_unexpected: Callable[[str, BaseException], None],
+        replication_frame_bytes: int = REPLICATION_FRAME_BYTES,
     ) -> None:
         self.nursery = nursery
+        self.replication_frame_bytes = replication_frame_bytes
+        # Called as a node is killed, before anything of it is gone: the invariant watcher
+        # takes its last look at what the process counted committed.
+        self.on_crash: Callable[[str], None] | None = None
         self.rng = rng
         self.trace = trace
         self.net = net
@@ -122,7 +133,9 @@ class SimCluster:
                 "CLUSTER_ID": "sim",
             }
         )
-        return dataclasses.replace(cfg, segment_size_bytes=SIM_SEGMENT_BYTES)
+        return dataclasses.replace(
+            cfg, segment_size_bytes=SIM_SEGMENT_BYTES, replication_frame_bytes=self.replication_frame_bytes
+        )
 
     def runtime(self, node_id: str) -> Runtime:
         net, disk, rng = self.net, self.nodes[node_id].disk, self.rng
@@ -151,6 +164,18 @@ class SimCluster:
 
     def start(self, node_id: str) -> None:
         slot = self.nodes[node_id]
+        if slot.crashing is not None:
+            # Killed right now (its tasks are ending, its disk not yet power-cycled): start
+            # the next process only once the last one is gone, as a machine would reboot.
+            crashing = slot.crashing
+
+            async def once_gone() -> None:
+                await crashing.wait()
+                if self.nodes[node_id].node is None:
+                    self.start(node_id)
+
+            self.nursery.start_soon(once_gone)
+            return
         assert slot.node is None, f"{node_id} is already running"
         slot.starts += 1
         node = Node(
@@ -199,17 +224,22 @@ class SimCluster:
         slot = self.nodes[node_id]
         if slot.node is None:
             return
+        if self.on_crash is not None:
+            self.on_crash(node_id)
         self.trace.note(node_id, f"crash{' (torn write)' if torn else ''}")
         node = slot.node
         if node.started.is_set() and node.rlog.halted is not None:
             slot.halted = node.rlog.halted
         slot.node = None
+        slot.crashing = gone = trio.Event()
         self.hub.set_reachable(node_id, False)  # a dead process revokes nothing
         self.net.crash(node_id)
         assert slot.scope is not None and slot.stopped is not None
         slot.scope.cancel()
         await slot.stopped.wait()
         slot.disk.fs.crash(garble=torn)
+        slot.crashing = None
+        gone.set()
 
     async def wipe(self, node_id: str) -> None:
         """The node's disk is lost: it comes back (later) with an empty data directory."""
@@ -219,7 +249,8 @@ class SimCluster:
 
     async def restart(self, node_id: str) -> None:
         await self.crash(node_id)
-        self.start(node_id)
+        if self.nodes[node_id].node is None:  # not started meanwhile by a fault's undo
+            self.start(node_id)
 
     def pause(self, node_id: str, seconds: float) -> None:
         """SIGSTOP for ``seconds``: none of its I/O (peers, disk, etcd) moves meanwhile."""

@@ -37,6 +37,8 @@ class Nemesis:
         kinds: Sequence[str],
         *,
         mean_gap_s: float,
+        takeover_crash_rate: float = 0.15,
+        epoch_start_drop_rate: float = 0.0,
     ) -> None:
         self.cluster = cluster
         self.net = net
@@ -44,27 +46,58 @@ class Nemesis:
         self.trace = trace
         self.kinds = [k for k in kinds if k in KINDS]
         self.mean_gap_s = mean_gap_s
+        self.takeover_crash_rate = takeover_crash_rate
         self._damaged: set[str] = set()  # rotted disks not yet replaced by the operator
         self._nursery: trio.Nursery | None = None
         self._until = 0.0
         if "crash" in self.kinds:
             cluster.hub.on_grant = self._on_grant
+        self.epoch_start_drop_rate = epoch_start_drop_rate
+        self._doom_next = 0  # figure8: this many more leaders lose their EPOCH_START and die
+        self._doomed: set[str] = set()
+        if epoch_start_drop_rate or "figure8" in self.kinds:
+            net.epoch_start_lost = self._epoch_start_lost
 
     def _on_grant(self, node_id: str) -> None:
         """A node just won an election: sometimes it crashes in the middle of its takeover
         (before or while it writes and ships its EPOCH_START), the moment that decides what
         an older epoch's entries become."""
-        if self._nursery is None or trio.current_time() >= self._until or self.rng.random() >= 0.15:
+        if not self._active() or self.rng.random() >= self.takeover_crash_rate:
             return
-        delay = self.rng.uniform(0.0, 0.02)
+        self._crash_soon(node_id, self.rng.uniform(0.0, 0.02), "winning an election (mid-takeover)")
+
+    def _epoch_start_lost(self, node_id: str) -> bool:
+        """The network asks about each APPEND that carries an EPOCH_START (``node_id`` sent
+        it): whether it is lost. A lost one's sender sometimes dies before it resends, so
+        the record stays on its own disk (if its fsync made it) while what it shipped
+        before counts on the follower. A doomed leader (``figure8``) loses every one."""
+        if node_id in self._doomed:
+            return True
+        if self._doom_next and self._active():
+            self._doom_next -= 1
+            self._doomed.add(node_id)
+            self._crash_soon(node_id, self.rng.uniform(0.001, 0.03), "its EPOCH_START reached no one")
+            return True
+        if not self.epoch_start_drop_rate or self.rng.random() >= self.epoch_start_drop_rate:
+            return False
+        if "crash" in self.kinds and self._active() and self.rng.random() < 0.5:
+            self._crash_soon(node_id, self.rng.uniform(0.001, 0.1), "its EPOCH_START was lost")
+        return True
+
+    def _active(self) -> bool:
+        return self._nursery is not None and trio.current_time() < self._until
+
+    def _crash_soon(self, node_id: str, delay: float, why: str) -> None:
+        assert self._nursery is not None
         down_for = self.rng.uniform(0.1, 3 * self.cluster.lease_ttl_s)
 
         async def crash_it() -> None:
             await trio.sleep(delay)
             if self.cluster.nodes[node_id].up:
-                self.trace.fault("crash", f"{node_id} {delay * 1000:.1f} ms into its takeover, back in {down_for:.2f}s")
+                self.trace.fault("crash", f"{node_id} {delay * 1000:.1f} ms after {why}, back in {down_for:.2f}s")
                 await self.cluster.crash(node_id)
-                await self._later(down_for, lambda: self._start(node_id))
+            self._doomed.discard(node_id)
+            await self._later(down_for, lambda: self._start(node_id))
 
         self._nursery.start_soon(crash_it)
 
@@ -95,7 +128,7 @@ class Nemesis:
 
     async def _inject(self, kind: str, nursery: trio.Nursery) -> None:
         c, rng, ttl = self.cluster, self.rng, self.cluster.lease_ttl_s
-        victim = self._victim()
+        victim = self._victim(leader_bias=1.0 if kind in ("cut_crash", "figure8") else 0.5)
         slot = c.nodes[victim]
         minority = (len(c.ids) - 1) // 2
         if kind in ("crash", "torn", "lost_disk") and slot.up:
@@ -108,6 +141,29 @@ class Nemesis:
             else:
                 await c.crash(victim, torn=kind == "torn")
             nursery.start_soon(self._later, down_for, lambda: self._start(victim))
+        elif kind in ("cut_crash", "figure8") and slot.up:
+            # Silent to every peer for a moment while its clients still write to it, then
+            # killed: entries of its epoch that only its own disk holds, the start of
+            # Raft's figure 8 (docs/simulation.md). figure8 then dooms the next two leaders:
+            # each one's EPOCH_START reaches no one, and it dies a moment later.
+            if kind == "figure8":
+                if self._doom_next or c.leader() is not slot.node:
+                    return
+                self._doom_next = 2
+            cut_for = rng.uniform(0.005, 0.4 * ttl)
+            down_for = rng.uniform(0.1, 3 * ttl)
+            self.trace.fault(kind, f"{victim} silent for {cut_for * 1000:.0f} ms, then killed, back in {down_for:.2f}s")
+            for other in c.ids:
+                if other != victim:
+                    self.net.cut(victim, other, reset=False)
+
+            async def crash_then_heal() -> None:
+                await trio.sleep(cut_for)
+                await c.crash(victim)
+                await self._heal_all_of(victim)
+                await self._later(down_for, lambda: self._start(victim))
+
+            nursery.start_soon(crash_then_heal)
         elif kind == "restart" and slot.up:
             self.trace.fault(kind, victim)
             await c.restart(victim)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 KINDS = (
     "crash",  # kill -9, unsynced writes lost
+    "cut_crash",  # silent to every peer for a moment (taking writes alone), then kill -9
+    "figure8",  # cut_crash of the leader, then the next two leaders' EPOCH_STARTs are lost and they die
     "torn",  # crash during a write: the last sector garbled
     "restart",  # a clean crash and immediate restart
     "lost_disk",  # the data directory is gone; the node comes back empty
@@ -21,5 +23,5 @@ KINDS = (
     "etcd_down",  # nobody can reach etcd for a while
 )
 # Per-frame network faults: enabled by rates, not by steps (network.NetworkFaults).
-FRAME_KINDS = ("drop", "duplicate", "reorder")
+FRAME_KINDS = ("drop", "duplicate", "reorder", "epoch_start_drop")
 DEFAULT_KINDS = KINDS

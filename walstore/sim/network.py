@@ -10,6 +10,9 @@ frame at a time of its own on the virtual clock, so the network can act on whole
   must refuse it or be idempotent, never act on it twice);
 - *drop*: a frame lost. TCP cannot lose bytes and go on, so the connection resets at that
   frame: what was sent before it is delivered, nothing after;
+- *epoch_start_drop*: the same, aimed at an APPEND that carries a new leader's EPOCH_START.
+  Whether that record reaches a majority decides what an older epoch's entries become
+  (Raft's figure 8), and a random drop rarely lands on the one frame that carries it;
 - *partition*: a pair of nodes cut apart. New connections between them fail (refused, or
   hang until the dialer's timeout), and open ones either reset at once or go silent for
   good (nothing more is delivered, as on a TCP connection whose packets are blackholed,
@@ -34,6 +37,8 @@ from typing import Any
 import trio
 
 from walstore.protocol.frames import FRAME_HEADER_BYTES
+from walstore.protocol.messages import FrameType
+from walstore.wal.record import KIND_EPOCH_START, RECORD_HEADER_BYTES, peek_header, record_size
 
 _LENGTH = struct.Struct("<I")
 _LENGTH_OFFSET = 8  # the payload length's place in a frame header
@@ -55,12 +60,30 @@ class NetworkFaults:
 class NetworkCounts:
     frames: int = 0
     dropped: int = 0
+    epoch_starts_dropped: int = 0
     duplicated: int = 0
     reordered: int = 0
     blackholed: int = 0
     connections: int = 0
     refused: int = 0
     resets: int = 0
+
+
+_APPEND_FIELDS_BYTES = 32  # epoch, prev index, prev epoch, commit (protocol/messages.py)
+
+
+def _carries_epoch_start(frame: bytes) -> bool:
+    """Whether ``frame`` is an APPEND with an EPOCH_START among its records. The sender
+    encoded it, so the record headers are read without checking them."""
+    if frame[3] != FrameType.APPEND:
+        return False
+    offset = FRAME_HEADER_BYTES + _APPEND_FIELDS_BYTES
+    while offset + RECORD_HEADER_BYTES <= len(frame):
+        header = peek_header(frame, offset)
+        if header.kind == KIND_EPOCH_START:
+            return True
+        offset += record_size(header.body_len)
+    return False
 
 
 class _Pipe:
@@ -110,6 +133,12 @@ class _Pipe:
         if faults.drop and rng.random() < faults.drop:
             counts.dropped += 1
             net.note("net", f"drop a frame {self.src}->{self.dst} (type {frame[3]}): the connection resets")
+            self.reset_after_queued = True
+            self._wake()
+            return
+        if net.epoch_start_lost is not None and _carries_epoch_start(frame) and net.epoch_start_lost(self.src):
+            counts.epoch_starts_dropped += 1
+            net.note("net", f"drop an APPEND {self.src}->{self.dst} carrying an EPOCH_START: the connection resets")
             self.reset_after_queued = True
             self._wake()
             return
@@ -258,6 +287,9 @@ class SimNetwork:
     faults: NetworkFaults = field(default_factory=NetworkFaults)
     counts: NetworkCounts = field(default_factory=NetworkCounts)
     seq: int = 0
+    # Asked, with the sender, about each APPEND that carries an EPOCH_START: True drops it
+    # (the nemesis decides, and may kill the sender before it resends).
+    epoch_start_lost: Callable[[str], bool] | None = None
     # Pairs cut apart, and whether new connections between them are refused (True) or hang.
     _cuts: dict[frozenset[str], bool] = field(default_factory=dict)
     _listeners: dict[tuple[str, int], _Listener] = field(default_factory=dict)

@@ -35,7 +35,7 @@ from walstore import planted_bugs
 from walstore.checker import check
 from walstore.errors import StorageError
 from walstore.node import Node
-from walstore.sim.cluster import SimCluster
+from walstore.sim.cluster import SIM_FRAME_BYTES, SimCluster
 from walstore.sim.faults import Nemesis
 from walstore.sim.kinds import DEFAULT_KINDS, FRAME_KINDS, KINDS
 from walstore.sim.network import NetworkFaults, SimNetwork
@@ -59,6 +59,11 @@ class SimOptions:
     faults: tuple[str, ...] = DEFAULT_KINDS + FRAME_KINDS
     mean_fault_gap_s: float = 0.8
     frame_fault_rate: float = 0.002  # per frame, for each enabled frame kind
+    # How often a node that just won an election crashes 0-20 ms into its takeover (with
+    # "crash" enabled): the moment that decides what an older epoch's entries become.
+    takeover_crash_rate: float = 0.15
+    # Record bytes per APPEND; None: each seed draws one of SIM_FRAME_BYTES.
+    replication_frame_bytes: int | None = None
     plant: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -171,6 +176,8 @@ async def _run_seed(seed: int, options: SimOptions, result: SeedResult) -> None:
             reorder=10 * rate if "reorder" in options.faults else 0.0,
         ),
     )
+    frame_bytes = options.replication_frame_bytes or rng.choice(SIM_FRAME_BYTES)
+    trace.note("sim", f"APPEND frames of at most {frame_bytes} record bytes")
     async with trio.open_nursery() as nursery:
         cluster = SimCluster(
             nursery,
@@ -181,13 +188,24 @@ async def _run_seed(seed: int, options: SimOptions, result: SeedResult) -> None:
             lease_ttl_s=options.lease_ttl_s,
             append_timeout_s=options.append_timeout_s,
             on_unexpected=unexpected,
+            replication_frame_bytes=frame_bytes,
         )
         for node_id in cluster.ids:
             cluster.start(node_id)
         workload = Workload(
             cluster, rng, trace, clients=options.clients, aggregates=options.aggregates, on_unexpected=unexpected
         )
-        nemesis = Nemesis(cluster, net, rng, trace, options.faults, mean_gap_s=options.mean_fault_gap_s)
+        nemesis = Nemesis(
+            cluster,
+            net,
+            rng,
+            trace,
+            options.faults,
+            mean_gap_s=options.mean_fault_gap_s,
+            takeover_crash_rate=options.takeover_crash_rate,
+            # One frame per takeover and follower carries an EPOCH_START: aimed, so more often.
+            epoch_start_drop_rate=min(1.0, 50 * rate) if "epoch_start_drop" in options.faults else 0.0,
+        )
         watch = _Invariants(cluster, result, trace)
         until = options.seconds
         async with trio.open_nursery() as phase:
@@ -207,9 +225,23 @@ async def _run_seed(seed: int, options: SimOptions, result: SeedResult) -> None:
             converged = await _converge(cluster, trace)
             watch.sample()
         result.acked, result.failed, result.unknown = workload.acked, workload.failed, workload.unknown
+        _count_frame_faults(net, trace)
         _final_check(cluster, workload, result, converged)
         result.virtual_s = trio.current_time()
         nursery.cancel_scope.cancel()
+
+
+def _count_frame_faults(net: SimNetwork, trace: Trace) -> None:
+    """The per-frame faults, counted by the network, join the nemesis's faults by kind."""
+    counts = net.counts
+    for kind, n in (
+        ("drop", counts.dropped),
+        ("duplicate", counts.duplicated),
+        ("reorder", counts.reordered),
+        ("epoch_start_drop", counts.epoch_starts_dropped),
+    ):
+        if n:
+            trace.faults[kind] += n
 
 
 async def _supervise(cluster: SimCluster, nemesis: Nemesis, rng: random.Random, trace: Trace) -> None:
@@ -243,11 +275,19 @@ class _Invariants:
         self.result = result
         self.trace = trace
         self.by_index: dict[int, tuple[str, str]] = {}  # event index -> (event id, first node seen on)
-        self.checked: dict[int, int] = {}  # id(node process) -> last event index compared
-        self.commit: dict[int, int] = {}
+        # Keyed by node process: (node id, start number). Not id(node): a crashed node's
+        # object is freed and its id reused by a later process, which then inherits the
+        # dead one's marks (a false "commit went back", found that way).
+        self.checked: dict[tuple[str, int], int] = {}  # last event index compared
+        self.commit: dict[tuple[str, int], int] = {}
+        # Log index -> (epoch, node) of the entry some node held there when it counted it
+        # committed; and per node process, the last index recorded.
+        self.committed: dict[int, tuple[int, str]] = {}
+        self.committed_upto: dict[tuple[str, int], int] = {}
         self.epochs_seen = 0
         self.reported: set[str] = set()
         self.violated = trio.Event()
+        cluster.on_crash = lambda node_id: self.sample()
 
     async def run(self) -> None:
         while True:
@@ -268,11 +308,12 @@ class _Invariants:
             node = slot.node
             if node is None or not node.started.is_set():
                 continue
-            key = id(node)
+            key = (slot.node_id, slot.starts)
             commit = node.commit.value
             if commit < self.commit.get(key, 0):
                 self._violation("commit_went_back", f"{slot.node_id}: {self.commit[key]} -> {commit}")
             self.commit[key] = commit
+            self._committed_entries_stay(slot.node_id, node, key)
             self._compare_applied(slot.node_id, node, key)
             if node.rlog.halted is not None and slot.halted is None:
                 slot.halted = node.rlog.halted
@@ -304,7 +345,31 @@ class _Invariants:
                     f"its disk holds up to {follower.writer.durable_index}",
                 )
 
-    def _compare_applied(self, node_id: str, node: Node, key: int) -> None:
+    def _committed_entries_stay(self, node_id: str, node: Node, key: tuple[str, int]) -> None:
+        """Raft's state machine safety, on log entries rather than applied events: once any
+        node counts an index committed, every node that later counts it committed holds the
+        same entry there (same epoch: one leader per epoch wrote it). Stronger than the
+        applied-events check: it sees a commit that no client, read or apply saw yet, such
+        as a leader's that lasted a moment before it died."""
+        if node.writer.failure is not None:
+            return  # a poisoned log refuses reads; the node is stopping and says so
+        upto = min(node.commit.value, node.wal.last_index)
+        start = max(self.committed_upto.get(key, 0), node.wal.first_index - 1) + 1
+        for index in range(start, upto + 1):
+            epoch = node.wal.epoch_at(index)
+            seen = self.committed.get(index)
+            if seen is None:
+                self.committed[index] = (epoch, node_id)
+            elif seen[0] != epoch:
+                self._violation(
+                    "committed_entry_replaced",
+                    f"log index {index}: {seen[1]} counted epoch {seen[0]}'s entry committed, "
+                    f"{node_id} counts epoch {epoch}'s",
+                )
+                return
+        self.committed_upto[key] = max(self.committed_upto.get(key, 0), upto)
+
+    def _compare_applied(self, node_id: str, node: Node, key: tuple[str, int]) -> None:
         start = self.checked.get(key, 0) + 1
         upto = node.applied_events.value
         while start <= upto:
@@ -330,6 +395,7 @@ class _Invariants:
 async def _heal(cluster: SimCluster, net: SimNetwork, trace: Trace) -> None:
     net.heal_all()
     net.faults.drop = net.faults.duplicate = net.faults.reorder = 0.0
+    net.epoch_start_lost = None
     for slot in cluster.nodes.values():
         slot.disk.fs.clear_faults()
         slot.disk.slow_until = 0.0
