@@ -1,10 +1,11 @@
 """The composition root: one node, every service in one trio nursery.
 
 Start-up: open the write-ahead log (recovery repairs a torn tail or refuses corruption),
-rebuild the state machine from it, then serve. Alone (no peers) the node leads itself
-with no etcd: each start takes the next epoch, writes EPOCH_START, and an entry is
-committed the moment it is durable. In a cluster the ``Replicator`` decides the role and
-the commit index; this module only wires it in.
+rebuild the state machine from it, then serve. The ``Replicator`` decides the role and
+the commit index; this module only wires it in. Alone (no peers) the node is a cluster of
+one on the same path: its election is ``LocalElection`` (no etcd, no lease), its takeover
+asks nobody, it writes EPOCH_START, and an entry is committed the moment its own fsync
+makes it durable, since its disk is the majority. It serves once it leads.
 
 The write path (leader): validate against the tentative state (``store.prepare``),
 submit to the group-commit writer (indexes assigned now, no await in between), ship to the
@@ -43,6 +44,7 @@ import trio.lowlevel
 
 from walstore.config import Config
 from walstore.election.base import Election
+from walstore.election.local import LocalElection
 from walstore.errors import (
     DiskFullError,
     EntriesReplaced,
@@ -67,7 +69,7 @@ from walstore.service import AggregateRead, Checkpoint, Direction, LogRead, Node
 from walstore.store import EventStore
 from walstore.wal.fs import Buffer, FileSystem, RealFileSystem, WalFile
 from walstore.wal.log import WalOptions, WriteAheadLog
-from walstore.wal.record import KIND_EPOCH_START, KIND_EVENT, MAX_RECORD_BODY_BYTES
+from walstore.wal.record import KIND_EVENT, MAX_RECORD_BODY_BYTES
 from walstore.wal.writer import SLOW_ROUND_S, GroupCommitWriter, PendingAppend
 from walstore.watermark import Watermark
 
@@ -78,6 +80,9 @@ APPEND_TIMEOUT_S = 10.0  # then 504: the append may still commit, the client mus
 MAX_READ_WAIT_S = 10.0  # a min_index read waits at most this long, then 503
 SUBSCRIBE_PAGE_EVENTS = 512  # a subscription reads the log this many events at a time
 SHUTDOWN_GRACE_S = 5.0  # the last batch gets this long to sync after the HTTP drain
+# A cluster of one serves once it leads (its takeover's EPOCH_START is durable), or after
+# this long anyway, so that health can say why it does not.
+SOLO_LEAD_WAIT_S = 10.0
 # How often the commit index is recorded in meta.json. The record only guards against
 # truncation (the in-memory commit index guards first), so lagging by this much is fine.
 COMMIT_RECORD_INTERVAL_S = 0.5
@@ -258,8 +263,7 @@ class Node:
         self._last_refused_at = -math.inf  # a write refused while stopping (trio clock)
         self.started = trio.Event()
         self.stopping = False
-        self.replicator: Replicator | None = None
-        self._solo_epoch = 0
+        self.replicator: Replicator | None = None  # set at start
         self._shutdown = trio.Event()
         self._http_done = trio.Event()
         # The probe port stops last (after the client port): set to stop it, set when done.
@@ -299,7 +303,7 @@ class Node:
         self.store = EventStore(_LogBodies(self.wal))
         async with AsyncExitStack() as stack:
             # The election's own tasks must outlive the node's nursery: enter it first.
-            election = await stack.enter_async_context(self._make_election()) if cfg.clustered else None
+            election = await stack.enter_async_context(self._make_election())
             # HTTP runs in a nursery of its own, around everything else: when a failed
             # fdatasync stops the writer, every task that waits on the log fails with it
             # and the inner nursery ends, but the requests in flight still get their answer
@@ -325,19 +329,22 @@ class Node:
         self,
         nursery: trio.Nursery,
         http_nursery: trio.Nursery,
-        election: Election | None,
+        election: Election,
         task_status: trio.TaskStatus[Node],
     ) -> None:
         cfg = self.config
         await nursery.start(self.writer.run)
-        if election is not None:
-            await self._start_cluster(election, nursery)
-        else:
-            await self._start_solo()
         self.commit.on_advance = self._apply_ready
         nursery.start_soon(self._apply_committed)
         nursery.start_soon(self._expire_waits)
         nursery.start_soon(self._record_commit_forever)
+        replicator = await self._start_replicator(election, nursery)
+        if not replicator.others:
+            # A cluster of one leads as soon as its takeover has written EPOCH_START, a
+            # few milliseconds: serve from then on, as the node of one always has. Bounded,
+            # so that a node whose disk cannot take that record still answers health.
+            with trio.move_on_after(SOLO_LEAD_WAIT_S):
+                await replicator.first_writable.wait()
         app = HttpApp(self, metrics=self.metrics, draining=lambda: self.stopping, max_batch_events=cfg.max_batch_events)
         http_done = self._http_done
         probes_stop, probes_done = self._probes_stop, self._probes_done
@@ -406,14 +413,16 @@ class Node:
     async def _hand_over(self) -> None:
         """A leader stopping: let its appends in flight be answered, then resign (see the
         module docstring for why in this order)."""
-        replicator = self.replicator
-        if replicator is None or replicator.role is Role.FOLLOWER:
+        replicator = self._replicator
+        if replicator.role is Role.FOLLOWER:
             return
         started = trio.current_time()
         if self._appends_in_flight:
             self._appends_done = trio.Event()
             with trio.move_on_after(HANDOVER_APPENDS_WAIT_S):
                 await self._appends_done.wait()
+        if not replicator.others:
+            return  # a cluster of one: nobody to hand over to
         waited = trio.current_time() - started
         still = self._appends_in_flight
         resigned = False
@@ -466,20 +475,13 @@ class Node:
             self.config.data_dir.mkdir(parents=True, exist_ok=True)
         return WriteAheadLog.open(self.config.data_dir, options, fs=self._space)
 
-    async def _start_solo(self) -> None:
-        # Rebuild from the whole log: alone, everything durable is committed.
-        self.commit.advance(self.wal.last_index)
-        self._apply_now(self.wal.last_index)
-        epoch = max(self.rlog.promised_epoch, self.wal.last_epoch) + 1
-        await self.rlog.promise(epoch)
-        pending = self.rlog.submit([(KIND_EPOCH_START, 0, b'{"solo":true}')], epoch)
-        await pending.wait_durable()
-        self.commit.advance(pending.last_index)
-        self._solo_epoch = epoch
-
     def _make_election(self) -> Election:
         if self._election is not None:
             return self._election
+        if not self.config.clustered:
+            # Every grant above anything this log has promised or written (LocalElection).
+            rlog = self.rlog
+            return LocalElection(self.config.node_id, lambda: max(rlog.promised_epoch, rlog.tail_epoch) + 1)
         from walstore.election.etcd import EtcdElection
 
         # etcd leases are whole seconds.
@@ -489,7 +491,7 @@ class Node:
             ttl_s=max(1, math.ceil(self.config.lease_ttl_s)),
         )
 
-    async def _start_cluster(self, election: Election, nursery: trio.Nursery) -> None:
+    async def _start_replicator(self, election: Election, nursery: trio.Nursery) -> Replicator:
         # Entries up to the recorded commit index were committed when we learned it, and
         # are never truncated: they can be applied before any leader is heard from.
         self.commit.advance(self.wal.known_commit)
@@ -506,14 +508,18 @@ class Node:
             applied=self.applied,
         )
         self.peer_port = await nursery.start(self.replicator.run)
+        return self.replicator
+
+    @property
+    def _replicator(self) -> Replicator:
+        assert self.replicator is not None, "the node has not started"
+        return self.replicator
 
     # -- commit and apply ------------------------------------------------------------------
 
     async def _apply_committed(self) -> None:
         while True:
             target = self.applied.value + 1
-            if self.replicator is None and not await self._commit_durable(target):
-                continue
             await self.commit.wait_for(target)
             if self.commit.value < target:
                 continue  # interrupted: a term ended; keep waiting
@@ -560,8 +566,7 @@ class Node:
         (the replica refuses APPENDs, a leader steps down and never campaigns again);
         keep serving reads and health so that an operator can look."""
         self.metrics.safety_halted.set(1)
-        if self.replicator is not None:
-            self.replicator.step_down()
+        self._replicator.step_down()
 
     async def _expire_waits(self) -> None:
         """The append timeout, for every waiting append at once (see ``watermark``): a
@@ -572,21 +577,6 @@ class Node:
             now = trio.current_time()
             self.commit.expire(now)
             self.applied.expire(now)
-
-    async def _commit_durable(self, target: int) -> bool:
-        """Single node: durable is committed. The applier moves the commit index itself as
-        rounds become durable, so an append waits once (until applied) instead of three
-        times (durable, committed, applied): each wait is a task switch per request.
-        False when there is nothing at ``target`` to wait for yet (look again)."""
-        if self.rlog.tail_index < target:
-            await self.rlog.wait_tail_moved()
-            return False
-        try:
-            await self.writer.wait_durable(target)
-        except (Truncated, DiskFullError):
-            return False  # rolled back meanwhile (disk full): its appends answer 503
-        self.commit.advance(self.writer.durable_index)
-        return True
 
     def _apply_now(self, upto: int) -> None:
         store = self.store
@@ -613,13 +603,15 @@ class Node:
         log's tail move back together."""
         self.store.pending_clear()
         self.rlog.rolled_back()
-        self.applied.interrupt()  # single node: appends waiting to be applied look at their batch
+        self.applied.interrupt()  # alone: appends waiting to be applied look at their batch
         self.applied_events.interrupt()  # a forward's read-your-writes wait: it cannot be applied here now
-        if self.replicator is not None and self.replicator.role is not Role.FOLLOWER:
+        replicator = self._replicator
+        if replicator.role is not Role.FOLLOWER and replicator.others:
             # Followers may already hold the failed records: reusing their indexes in this
-            # epoch would break log matching. Step down; the next leader sorts it out.
+            # epoch would break log matching. Step down; the next leader sorts it out. A
+            # cluster of one keeps leading: nobody else saw them.
             log.error("disk full on the leader: stepping down")
-            self.replicator.step_down()
+            replicator.step_down()
 
     def _on_storage_failed(self, error: StorageError) -> None:
         """The writer stopped for good (a failed fdatasync; never retried): runs in the event
@@ -654,9 +646,10 @@ class Node:
             raise UnavailableError("node is shutting down", code="shutting_down")
         if self.rlog.halted is not None:
             raise UnavailableError(f"this node stopped taking writes: {self.rlog.halted}", code="safety_halt")
-        if self.replicator is None or self.replicator.writable:
+        replicator = self._replicator
+        if replicator.writable:
             return await self._append_as_leader(list(events), tracking)
-        leader = self.replicator.leader_peer()
+        leader = replicator.leader_peer()
         # A lease TTL, not the append timeout: a leader that has not answered by then is
         # paused, cut off or failing over, and it resigns within that time when it cannot
         # reach a majority (Replicator._quorum_grace_s); waiting longer only holds the
@@ -666,13 +659,14 @@ class Node:
         try:
             if leader is None:
                 raise UnavailableError("no leader elected right now", code="no_leader")
-            results: list[AppendResult] = await self.replicator.forwarder.forward(
+            results: list[AppendResult] = await replicator.forwarder.forward(
                 leader, events, forward_s, tracking=tracking
             )
         except UnavailableError as exc:
-            if exc.code == "no_leader" and self.disk_full:
+            if exc.code in ("no_leader", "not_leader") and self.disk_full:
                 # The likely reason there is no leader: with every disk full no takeover
-                # can write its EPOCH_START. Say what this node knows, its own full disk.
+                # can write its EPOCH_START (not_leader: the forward reached a candidate
+                # mid-takeover). Say what this node knows, its own full disk.
                 raise UnavailableError(
                     f"this node's disk is full and {exc.message}", code="disk_full", retry_after_s=DISK_FULL_RETRY_S
                 ) from exc
@@ -707,8 +701,9 @@ class Node:
                 self._appends_done.set()
 
     async def _append_in_term(self, events: list[NewEvent], tracking: Tracking | None) -> list[AppendResult]:
-        if self.replicator is not None and not self.replicator.writable:
-            raise UnavailableError("not the leader", code="not_leader", leader_id=self.replicator.leader_id)
+        replicator = self._replicator
+        if not replicator.writable:
+            raise UnavailableError("not the leader", code="not_leader", leader_id=replicator.leader_id)
         try:
             prepared = self.store.prepare(
                 events,
@@ -722,17 +717,14 @@ class Node:
         own: PendingAppend | None = None
         if prepared.bodies:
             entries = prepared.records()
-            if self.replicator is None:
-                pending = self.rlog.submit(entries, self._solo_epoch)
-            else:
-                pending = self.replicator.submit(entries)
+            pending = replicator.submit(entries)
             self.store.pending_added(pending.first_index, prepared)
             self.metrics.events_appended_total.inc(len(entries) - (entries[-1][0] != KIND_EVENT))
-            if self.replicator is None:
-                own = pending  # alone, durable is committed: the applier commits it
+            if not replicator.others:
+                own = pending  # alone, a rollback of its batch is definite: nobody else has it
         # With new records, wait_log_index is the last of them (pending.last_index).
         await self._wait_applied(prepared.wait_log_index, own, ours=bool(prepared.bodies))
-        if prepared.bodies and self.replicator is not None and not self.replicator.still_leading():
+        if prepared.bodies and not replicator.still_leading():
             # Checked again right before answering: a pause (GC, SIGSTOP) may have outlived
             # the lease since the commit was seen.
             raise OutcomeUnknown("leadership lost before the answer; the write is committed")
@@ -753,7 +745,7 @@ class Node:
         wait (``_on_rollback``) and is answered 503, as nothing of it was written."""
         if self.applied.value >= index:
             return
-        committing = ours and self.replicator is not None
+        committing = ours
         deadline = trio.current_time() + self.append_timeout_s
         while self.applied.value < index and trio.current_time() < deadline:
             if own is not None and own.done:
@@ -775,6 +767,8 @@ class Node:
                     f"({self.writer.failure}); it may still appear"
                 )
             await self.applied.wait_for(index, deadline)
+            if own is not None and own.failed:
+                continue  # rolled back under us (disk full): answered at the top
             if committing and self.commit.value < index:
                 break  # woken before the commit: the term ended (or the timeout passed)
         if self.applied.value < index:
@@ -901,20 +895,20 @@ class Node:
         if not self.started.is_set():
             reasons.insert(0, "starting")
         extra["not_ready"] = reasons
-        if self.replicator is None:
+        r = self.replicator
+        if r is None:  # still opening its log
             return NodeStatus(
                 id=self.config.node_id,
-                is_leader=True,
-                leader_id=self.config.node_id,
-                term=self._solo_epoch,
-                commit_index=commit_events,
-                last_applied=store.last_applied_event_index,
-                role="leader",
-                ready=not reasons,
-                healthy=not self.stopping and self.writer.failure is None,
+                is_leader=False,
+                leader_id=None,
+                term=0,
+                commit_index=0,
+                last_applied=0,
+                role=Role.FOLLOWER.value,
+                ready=False,
+                healthy=not self.stopping,
                 extra=extra,
             )
-        r = self.replicator
         peers = []
         progress = {p.peer.node_id: p for p in r.peer_progress()}
         # Only the leader knows how far each peer is; a follower lists none.
@@ -933,7 +927,9 @@ class Node:
             )
         caught_up = self.applied.value >= self.commit.value and self.commit.value > 0
         extra["voter"] = r.votes
-        if r.leader_id is None:
+        if self.writer.failure is not None:
+            pass  # the node is exiting: whom it follows says nothing more
+        elif r.leader_id is None:
             reasons.append("no_leader")
         elif not caught_up:
             reasons.append("not_caught_up")

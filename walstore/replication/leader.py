@@ -125,6 +125,8 @@ class LeaderTerm:
     def appended(self, pending: PendingAppend) -> None:
         self._local.append(pending)
         self._local_added.set()
+        if not self.progress:
+            return  # a cluster of one: no follower to ship to, nothing to cache
         self._cache.append(pending)
         self._cache_by_first[pending.first_index] = pending
         # nbytes, not len(data): reading data would encode the batch here, on submit
@@ -155,8 +157,15 @@ class LeaderTerm:
             try:
                 await self._local[0].wait_durable()
             except DiskFullError:
-                # Rolled back; the node steps down (Node._on_rollback). Stop counting.
-                return
+                if self.progress:
+                    # Rolled back; the node steps down (Node._on_rollback): followers may
+                    # hold the failed records. Stop counting.
+                    return
+                # A cluster of one keeps leading: nobody else saw the failed batches, and
+                # their appends answer 503. Count on from the next batch.
+                while self._local and self._local[0].failed:
+                    self._local.popleft()
+                continue
             self._local.popleft()
             # The round that finished this batch finished the ones behind it too: one
             # recompute for all of them, not one wake-up of this task per batch (a round

@@ -11,7 +11,9 @@ Roles and transitions, in one place (docs/architecture.md, "State machines"):
 
 Every voter campaigns all the time; etcd picks one. Followers answer the leader's frames
 (``FollowerService``) and forward client writes to it (``Forwarder``); the leader streams
-its log to every follower (``LeaderTerm``).
+its log to every follower (``LeaderTerm``). A cluster of one (no ``others``) runs the same
+machine on ``LocalElection``: it wins at once, its takeover asks nobody, and its own
+fsync is the majority; it opens no peer port.
 
 Membership (``walstore.election.membership``): at start the node records its data
 directory's incarnation in etcd (a new directory of a known member becomes a learner). A
@@ -86,16 +88,16 @@ class Replicator:
         self.metrics = metrics
         self.append_local = append_local
         self.on_term_end = on_term_end
-        me = config.me
-        assert me is not None
-        self.me = me
+        # A cluster of one (the embedded single node) lists no peers: it is its own member.
+        self.me = config.me or PeerSpec(config.node_id, config.peer_host, config.peer_port)
         self.others = [p for p in config.peers if p.node_id != config.node_id]
-        self.candidate = Candidate(config.node_id, me.address, http_address)
+        self.candidate = Candidate(config.node_id, self.me.address, http_address)
         self.role = Role.FOLLOWER
         self.leader: LeaderInfo | None = None  # who leads, as far as we know
         self.leadership: Leadership | None = None
         self.term: LeaderTerm | None = None
         self.writable = False  # leader whose EPOCH_START has committed
+        self.first_writable = trio.Event()  # set the first time this node became writable
         self.follower = FollowerService(
             rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen
         )
@@ -117,25 +119,29 @@ class Replicator:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self.peer_port = await nursery.start(
-                lambda task_status: serve_peers(
-                    self.config.peer_host,
-                    self.config.peer_port,
-                    cluster_id=self.config.cluster_id,
-                    node_id=self.config.node_id,
-                    epoch=self._epoch,
-                    handler=self._on_connection,
-                    on_rejected=lambda reason: self.metrics.peer_connections_rejected_total.labels(reason).inc(),
-                    known_peers=frozenset(p.node_id for p in self.others),
-                    incarnation=self.rlog.incarnation,
-                    task_status=task_status,
-                )
-            )
+            if self.others:  # a cluster of one has nobody to listen to, or forward to
+                await self._serve_peers(nursery)
             nursery.start_soon(self._register)
-            nursery.start_soon(self.forwarder.run)
             nursery.start_soon(self._watch_leader)
             nursery.start_soon(self._campaign_forever)
             task_status.started(self.peer_port)
+
+    async def _serve_peers(self, nursery: trio.Nursery) -> None:
+        self.peer_port = await nursery.start(
+            lambda task_status: serve_peers(
+                self.config.peer_host,
+                self.config.peer_port,
+                cluster_id=self.config.cluster_id,
+                node_id=self.config.node_id,
+                epoch=self._epoch,
+                handler=self._on_connection,
+                on_rejected=lambda reason: self.metrics.peer_connections_rejected_total.labels(reason).inc(),
+                known_peers=frozenset(p.node_id for p in self.others),
+                incarnation=self.rlog.incarnation,
+                task_status=task_status,
+            )
+        )
+        nursery.start_soon(self.forwarder.run)
 
     async def _on_connection(self, channel: PeerChannel) -> None:
         first: Message = await channel.receive()
@@ -372,6 +378,7 @@ class Replicator:
                 # Validation needs the whole log applied: wait for our EPOCH_START to be.
                 await self.applied.wait_for(pending.first_index)
                 self.writable = True
+                self.first_writable.set()
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
                 await self._lead_while_quorum(self.term)
                 log.warning("epoch %d: no quorum of followers for %.1fs; resigning", epoch, self._quorum_grace_s)
@@ -402,7 +409,7 @@ class Replicator:
         never depend on one backend task being scheduled first."""
         leadership = self.leadership
         assert leadership is not None
-        needed = max(1, term.cluster_size // 2)  # followers that make a majority with us
+        needed = term.cluster_size // 2  # followers that make a majority with us (0: alone)
         grace_s = self._quorum_grace_s
         stall_s = self.config.lease_ttl_s / 8  # one heartbeat interval
         wake_at = trio.current_time()
@@ -419,12 +426,12 @@ class Replicator:
             # reaches one voter and one learner holds the lease that three voters cut off
             # from it could otherwise use (a trade-off, docs/membership.md).
             answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
-            heard_at = answered[needed - 1] if len(answered) >= needed else -math.inf
+            heard_at = answered[needed - 1] if needed and len(answered) >= needed else -math.inf
             # One expression for the test and the wake-up: ``now - heard_at < grace_s`` can
             # hold while ``heard_at + grace_s == now`` in floating point, and sleeping until
             # now returns at once: a busy loop, forever on the simulator's frozen clock
             # (found by it), for a moment on a real one.
-            quorum_until = heard_at + grace_s
+            quorum_until = heard_at + grace_s if needed else math.inf  # a cluster of one is its majority
             if now >= quorum_until:
                 if now - wake_at < stall_s:
                     return

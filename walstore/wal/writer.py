@@ -152,6 +152,11 @@ class PendingAppend:
     def done(self) -> bool:
         return self._state is not _RUNNING
 
+    @property
+    def failed(self) -> bool:
+        """Done, and not durable: rolled back, truncated or failed with its round."""
+        return isinstance(self._state, StorageError)
+
     async def wait_durable(self) -> None:
         """Return once the batch is fdatasync'd; raise the StorageError that stopped it."""
         if self._state is _RUNNING:
