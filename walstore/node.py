@@ -123,16 +123,6 @@ def shutdown_budget_s(limits: HttpLimits) -> float:
     return drain + SHUTDOWN_GRACE_S + PROBE_STOP_S + ELECTION_CLOSE_S
 
 
-class _LogBodies:
-    """The store's BodyReader over the write-ahead log."""
-
-    def __init__(self, wal: WriteAheadLog) -> None:
-        self.wal = wal
-
-    def body(self, log_index: int) -> bytes:
-        return self.wal.body(log_index)
-
-
 class _SpaceWatch:
     """The node's file system, noting ENOSPC on files it creates: the metadata file (a
     promise before every takeover) and new segments. A full disk that fails a takeover's
@@ -300,7 +290,7 @@ class Node:
         self.metrics.wal_disk_full.set_function(lambda: float(self.disk_full))
         self.metrics.track_wal_directory(cfg.data_dir)
         self.rlog = ReplicaLog(self.wal, self.writer, on_halt=self._on_halt)
-        self.store = EventStore(_LogBodies(self.wal))
+        self.store = EventStore(self.rlog)  # event bodies are read from the log's owner
         async with AsyncExitStack() as stack:
             # The election's own tasks must outlive the node's nursery: enter it first.
             election = await stack.enter_async_context(self._make_election())
@@ -390,8 +380,8 @@ class Node:
             cfg.http_host,
             self.http_port,
             f", peers on {cfg.peer_host}:{self.peer_port}" if cfg.clustered else " (single node, no etcd)",
-            self.wal.first_index,
-            self.wal.last_index,
+            self.rlog.first_index,
+            self.rlog.written_index,
         )
         task_status.started(self)
         await self._shutdown.wait()
@@ -403,7 +393,7 @@ class Node:
         with trio.move_on_after(max(0.0, drained_by - trio.current_time())):
             await http_done.wait()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
-            await self.writer.wait_durable(self.rlog.tail_index)
+            await self.rlog.wait_durable(self.rlog.tail_index)
             await self._record_commit()
         probes_stop.set()
         with trio.move_on_after(PROBE_STOP_S):
@@ -494,7 +484,7 @@ class Node:
     async def _start_replicator(self, election: Election, nursery: trio.Nursery) -> Replicator:
         # Entries up to the recorded commit index were committed when we learned it, and
         # are never truncated: they can be applied before any leader is heard from.
-        self.commit.advance(self.wal.known_commit)
+        self.commit.advance(self.rlog.known_commit)
         http_host = self.config.me.host if self.config.me else "localhost"
         self.replicator = Replicator(
             self.config,
@@ -523,17 +513,17 @@ class Node:
             await self.commit.wait_for(target)
             if self.commit.value < target:
                 continue  # interrupted: a term ended; keep waiting
-            if self.wal.last_index < target:
+            if self.rlog.written_index < target:
                 # Committed on a majority before our own fsync, or after our copy was lost
                 # (a leader whose disk filled up): wait for the entries to be here.
                 if self.rlog.tail_index < target:
                     await self.rlog.wait_tail_moved()
                     continue
                 try:
-                    await self.writer.wait_durable(target)
+                    await self.rlog.wait_durable(target)
                 except (Truncated, DiskFullError):
                     continue  # rolled back or truncated meanwhile; look again
-            self._apply_now(min(self.commit.value, self.wal.last_index, target + APPLY_CHUNK_RECORDS - 1))
+            self._apply_now(min(self.commit.value, self.rlog.written_index, target + APPLY_CHUNK_RECORDS - 1))
             await trio.lowlevel.checkpoint()
 
     def _apply_ready(self, commit: int) -> None:
@@ -541,7 +531,7 @@ class Node:
         are applied right here, from memory (``EventStore.apply_own``). Whatever must be
         read back from the log is left to the applier task: a read error there stops the
         node, as it should, not the replication task that happened to move the commit."""
-        upto = min(commit, self.wal.last_index)
+        upto = min(commit, self.rlog.written_index)
         if upto > self.store.last_applied_log_index and self.store.apply_own(upto):
             self._publish_applied()
 
@@ -557,8 +547,8 @@ class Node:
 
     async def _record_commit(self) -> None:
         # Only what is durable here: on a leader the commit index can run ahead of its disk.
-        index = min(self.commit.value, self.writer.durable_index, self.wal.last_index)
-        if index > self.wal.known_commit:
+        index = min(self.commit.value, self.rlog.durable_index, self.rlog.written_index)
+        if index > self.rlog.known_commit:
             await self.rlog.persist_commit(index)
 
     def _on_halt(self, reason: str) -> None:
@@ -874,10 +864,10 @@ class Node:
         extra: dict[str, object] = {
             "log_commit_index": self.commit.value,
             "log_last_applied": self.applied.value,
-            "log_durable_index": self.writer.durable_index if self.started.is_set() else 0,
+            "log_durable_index": self.rlog.durable_index if self.started.is_set() else 0,
             "promised_epoch": self.rlog.promised_epoch if self.started.is_set() else 0,
-            "incarnation": self.wal.incarnation if self.started.is_set() else None,
-            "known_commit_index": self.wal.known_commit if self.started.is_set() else 0,
+            "incarnation": self.rlog.incarnation if self.started.is_set() else None,
+            "known_commit_index": self.rlog.known_commit if self.started.is_set() else 0,
             "safety_halt": self.rlog.halted if self.started.is_set() else None,
             "aggregates": store.aggregate_count if self.started.is_set() else 0,
             "http_port": self.http_port,

@@ -112,7 +112,7 @@ class FollowerService:
             async for answer in answers:
                 if answer.durable_at and not (answer.message is not None and "ack_before_fsync" in planted_bugs.active):
                     try:
-                        await self.rlog.writer.wait_durable(answer.durable_at)
+                        await self.rlog.wait_durable(answer.durable_at)
                     except (Truncated, DiskFullError):
                         # Truncated by another leader's APPEND, or rolled back (disk full),
                         # after this answer was queued: acknowledging them would be a lie.
@@ -187,9 +187,9 @@ class FollowerService:
 
     def _on_fetch(self, msg: Fetch) -> FetchResult:
         if msg.epoch < self.rlog.promised_epoch:
-            return FetchResult(msg.request_id, self.rlog.promised_epoch, False, self.rlog.wal.last_index, b"")
+            return FetchResult(msg.request_id, self.rlog.promised_epoch, False, self.rlog.written_index, b"")
         data = self.rlog.read_raw(msg.from_index, min(msg.max_bytes, MAX_FETCH_ENTRIES_BYTES))
-        return FetchResult(msg.request_id, msg.epoch, True, self.rlog.wal.last_index, data)
+        return FetchResult(msg.request_id, msg.epoch, True, self.rlog.written_index, data)
 
     def _on_heartbeat(self, msg: Heartbeat, peer_id: str, link: _Link) -> int:
         """The index our commit may move up to (0: none). Never awaits, never answers."""

@@ -350,8 +350,8 @@ class LeaderTerm:
                 last = batch.last_index
             # one native encode for the batches not shipped yet, not one per batch
             return encode_pending(batches), last
-        if first > self.rlog.wal.last_index:
-            await self.rlog.writer.wait_durable(first)
+        if first > self.rlog.written_index:
+            await self.rlog.wait_durable(first)
         data = self.rlog.read_raw(first, self.max_append_bytes)
         if not data:
             return b"", first - 1

@@ -1,9 +1,11 @@
 """The local log as replication sees it: durable records, in-flight writes, promises.
 
-One facade over the WAL (``WriteAheadLog`` + its ``GroupCommitWriter``) and the metadata
-file, so the leader, follower and takeover code ask one object for "the epoch of entry i",
-"the last entry I have submitted", "persist this promise", "persist what I know is
-committed".
+The one owner of the log: a facade over the WAL (``WriteAheadLog`` + its
+``GroupCommitWriter``) and the metadata file. The node, the leader, follower and takeover
+code ask it, and nothing else, for "the epoch of entry i", "the last entry submitted,
+written, durable", "wait until i is durable", "persist this promise", "persist what I
+know is committed". The node, which builds the writer, also runs it and asks it how the
+disk is doing (failed, full, slow): storage health, not the log's contents.
 
 Committed entries are never truncated: ``truncate_after`` refuses any cut below the highest
 commit index this node has learned (in memory or recorded in meta.json), raises
@@ -109,8 +111,31 @@ class ReplicaLog:
         return None
 
     @property
+    def written_index(self) -> int:
+        """The last entry in the segments (written; durable up to ``durable_index``)."""
+        return self.wal.last_index
+
+    @property
+    def first_index(self) -> int:
+        return self.wal.first_index
+
+    @property
     def durable_index(self) -> int:
         return self.writer.durable_index
+
+    @property
+    def known_commit(self) -> int:
+        """The commit index recorded in meta.json (no truncation may cut below it)."""
+        return self.wal.known_commit
+
+    async def wait_durable(self, index: int) -> None:
+        """Until entry ``index`` is durable here; Truncated or a StorageError if it never
+        will be (rolled back, truncated, or the log failed)."""
+        await self.writer.wait_durable(index)
+
+    def body(self, index: int) -> bytes:
+        """The body of entry ``index``, from the segments."""
+        return self.wal.body(index)
 
     def records_to_apply(self, first: int, last: int) -> list[Record]:
         """Records ``first..last``, durable here, for the applier (which asks in order):

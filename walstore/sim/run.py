@@ -336,13 +336,13 @@ class _Invariants:
             follower = self.cluster.nodes[progress.peer.node_id].node
             if follower is None or not follower.started.is_set() or follower.writer.failure is not None:
                 continue
-            if progress.incarnation != follower.wal.incarnation or follower.rlog.promised_epoch != epoch:
+            if progress.incarnation != follower.rlog.incarnation or follower.rlog.promised_epoch != epoch:
                 continue
-            if progress.match_index > follower.writer.durable_index:
+            if progress.match_index > follower.rlog.durable_index:
                 self._violation(
                     "acked_not_durable",
                     f"{leader.config.node_id} counts {progress.peer.node_id} up to {progress.match_index}, "
-                    f"its disk holds up to {follower.writer.durable_index}",
+                    f"its disk holds up to {follower.rlog.durable_index}",
                 )
 
     def _committed_entries_stay(self, node_id: str, node: Node, key: tuple[str, int]) -> None:
@@ -353,10 +353,11 @@ class _Invariants:
         as a leader's that lasted a moment before it died."""
         if node.writer.failure is not None:
             return  # a poisoned log refuses reads; the node is stopping and says so
-        upto = min(node.commit.value, node.wal.last_index)
-        start = max(self.committed_upto.get(key, 0), node.wal.first_index - 1) + 1
+        upto = min(node.commit.value, node.rlog.written_index)
+        start = max(self.committed_upto.get(key, 0), node.rlog.first_index - 1) + 1
         for index in range(start, upto + 1):
-            epoch = node.wal.epoch_at(index)
+            epoch = node.rlog.epoch_at(index)
+            assert epoch is not None  # written, so in the log
             seen = self.committed.get(index)
             if seen is None:
                 self.committed[index] = (epoch, node_id)
