@@ -980,9 +980,7 @@ class _PromisedLog:
     """Just enough of a ReplicaLog to refuse a FETCH of an old epoch."""
 
     promised_epoch = 5
-
-    class wal:  # stands in for the ReplicaLog attribute of that name
-        last_index = 0
+    written_index = 0
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
