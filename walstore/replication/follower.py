@@ -21,6 +21,10 @@ Rules (docs/protocol.md, "Replication"):
   proved equal to the leader's log. Entries up to there are the leader's, and the leader
   committed them; anything else about a HEARTBEAT (another epoch, an unconfirmed sender,
   nothing matched yet) makes it a no-op. A peer that is not the leader changes nothing.
+
+The decisions themselves (log matching, where the records go, what a HEARTBEAT commits)
+are sans-IO, in ``rules.py``; this module awaits what they need (the election, a drain,
+a cut, fdatasync) and answers.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ from dataclasses import dataclass
 import trio
 
 from walstore import planted_bugs
-from walstore.errors import CommittedTruncation, DiskFullError, InvalidRecords, LogStateError, ProtocolError, Truncated
+from walstore.errors import CommittedTruncation, DiskFullError, InvalidRecords, ProtocolError, Truncated
 from walstore.protocol import Append, AppendAck, Fetch, FetchResult, Heartbeat, Message, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
+from walstore.replication import rules
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel
-from walstore.wal.record import CheckedRecords, peek_header
 from walstore.watermark import Watermark
 
 log = logging.getLogger("walstore.follower")
@@ -193,10 +197,17 @@ class FollowerService:
 
     def _on_heartbeat(self, msg: Heartbeat, peer_id: str, link: _Link) -> int:
         """The index our commit may move up to (0: none). Never awaits, never answers."""
-        if msg.epoch != link.epoch or msg.epoch < self.rlog.promised_epoch or self._confirmed != (msg.epoch, peer_id):
-            return 0
-        commit_to = min(msg.leader_commit, link.matched, self.rlog.tail_index)
-        return commit_to if commit_to > self.commit.value else 0
+        return rules.heartbeat_commit(
+            epoch=msg.epoch,
+            sender=peer_id,
+            leader_commit=msg.leader_commit,
+            link_epoch=link.epoch,
+            link_matched=link.matched,
+            confirmed=self._confirmed,
+            promised_epoch=self.rlog.promised_epoch,
+            tail_index=self.rlog.tail_index,
+            commit=self.commit.value,
+        )
 
     def _nack_message(self, conflict_index: int = 0, conflict_epoch: int = 0) -> AppendAck:
         r = self.rlog
@@ -213,69 +224,34 @@ class FollowerService:
                 return self._nack()
             r = self.rlog
             prev = msg.prev_index
-            if prev > r.tail_index:
-                return self._nack(conflict_index=r.tail_index + 1)
-            mine = r.epoch_at(prev)
-            if mine is None:
+            matched = rules.match_prev(r, prev, msg.prev_epoch, drained=False)
+            if isinstance(matched, rules.Drain):
                 await r.drain()
-                mine = r.epoch_at(prev)
-            if mine != msg.prev_epoch:
-                return self._nack(*self._conflict_hint(prev, mine or 0))
-            entries = bytes(msg.entries)
-            if not entries:  # heartbeat: our log matches the leader's up to prev
-                return _Answer(self._ack(msg.epoch, prev), durable_at=prev, commit_to=min(msg.leader_commit, prev))
-            try:
-                # The trust boundary: the one check these bytes get (the writer and the
-                # log take CheckedRecords as they are).
-                records = r.check_records(entries, prev + 1, min_epoch=msg.prev_epoch)
-            except InvalidRecords as exc:
-                raise ProtocolError(f"APPEND entries from {peer_id} are not valid records: {exc}") from None
-            # Recovery drops a trailing partial batch, so never claim more than whole batches
-            # (leaders send whole batches; this guards against one that does not).
-            acked = records.batch_end_index if records.batch_end_index > prev else prev
-            start = await self._first_new_record(records, prev)
-            if start is None:  # everything already present (a resend)
-                return _Answer(self._ack(msg.epoch, acked), durable_at=acked, commit_to=min(msg.leader_commit, acked))
-            index = prev + 1 + start
-            if index <= r.tail_index:
+                matched = rules.match_prev(r, prev, msg.prev_epoch, drained=True)
+            if isinstance(matched, rules.Refuse):
+                return self._nack(matched.conflict_index, matched.conflict_epoch)
+            records = None
+            if msg.entries:
                 try:
-                    await r.truncate_after(index - 1, self.commit.value, asked_by=f"{peer_id} (epoch {msg.epoch})")
-                except CommittedTruncation:
-                    return self._nack()  # refused and halted; nothing was deleted
-            r.submit_raw(records.suffix(start))
-            return _Answer(self._ack(msg.epoch, acked), durable_at=acked, commit_to=min(msg.leader_commit, acked))
+                    # The trust boundary: the one check these bytes get (the writer and the
+                    # log take CheckedRecords as they are).
+                    records = r.check_records(bytes(msg.entries), prev + 1, min_epoch=msg.prev_epoch)
+                except InvalidRecords as exc:
+                    raise ProtocolError(f"APPEND entries from {peer_id} are not valid records: {exc}") from None
+            placed = rules.place_records(r, prev, records, msg.leader_commit)
+            while isinstance(placed, rules.Drain):
+                drained_through = r.tail_index
+                await r.drain()
+                placed = rules.place_records(r, prev, records, msg.leader_commit, drained_through=drained_through)
+            if records is not None and placed.write_from is not None:  # else: empty, or a resend of what we hold
+                if placed.truncate_after is not None:
+                    asked_by = f"{peer_id} (epoch {msg.epoch})"
+                    try:
+                        await r.truncate_after(placed.truncate_after, self.commit.value, asked_by=asked_by)
+                    except CommittedTruncation:
+                        return self._nack()  # refused and halted; nothing was deleted
+                r.submit_raw(records.suffix(placed.write_from))
+            return _Answer(self._ack(msg.epoch, placed.match), durable_at=placed.match, commit_to=placed.commit_to)
 
     def _ack(self, epoch: int, match: int) -> AppendAck:
         return AppendAck(epoch, True, match, max(match, self.rlog.tail_index), 0, 0)
-
-    async def _first_new_record(self, records: CheckedRecords, prev: int) -> int | None:
-        """Which incoming record (0-based) is the first we do not already hold with the
-        same epoch; None when we hold them all."""
-        r = self.rlog
-        data = records.data
-        for i, offset in enumerate(records.offsets):
-            index = prev + 1 + i
-            if index > r.tail_index:
-                return i
-            mine = r.epoch_at(index)
-            if mine is None:
-                # Submitted, not durable yet: a leader resending after a reconnect overlaps
-                # what is still in flight here (found by the simulator, seed 107). The
-                # writer knows its epoch once it is written.
-                await r.drain()
-                if index > r.tail_index:
-                    return i
-                mine = r.epoch_at(index)
-            if mine is None:
-                raise LogStateError(f"epoch of index {index} unknown after drain")
-            if mine != peek_header(data, offset).epoch:
-                return i
-        return None
-
-    def _conflict_hint(self, prev: int, mine: int) -> tuple[int, int]:
-        """Our first index of the epoch that disagrees, so the leader skips it whole."""
-        first = prev
-        for epoch, first_index in self.rlog.epoch_history():
-            if epoch == mine:
-                first = first_index
-        return min(first, prev), mine

@@ -18,7 +18,8 @@ still gets an empty APPEND every ``heartbeat_s``.
 Commit rule (docs/protocol.md, "Commit"): the highest index held durably by a majority of voters (the
 leader's own durable index counts; a learner's acknowledgements do not, see
 ``walstore.election.membership``) that is at or after this epoch's EPOCH_START entry;
-everything before a committed entry of the current epoch is committed with it.
+everything before a committed entry of the current epoch is committed with it. That rule,
+and what each APPEND_ACK means, are sans-IO in ``rules.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from walstore import planted_bugs
 from walstore.config import REPLICATION_FRAME_BYTES, PeerSpec
 from walstore.errors import DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
+from walstore.replication import rules
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.wal.record import peek_header
@@ -204,14 +206,16 @@ class LeaderTerm:
     def _recompute_commit(self) -> None:
         # Only voters hold what a commit promises to keep (a learner may be an amnesiac
         # that forgets again); the leader itself votes (take_over checked it).
-        matches = sorted(
-            [self.rlog.durable_index, *(p.match_index if p.voter else 0 for p in self.progress.values())],
-            reverse=True,
+        commit = rules.majority_commit(
+            self.rlog.durable_index,
+            [p.match_index if p.voter else 0 for p in self.progress.values()],
+            cluster_size=self.cluster_size,
+            start_index=self.start_index,
+            commit=self.commit.value,
+            own_epoch_only="commit_older_epoch" not in planted_bugs.active,
         )
-        majority_holds = matches[self.cluster_size // 2]
-        own_epoch = majority_holds >= self.start_index or "commit_older_epoch" in planted_bugs.active
-        if own_epoch and majority_holds > self.commit.value:
-            self.commit.advance(majority_holds)
+        if commit is not None:
+            self.commit.advance(commit)
             for progress in self.progress.values():
                 progress.poke()  # tell the followers soon (see _send_appends)
 
@@ -367,42 +371,32 @@ class LeaderTerm:
             generation, sent_last = progress.in_flight.popleft()
             progress.answered.set()  # the sender may be holding its next frame for this
             progress.last_ack_at = trio.current_time()
-            if message.ok and message.match_index > sent_last:
-                # Acknowledging entries we never sent: a broken or hostile peer. Trusting it
-                # would let us "commit" what only our own disk holds.
-                raise ProtocolError(
-                    f"{progress.peer.node_id} acknowledged index {message.match_index}, beyond the {sent_last} sent"
-                )
-            if message.ok:
-                if generation == progress.generation:
+            outcome = rules.on_append_ack(
+                message,
+                peer=progress.peer.node_id,
+                epoch=self.epoch,
+                sent_last=sent_last,
+                sent_generation=generation,
+                generation=progress.generation,
+                match_index=progress.match_index,
+                next_index=progress.next_index,
+                log=self.rlog,
+            )
+            if isinstance(outcome, rules.Matched):
+                if outcome.on_current_link:
                     progress.acked_on_link = True
-                if message.match_index > progress.match_index:
-                    progress.match_index = message.match_index
+                if outcome.match_index is not None:
+                    progress.match_index = outcome.match_index
                     self._recompute_commit()
                     self.on_progress(progress)
-                continue
-            if message.epoch > self.epoch:
-                self.on_higher_epoch(message.epoch, progress.peer.node_id)
-                continue
-            if generation != progress.generation:
-                continue  # answer to a frame sent before the last reset: already handled
-            # Log mismatch: go back to the follower's hint and resend from there.
-            hint = message.conflict_index or (message.last_index + 1)
-            progress.next_index = max(1, min(progress.next_index - 1, hint, message.last_index + 1))
-            if message.conflict_epoch:
-                progress.next_index = self._skip_epoch(progress.next_index, message.conflict_epoch)
-            # Frames still in flight get answers too; their old generation marks them stale.
-            progress.generation += 1
-            progress.acked_on_link = False  # the follower forgot what this link matched
-            progress.poke()
-
-    def _skip_epoch(self, next_index: int, follower_epoch: int) -> int:
-        """If we hold entries of the follower's conflicting epoch, resume after our last one."""
-        history = self.rlog.epoch_history()
-        for i, (epoch, _first) in enumerate(history):
-            if epoch == follower_epoch and i + 1 < len(history):
-                return max(1, min(next_index, history[i + 1][1]))
-        return next_index
+            elif isinstance(outcome, rules.Fenced):
+                self.on_higher_epoch(outcome.epoch, progress.peer.node_id)
+            elif isinstance(outcome, rules.Resend):
+                progress.next_index = outcome.next_index
+                # Frames still in flight get answers too; their old generation marks them stale.
+                progress.generation += 1
+                progress.acked_on_link = False  # the follower forgot what this link matched
+                progress.poke()
 
 
 def _last_index_of(data: bytes) -> int:
