@@ -9,8 +9,10 @@ touches a file, so every rule is tested on its own, value by value
 the real trio code.
 
 The invariants these decisions rest on are checked here, on every call, and stay on in
-production: a broken one raises ``LogStateError``, which stops the node (it is a bug, never
-an outcome to handle). ``check`` is that assertion; ``assert`` would vanish under ``-O``.
+production: a broken one raises ``LogStateError`` (made by ``broken``), which stops the
+node: it is a bug, never an outcome to handle. ``assert`` would vanish under ``-O``; the
+checks are plain ``if``s so that the message is only built when one fails (these run for
+every APPEND and every acknowledgement).
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ from walstore.protocol import AppendAck
 from walstore.wal.record import CheckedRecords, peek_header
 
 
-def check(condition: bool, message: str) -> None:
-    """An invariant of the replica: false means a bug, and the node stops."""
-    if not condition:
-        raise LogStateError(f"replica invariant broken: {message}")
+def broken(message: str) -> LogStateError:
+    """The error for a broken invariant of the replica: a bug, and the node stops."""
+    return LogStateError(f"replica invariant broken: {message}")
 
 
 class LogView(Protocol):
@@ -111,13 +112,12 @@ def place_records(
 
     ``drained_through``: the tail when the writer was last drained for this APPEND (every
     entry up to there was written, so its epoch is known)."""
-    check(prev_index <= log.tail_index, f"placing after {prev_index}, past the tail {log.tail_index}")
+    if prev_index > log.tail_index:
+        raise broken(f"placing after {prev_index}, past the tail {log.tail_index}")
     if records is None:
         return Accept(match=prev_index, commit_to=min(leader_commit, prev_index))
-    check(
-        records.first_index == prev_index + 1,
-        f"records from {records.first_index} placed after {prev_index}",
-    )
+    if records.first_index != prev_index + 1:
+        raise broken(f"records from {records.first_index} placed after {prev_index}")
     match = records.batch_end_index if records.batch_end_index > prev_index else prev_index
     commit_to = min(leader_commit, match)
     data = records.data
@@ -129,7 +129,8 @@ def place_records(
         if mine is None:
             # Submitted, not written yet: a leader resending after a reconnect overlaps
             # what is still in flight here (found by the simulator, seed 107).
-            check(index > drained_through, f"epoch of index {index} unknown after a drain through {drained_through}")
+            if index <= drained_through:
+                raise broken(f"epoch of index {index} unknown after a drain through {drained_through}")
             return Drain()
         if mine != peek_header(data, offset).epoch:
             return Accept(match, commit_to, write_from=i, truncate_after=index - 1)
@@ -177,7 +178,8 @@ def majority_commit(
     entry is committed only with one of ours after it. ``own_epoch_only`` is off only for
     the planted bug that breaks this."""
     matches = sorted([own_durable, *voter_matches], reverse=True)
-    check(len(matches) == cluster_size, f"{len(matches)} match indexes for a cluster of {cluster_size}")
+    if len(matches) != cluster_size:
+        raise broken(f"{len(matches)} match indexes for a cluster of {cluster_size}")
     majority_holds = matches[cluster_size // 2]
     if own_epoch_only and majority_holds < start_index:
         return None
