@@ -298,6 +298,59 @@ def test_a_refusal_naming_an_epoch_we_hold_resumes_after_our_last_entry_of_it() 
     assert ack_outcome(AppendAck(5, False, 0, 9, 6, 3), log=ours, next_index=9) == Resend(6)
 
 
+# -- takeover: which log a new leader adopts ---------------------------------------------
+
+
+def position(node_id: str, epochs: Sequence[int]) -> rules.LogPosition:
+    log = EpochLog(epochs)
+    return rules.LogPosition(node_id, epochs[-1] if epochs else 0, len(epochs), tuple(log.epoch_history()))
+
+
+def test_the_common_prefix_ends_where_the_epoch_runs_part() -> None:
+    assert rules.common_prefix(position("a", [1, 1, 2, 2]), position("b", [1, 1, 2, 2])) == 4
+    assert rules.common_prefix(position("a", [1, 1, 2]), position("b", [1, 1, 2, 2, 2])) == 3
+    assert rules.common_prefix(position("a", [1, 1, 3, 3]), position("b", [1, 1, 4])) == 2
+    assert rules.common_prefix(position("a", [1, 3]), position("b", [2, 2])) == 0
+    assert rules.common_prefix(position("a", []), position("b", [1])) == 0
+
+
+@given(
+    prefix=st.lists(st.integers(1, 4), max_size=8),
+    a=st.lists(st.integers(3, 6), max_size=6),
+    b=st.lists(st.integers(3, 6), max_size=6),
+)
+def test_the_common_prefix_of_two_leaders_suffixes_is_the_shared_log(
+    prefix: list[int], a: list[int], b: list[int]
+) -> None:
+    """Two logs that share ``prefix`` and then hold entries of different leaders (epochs
+    no other log has: odd ones on one side, even on the other) agree exactly up to it."""
+    prefix = sorted(prefix)
+    base = prefix[-1] if prefix else 0
+    left = prefix + sorted(base + 2 * e + 1 for e in a)
+    right = prefix + sorted(base + 2 * e + 2 for e in b)
+    assert rules.common_prefix(position("a", left), position("b", right)) == len(prefix)
+    assert rules.common_prefix(position("b", right), position("a", left)) == len(prefix)
+
+
+def test_a_new_leader_keeps_its_log_when_it_is_the_most_advanced() -> None:
+    mine = position("n0", [1, 1, 2])
+    assert rules.choose_log(mine, [mine, position("n1", [1, 1]), position("n2", [1, 1, 2])], tail_index=3) is None
+
+
+def test_a_new_leader_fetches_a_longer_log_of_the_same_epoch_without_a_cut() -> None:
+    mine, longer = position("n0", [1, 1]), position("n1", [1, 1, 1, 1])
+    assert rules.choose_log(mine, [mine, longer], tail_index=2) == rules.Adopt(longer, None)
+
+
+def test_a_new_leader_cuts_its_divergent_suffix_before_fetching() -> None:
+    # Our entries of epoch 3 were never committed: a later leader (epoch 4) wrote there.
+    mine, newer = position("n0", [1, 1, 3, 3, 3]), position("n1", [1, 1, 4])
+    assert rules.choose_log(mine, [mine, newer], tail_index=5) == rules.Adopt(newer, 2)
+    # A log of a later epoch wins even when shorter; a longer one of an older epoch does not.
+    older = position("n2", [1, 1, 3, 3, 3, 3, 3])
+    assert rules.choose_log(mine, [mine, older, newer], tail_index=5) == rules.Adopt(newer, 2)
+
+
 # -- sans-IO -------------------------------------------------------------------------------
 
 

@@ -502,7 +502,8 @@ class Node:
 
     @property
     def _replicator(self) -> Replicator:
-        assert self.replicator is not None, "the node has not started"
+        if self.replicator is None:  # not assert: it must hold under -O too
+            raise RuntimeError("the node has not started")
         return self.replicator
 
     # -- commit and apply ------------------------------------------------------------------

@@ -256,3 +256,68 @@ def skip_epoch(history: Sequence[tuple[int, int]], next_index: int, follower_epo
         if epoch == follower_epoch and i + 1 < len(history):
             return max(1, min(next_index, history[i + 1][1]))
     return next_index
+
+
+# -- takeover ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """A log as a PROMISE describes it: its last entry and its epoch history, (epoch,
+    first index) per epoch run."""
+
+    node_id: str
+    last_epoch: int
+    last_index: int
+    history: tuple[tuple[int, int], ...]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.last_epoch, self.last_index)
+
+
+def common_prefix(a: LogPosition, b: LogPosition) -> int:
+    """The last index at which logs ``a`` and ``b`` hold the same entry.
+
+    Entries with the same (index, epoch) are identical (one leader per epoch wrote them),
+    so the logs agree up to the end of the last epoch run they share."""
+
+    def runs(p: LogPosition) -> dict[int, tuple[int, int]]:
+        out = {}
+        for i, (epoch, first) in enumerate(p.history):
+            last = p.history[i + 1][1] - 1 if i + 1 < len(p.history) else p.last_index
+            if last >= first:
+                out[epoch] = (first, last)
+        return out
+
+    ra, rb = runs(a), runs(b)
+    common = 0
+    for epoch, (first_a, last_a) in sorted(ra.items()):
+        if epoch not in rb or rb[epoch][0] != first_a:
+            break
+        common = min(last_a, rb[epoch][1])
+        if last_a != rb[epoch][1]:
+            break
+    return common
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """Take ``source``'s log: cut ours after ``truncate_after`` (None: no cut; the log
+    refuses a cut below what it knows is committed), then fetch what follows from it."""
+
+    source: LogPosition
+    truncate_after: int | None
+
+
+def choose_log(mine: LogPosition, promises: Iterable[LogPosition], *, tail_index: int) -> Adopt | None:
+    """Which log a new leader adopts from a majority of voters' promises (``mine``
+    among them): the most advanced by (last epoch, last index), ours on a tie. None when
+    that is ours. ``tail_index``: our log's tail now."""
+    best = max(promises, key=lambda p: (p.key, p.node_id == mine.node_id))
+    if best.node_id == mine.node_id or best.key <= mine.key:
+        return None
+    common = common_prefix(mine, best)
+    if common > min(mine.last_index, best.last_index):
+        raise broken(f"a common prefix of {common} with logs ending at {mine.last_index} and {best.last_index}")
+    return Adopt(best, common if common < tail_index else None)

@@ -18,6 +18,8 @@ voter never forgets: its incarnation is lost with its disk); and the most advanc
 a promise majority contains every committed entry (Raft's up-to-date rule, with the epoch
 of the last entry as the term). Any majority an old leader could still reach contains a
 node that promised E, so it can never commit again.
+
+Which log to adopt, and where ours is cut, is decided sans-IO (``rules.choose_log``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import trio
 
@@ -36,6 +37,7 @@ from walstore.errors import InvalidRecords, ProtocolError, UnavailableError
 from walstore.protocol import Fetch, FetchResult, Prepare, Promise
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
 from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.rules import LogPosition, choose_log
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.watermark import Watermark
 
@@ -55,43 +57,6 @@ class Superseded(Exception):
         super().__init__(f"{peer_id} promised epoch {epoch}")
         self.epoch = epoch
         self.peer_id = peer_id
-
-
-@dataclass(frozen=True, slots=True)
-class LogPosition:
-    node_id: str
-    last_epoch: int
-    last_index: int
-    history: tuple[tuple[int, int], ...]
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.last_epoch, self.last_index)
-
-
-def common_prefix(a: LogPosition, b: LogPosition) -> int:
-    """The last index at which logs ``a`` and ``b`` hold the same entry.
-
-    Entries with the same (index, epoch) are identical (one leader per epoch wrote them),
-    so the logs agree up to the end of the last epoch run they share."""
-
-    def runs(p: LogPosition) -> dict[int, tuple[int, int]]:
-        out = {}
-        for i, (epoch, first) in enumerate(p.history):
-            last = p.history[i + 1][1] - 1 if i + 1 < len(p.history) else p.last_index
-            if last >= first:
-                out[epoch] = (first, last)
-        return out
-
-    ra, rb = runs(a), runs(b)
-    common = 0
-    for epoch, (first_a, last_a) in sorted(ra.items()):
-        if epoch not in rb or rb[epoch][0] != first_a:
-            break
-        common = min(last_a, rb[epoch][1])
-        if last_a != rb[epoch][1]:
-            break
-    return common
 
 
 async def take_over(
@@ -180,19 +145,20 @@ async def take_over(
             code="no_quorum",
         )
 
-    best = max(promises.values(), key=lambda p: (p.key, p.node_id == node_id))
+    adopt = choose_log(mine, promises.values(), tail_index=rlog.tail_index)
     log.info(
         "takeover of epoch %d: promises from %s; most advanced log: %s at %s",
         epoch,
         sorted(promises),
-        best.node_id,
-        best.key,
+        adopt.source.node_id if adopt else node_id,
+        adopt.source.key if adopt else mine.key,
     )
-    if best.node_id == node_id or best.key <= mine.key:
-        return
-    common = common_prefix(mine, best)
-    if common < rlog.tail_index:
-        await rlog.truncate_after(common, commit.value, asked_by=f"takeover of epoch {epoch} ({best.node_id}'s log)")
+    if adopt is None:
+        return  # ours is the most advanced log
+    best = adopt.source
+    if adopt.truncate_after is not None:
+        asked_by = f"takeover of epoch {epoch} ({best.node_id}'s log)"
+        await rlog.truncate_after(adopt.truncate_after, commit.value, asked_by=asked_by)
     await _fetch_from(addresses[best.node_id], best, epoch=epoch, node_id=node_id, cluster_id=cluster_id, rlog=rlog)
 
 
