@@ -1,9 +1,10 @@
-"""The replication rules, sans-IO: what a leader and a follower decide from what they hold.
+"""The replication rules, sans-IO: what a leader, a follower and a takeover decide from
+what they hold.
 
-The leader's and the follower's trio code (leader.py, follower.py) gather a view of the
-log and the message in hand, ask a function here, and carry out the answer: send this
+The trio code (leader.py, follower.py, takeover.py) gathers a view of the log and the
+message in hand, asks a function here, and carries out the answer: send this
 acknowledgement, drain the writer and ask again, cut the log after N and write these
-records, move the commit index to N, resend from N. Nothing here awaits, reads a clock or
+records, move the commit index to N, resend from N, adopt that peer's log. Nothing here awaits, reads a clock or
 touches a file, so every rule is tested on its own, value by value
 (``tests/test_replication_rules.py``), and the simulator drives the same functions through
 the real trio code.
