@@ -21,19 +21,23 @@ from walstore.sim.run import SeedResult, SimOptions, _BusyLoopWatchdog, simulate
 # Seeds that once failed, with the options of their run and what they found. Code changes
 # move a seed's path, so each fix also has a unit test of its own (named here); the seed
 # stays as one more run that must be green.
+# The segment size these seeds were found with (the default is smaller now), so that they
+# replay the history they were added for as closely as the simulator still allows; each
+# also has a test of its own that does not depend on the simulator.
+FOUND_WITH = 64 * 1024
 REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
     5: (
-        SimOptions(seconds=20, lease_ttl_s=2.0, append_timeout_s=4.0, mean_fault_gap_s=1.5),
+        SimOptions(seconds=20, lease_ttl_s=2.0, append_timeout_s=4.0, mean_fault_gap_s=1.5, segment_bytes=FOUND_WITH),
         "a forward on a stopping follower hit a closed nursery, a 500 (tests/test_forward_stopping.py)",
     ),
     9: (
-        SimOptions(),
+        SimOptions(segment_bytes=FOUND_WITH),
         "a restart after a failed fdatasync built on records never on disk; a crash then left a hole "
         "(tests/test_wal_log.py::test_after_a_failed_fsync_the_next_process_does_not_build_on_what_never_"
         "reached_the_disk)",
     ),
     107: (
-        SimOptions(),
+        SimOptions(segment_bytes=FOUND_WITH),
         "a leader's resend overlapping records still in flight on a follower stopped it with LogStateError, "
         "which the simulator took for an expected storage exit until broken invariants became violations "
         "(tests/test_replication.py::test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash)",
@@ -84,8 +88,10 @@ def test_a_budget_of_seeds_under_every_fault_finds_nothing() -> None:
     failing = {r.seed: r.violations[:5] for r in summary.failed}
     assert not failing, f"{failing}\n" + "\n\n".join(r.trace.tail(80) for r in summary.failed[:1])
     assert summary.acked > 100 * len(CLEAN_SEEDS)
-    # The budget really injects faults of (nearly) every kind, not a quiet cluster.
-    assert len(set(summary.faults) & set(KINDS)) >= len(KINDS) - 2, summary.faults
+    # The budget really injects faults of every kind, not a quiet cluster. (It allowed two
+    # kinds missing once, and read corruption went uninjected unnoticed: too few sealed
+    # segments.) A change that makes a kind miss here needs the budget or the kind fixed.
+    assert set(KINDS) <= set(summary.faults), f"never injected: {sorted(set(KINDS) - set(summary.faults))}"
     print(summary.report())
 
 

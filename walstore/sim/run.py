@@ -35,7 +35,7 @@ from walstore import planted_bugs
 from walstore.checker import check
 from walstore.errors import StorageError
 from walstore.node import Node
-from walstore.sim.cluster import SIM_FRAME_BYTES, SimCluster
+from walstore.sim.cluster import SIM_FRAME_BYTES, SIM_SEGMENT_BYTES, SimCluster
 from walstore.sim.faults import Nemesis
 from walstore.sim.kinds import DEFAULT_KINDS, FRAME_KINDS, KINDS
 from walstore.sim.network import NetworkFaults, SimNetwork
@@ -64,6 +64,9 @@ class SimOptions:
     takeover_crash_rate: float = 0.15
     # Record bytes per APPEND; None: each seed draws one of SIM_FRAME_BYTES.
     replication_frame_bytes: int | None = None
+    # WAL segment size (SIM_SEGMENT_BYTES). A seed's history depends on it: a regression
+    # seed found under another size names that size to replay as it was found.
+    segment_bytes: int = SIM_SEGMENT_BYTES
     plant: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -189,6 +192,7 @@ async def _run_seed(seed: int, options: SimOptions, result: SeedResult) -> None:
             append_timeout_s=options.append_timeout_s,
             on_unexpected=unexpected,
             replication_frame_bytes=frame_bytes,
+            segment_bytes=options.segment_bytes,
         )
         for node_id in cluster.ids:
             cluster.start(node_id)
