@@ -7,13 +7,12 @@ This file is the simulator's CI budget (about two minutes on two cores). A long 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import trio
 import trio.testing
 
 from walstore import planted_bugs
+from walstore.sim import planted
 from walstore.sim.kinds import FRAME_KINDS, KINDS
 from walstore.sim.many import run_seeds
 from walstore.sim.run import SeedResult, SimOptions, _BusyLoopWatchdog, simulate
@@ -46,22 +45,8 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)
 FIVE_NODE_SEEDS = range(300, 304)
-# Each planted bug with the faults its class needs; the test stops at the first seed that
-# finds it and may spend at most PLANTED_SEEDS.
-PLANTED = {
-    "wiped_node_votes": SimOptions(
-        faults=("lost_disk", "crash", "isolate", "blackhole", "partition"), mean_fault_gap_s=0.6
-    ),
-    "ack_before_fsync": SimOptions(
-        faults=("crash", "torn", "restart", "slow_disk", "partition", "isolate"), mean_fault_gap_s=0.6
-    ),
-    "accept_lower_epoch": SimOptions(
-        faults=("lease_expiry", "etcd_cut", "pause", "isolate", "partition"), mean_fault_gap_s=0.6
-    ),
-    # Raft's figure 8 (docs/simulation.md): the fault that stages it, and frames of one
-    # record each, so that a follower acknowledges old entries before the new EPOCH_START.
-    "commit_older_epoch": SimOptions(faults=("figure8",), mean_fault_gap_s=0.6, replication_frame_bytes=64),
-}
+# Each planted bug runs under its profile (walstore/sim/planted.py, which the CLI's --plant
+# uses too); the test stops at the first seed that finds it and may spend PLANTED_SEEDS.
 PLANTED_SEEDS = range(1, 41)
 
 
@@ -102,12 +87,23 @@ def test_regression_seed(seed: int) -> None:
     assert result.ok, f"{found}: {result.violations}\n{result.trace.tail(80)}"
 
 
-@pytest.mark.parametrize("bug", sorted(PLANTED))
+@pytest.mark.parametrize("bug", sorted(planted_bugs.BUGS))
 def test_each_planted_bug_is_found_within_the_budget(bug: str) -> None:
-    summary = run_seeds(PLANTED_SEEDS, dataclasses.replace(PLANTED[bug], plant=(bug,)), stop_at_first_failure=True)
+    summary = run_seeds(PLANTED_SEEDS, planted.profile(bug), stop_at_first_failure=True)
     assert summary.failed, f"{bug} not found in {summary.seeds_run} seeds: {summary.report()}"
     print(f"{bug}: found by seed {summary.failed[0].seed}: {summary.failed[0].violations[:3]}")
     assert planted_bugs.active == frozenset()  # switched off again after the run
+
+
+def test_every_planted_bug_has_a_profile() -> None:
+    assert set(planted.PROFILES) == set(planted_bugs.BUGS)
+    assert planted.profile("commit_older_epoch", seconds=5.0) == SimOptions(
+        seconds=5.0,
+        faults=("figure8",),
+        mean_fault_gap_s=0.6,
+        replication_frame_bytes=64,
+        plant=("commit_older_epoch",),
+    )
 
 
 def test_frame_faults_are_injected_and_counted() -> None:

@@ -56,7 +56,11 @@ def _split(value: str | None, known: tuple[str, ...], what: str) -> tuple[str, .
     help="Virtual seconds of load and faults per seed.",
 )
 @click.option("--faults", default=None, help="Fault kinds to inject (default: all).")
-@click.option("--plant", default=None, help=f"Plant known bugs (test only): {', '.join(BUGS)}.")
+@click.option(
+    "--plant",
+    default=None,
+    help=f"Plant known bugs (test only): {', '.join(BUGS)}. One bug without --faults runs under its profile.",
+)
 @click.option("--trace", "show_trace", is_flag=True, help="Print the whole trace of every seed run.")
 @click.option("--keep-going", is_flag=True, help="Do not stop at the first failing seed.")
 def simulate(
@@ -77,14 +81,22 @@ def simulate(
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable, "-m", "walstore", *sys.argv[1:]])
     from walstore.sim.many import run_seeds
+    from walstore.sim.planted import profile
     from walstore.sim.run import SimOptions
 
-    options = SimOptions(
-        nodes=int(nodes),
-        seconds=seconds,
-        faults=_split(faults, ALL_FAULTS, "fault kind(s)") or ALL_FAULTS,
-        plant=_split(plant, BUGS, "planted bug(s)"),
-    )
+    bugs = _split(plant, BUGS, "planted bug(s)")
+    if len(bugs) == 1 and not faults:
+        # One bug and no --faults: the faults that stage it (the test's CI profile), so
+        # that "not found" means the simulator missed it, not that it was never staged.
+        options = profile(bugs[0], nodes=int(nodes), seconds=seconds)
+        click.echo(f"planting {bugs[0]} under its profile: faults {', '.join(options.faults)}")
+    else:
+        options = SimOptions(
+            nodes=int(nodes),
+            seconds=seconds,
+            faults=_split(faults, ALL_FAULTS, "fault kind(s)") or ALL_FAULTS,
+            plant=bugs,
+        )
     seeds = [seed] if seed is not None else range(first_seed, first_seed + count)
 
     done = 0
