@@ -60,35 +60,38 @@ def records(first: int, epochs: Sequence[int], *, batch_end: bool = True) -> Che
 
 
 def test_prev_index_zero_always_matches() -> None:
-    assert rules.match_prev(EpochLog([]), 0, 0, drained=False) is None
-    assert rules.match_prev(EpochLog([1, 2]), 0, 0, drained=False) is None
+    assert rules.match_prev(EpochLog([]), 0, 0) is None
+    assert rules.match_prev(EpochLog([1, 2]), 0, 0) is None
 
 
 def test_prev_past_our_tail_is_refused_with_our_next_index() -> None:
-    assert rules.match_prev(EpochLog([1, 1]), 5, 1, drained=False) == Refuse(conflict_index=3)
+    assert rules.match_prev(EpochLog([1, 1]), 5, 1) == Refuse(conflict_index=3)
 
 
 def test_prev_of_another_epoch_is_refused_with_our_first_index_of_that_epoch() -> None:
     log = EpochLog([1, 2, 2, 2])
     # The leader has epoch 3 at index 4; ours is 2, which we hold from index 2.
-    assert rules.match_prev(log, 4, 3, drained=False) == Refuse(conflict_index=2, conflict_epoch=2)
-    assert rules.match_prev(log, 4, 2, drained=False) is None
+    assert rules.match_prev(log, 4, 3) == Refuse(conflict_index=2, conflict_epoch=2)
+    assert rules.match_prev(log, 4, 2) is None
 
 
-def test_prev_in_flight_asks_for_a_drain_once_then_refuses_if_still_unknown() -> None:
+def test_prev_in_flight_asks_for_a_drain_and_is_a_bug_after_one() -> None:
     log = EpochLog([1, 1, 2], in_flight=1)
-    assert rules.match_prev(log, 3, 2, drained=False) == Drain()
-    # Still unknown after the drain (submitted since): not a match, and no crash.
-    assert rules.match_prev(log, 3, 2, drained=True) == Refuse(conflict_index=3, conflict_epoch=0)
+    assert rules.match_prev(log, 3, 2) == Drain()
+    # Submitted after the drain began (through 2): drain again.
+    assert rules.match_prev(log, 3, 2, drained_through=2) == Drain()
+    # Written by the drain through 3, yet unknown: a broken invariant, not a refusal.
+    with pytest.raises(LogStateError, match="unknown after a drain through 3"):
+        rules.match_prev(log, 3, 2, drained_through=3)
     log.in_flight = 0
-    assert rules.match_prev(log, 3, 2, drained=True) is None
+    assert rules.match_prev(log, 3, 2, drained_through=3) is None
 
 
-def test_a_drain_that_rolled_back_the_tail_refuses_with_the_new_tail() -> None:
+def test_a_drain_that_cut_the_tail_refuses_with_the_new_tail() -> None:
     log = EpochLog([1, 1, 1], in_flight=2)
-    assert rules.match_prev(log, 3, 1, drained=False) == Drain()
-    log.epochs, log.in_flight = [1], 0  # the writer rolled back the two in flight
-    assert rules.match_prev(log, 3, 1, drained=True) == Refuse(conflict_index=2)
+    assert rules.match_prev(log, 3, 1) == Drain()
+    log.epochs, log.in_flight = [1], 0  # another leader's cut while we waited
+    assert rules.match_prev(log, 3, 1, drained_through=3) == Refuse(conflict_index=2)
 
 
 # -- placing an APPEND's records -----------------------------------------------------------
@@ -165,7 +168,7 @@ def test_after_placing_our_log_equals_the_leaders_up_to_the_match(
     follower = EpochLog(shared + mine)
     leader = shared + sorted(theirs)
     prev = max(0, len(shared) - back)
-    assert rules.match_prev(follower, prev, leader[prev - 1] if prev else 0, drained=False) is None
+    assert rules.match_prev(follower, prev, leader[prev - 1] if prev else 0) is None
     placed = rules.place_records(follower, prev, records(prev + 1, leader[prev:]), len(leader))
     assert isinstance(placed, Accept)
     before = list(follower.epochs)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -50,6 +51,7 @@ log = logging.getLogger("walstore.follower")
 MAX_QUEUED_ANSWERS = 64
 
 VerifyLeader = Callable[[int, str], Awaitable[bool]]
+_Decision = TypeVar("_Decision")
 
 
 @dataclass(slots=True)
@@ -224,10 +226,9 @@ class FollowerService:
                 return self._nack()
             r = self.rlog
             prev = msg.prev_index
-            matched = rules.match_prev(r, prev, msg.prev_epoch, drained=False)
-            if isinstance(matched, rules.Drain):
-                await r.drain()
-                matched = rules.match_prev(r, prev, msg.prev_epoch, drained=True)
+            matched = await self._drained(
+                lambda through: rules.match_prev(r, prev, msg.prev_epoch, drained_through=through)
+            )
             if isinstance(matched, rules.Refuse):
                 return self._nack(matched.conflict_index, matched.conflict_epoch)
             records = None
@@ -238,11 +239,9 @@ class FollowerService:
                     records = r.check_records(bytes(msg.entries), prev + 1, min_epoch=msg.prev_epoch)
                 except InvalidRecords as exc:
                     raise ProtocolError(f"APPEND entries from {peer_id} are not valid records: {exc}") from None
-            placed = rules.place_records(r, prev, records, msg.leader_commit)
-            while isinstance(placed, rules.Drain):
-                drained_through = r.tail_index
-                await r.drain()
-                placed = rules.place_records(r, prev, records, msg.leader_commit, drained_through=drained_through)
+            placed = await self._drained(
+                lambda through: rules.place_records(r, prev, records, msg.leader_commit, drained_through=through)
+            )
             if records is not None and placed.write_from is not None:  # else: empty, or a resend of what we hold
                 if placed.truncate_after is not None:
                     asked_by = f"{peer_id} (epoch {msg.epoch})"
@@ -252,6 +251,16 @@ class FollowerService:
                         return self._nack()  # refused and halted; nothing was deleted
                 r.submit_raw(records.suffix(placed.write_from))
             return _Answer(self._ack(msg.epoch, placed.match), durable_at=placed.match, commit_to=placed.commit_to)
+
+    async def _drained(self, decide: Callable[[int], _Decision | rules.Drain]) -> _Decision:
+        """``decide(drained_through)``, draining the writer for as long as it answers Drain
+        (an entry it needs is still in flight here): the rules say what, this says when."""
+        decision = decide(0)
+        while isinstance(decision, rules.Drain):
+            through = self.rlog.tail_index
+            await self.rlog.drain()
+            decision = decide(through)
+        return decision
 
     def _ack(self, epoch: int, match: int) -> AppendAck:
         return AppendAck(epoch, True, match, max(match, self.rlog.tail_index), 0, 0)

@@ -397,6 +397,7 @@ class LeaderTerm:
                 progress.generation += 1
                 progress.acked_on_link = False  # the follower forgot what this link matched
                 progress.poke()
+            # else Stale: a refusal of a frame sent before the last resend, already handled
 
 
 def _last_index_of(data: bytes) -> int:

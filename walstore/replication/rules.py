@@ -73,19 +73,20 @@ class Accept:
     truncate_after: int | None = None
 
 
-def match_prev(log: LogView, prev_index: int, prev_epoch: int, *, drained: bool) -> Refuse | Drain | None:
+def match_prev(log: LogView, prev_index: int, prev_epoch: int, *, drained_through: int = 0) -> Refuse | Drain | None:
     """Log matching (docs/protocol.md): None when our entry at ``prev_index`` has epoch
     ``prev_epoch``; else a refusal with a hint that lets the leader skip our conflicting
-    epoch whole. ``drained``: the writer was drained since the last ``Drain`` answer."""
+    epoch whole, or ``Drain`` while that entry is still in flight here.
+    ``drained_through``: as for ``place_records``."""
     if prev_index > log.tail_index:
         return Refuse(conflict_index=log.tail_index + 1)
     mine = log.epoch_at(prev_index)
-    if mine is None and not drained:
+    if mine is None:
+        if prev_index <= drained_through:
+            raise broken(f"epoch of index {prev_index} unknown after a drain through {drained_through}")
         return Drain()
     if mine != prev_epoch:
-        # Still unknown after a drain: submitted since (a leader's last writes, as this
-        # node steps down). Not a match yet; the leader asks again from here.
-        return Refuse(*conflict_hint(log.epoch_history(), prev_index, mine or 0))
+        return Refuse(*conflict_hint(log.epoch_history(), prev_index, mine))
     return None
 
 
@@ -111,8 +112,8 @@ def place_records(
     frame that does not end on one (leaders never send one) is acknowledged up to its
     last BATCH_END.
 
-    ``drained_through``: the tail when the writer was last drained for this APPEND (every
-    entry up to there was written, so its epoch is known)."""
+    ``drained_through``: the tail when the writer was last drained for this APPEND (0:
+    not drained); every entry up to there was written, so its epoch is known."""
     if prev_index > log.tail_index:
         raise broken(f"placing after {prev_index}, past the tail {log.tail_index}")
     if records is None:
