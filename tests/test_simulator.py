@@ -41,6 +41,12 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "which the simulator took for an expected storage exit until broken invariants became violations "
         "(tests/test_replication.py::test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash)",
     ),
+    1175: (
+        SimOptions(seconds=20),
+        "rot in a sealed record found by a FETCH stopped the node as a broken invariant (LogStateError), "
+        "not as the storage fault it is (tests/test_wal_log.py::test_damage_after_open_is_corruption_to_a_raw_"
+        "read_too)",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)

@@ -475,6 +475,26 @@ def test_damage_after_open_is_named_by_a_range_read() -> None:
     assert [r.index for r in log.read(damaged + 1)] == list(range(damaged + 1, log.last_index + 1))
 
 
+def test_damage_after_open_is_corruption_to_a_raw_read_too() -> None:
+    """A follower's FETCH reads raw: rot found there is the disk's fault (CorruptionError,
+    which stops the node as a storage failure), not a broken invariant (found by the
+    simulator, seed 1175: the node stopped as on a bug)."""
+    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
+    for _ in range(6):
+        add(log, 5)
+    damaged = 17
+    rec = log.record(damaged)
+    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    fs.damage(path, rec.offset + 32, bytes([rec.body[0] ^ 0x01]))
+    for first in (1, 16, damaged):
+        with pytest.raises(CorruptionError) as err:
+            log.read_raw(first, 1 << 20)
+        assert err.value.offset == rec.offset
+    assert log.read_raw(damaged + 1, 1 << 20)  # what follows still reads
+    before = log.read_raw(1, 16 * rec.size)  # a budget that ends before the damage
+    assert before and decode_record(before, 0).index == 1
+
+
 def test_body_reads_check_the_crc_and_name_damage_like_record() -> None:
     log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
     for _ in range(6):

@@ -605,10 +605,14 @@ class WriteAheadLog:
             view = seg.file.view()
             res = _native.scan(view[:end], start, index, max_body, count)
             if res.count != count or res.end_offset != end:
-                # Damaged since it was opened: name the record, file and offset exactly.
+                # Damaged since it was opened: name the record, file and offset exactly
+                # (CorruptionError); a record that then decodes cleanly would be a bug.
                 bad = index + res.count
                 self._decode(seg, seg.offset_of(bad), bad)
-                raise LogStateError(f"{seg.path} offset {res.end_offset}: record {bad} is damaged ({res.reason})")
+                raise LogStateError(
+                    f"{seg.path} offset {res.end_offset}: the scan stopped at record {bad} "
+                    f"({res.reason}), which decodes"
+                )
             for offset in res.offsets[:count]:
                 body_len, _, kind, flags, _, _, epoch, idx = unpack(view, offset)
                 body = bytes(view[offset + RECORD_HEADER_BYTES : offset + RECORD_HEADER_BYTES + body_len])
@@ -638,8 +642,13 @@ class WriteAheadLog:
                 seg.file.view()[:stop], start, index, self._options.max_record_body_bytes, collect_offsets=False
             )
             if res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED):
+                # Damaged since it was opened (rot): a fault of the disk, named exactly by
+                # CorruptionError, not a broken invariant. Only a record that decodes
+                # cleanly where the scan stopped would be a bug.
+                self._decode(seg, res.end_offset, res.next_index)
                 raise LogStateError(
-                    f"{seg.path} offset {res.end_offset}: record {res.next_index} is damaged ({res.reason})"
+                    f"{seg.path} offset {res.end_offset}: the scan stopped at record {res.next_index} "
+                    f"({res.reason}), which decodes"
                 )
             if res.end_offset > start:
                 pieces.append((seg, start, res.end_offset))
