@@ -524,22 +524,22 @@ async def test_batches_submitted_while_a_frame_is_unanswered_go_out_as_one_frame
 async def test_a_follower_far_behind_gets_frames_pipelined(tmp_path: Path) -> None:
     """Catching up (at least PIPELINE_MIN_ENTRIES waiting), several frames leave before the
     first answer, up to WINDOW."""
-    from walstore.replication import leader as leader_module
+    from walstore.replication import progress as progress_module
 
     release = trio.Event()
     received: list[Append] = []
     async with trio.open_nursery() as nursery:
         rlog, term, frames_out = await _held_follower_term(tmp_path, nursery, release, received)
         term.max_append_bytes = 4096  # many frames for the backlog
-        backlog = 3 * leader_module.PIPELINE_MIN_ENTRIES  # > WINDOW frames of ~100 entries beyond it
+        backlog = 3 * progress_module.PIPELINE_MIN_ENTRIES  # > WINDOW frames of ~100 entries beyond it
         for i in range(backlog):
             term.appended(rlog.submit([(KIND_EVENT, 0, b"b%d" % i)], EPOCH))
         nursery.start_soon(term.run)
         with trio.fail_after(10):
-            for _ in range(leader_module.WINDOW):
+            for _ in range(progress_module.WINDOW):
                 await frames_out.receive()
             await trio.sleep(0.2)
-            assert len(received) == leader_module.WINDOW  # the window is full: no more yet
+            assert len(received) == progress_module.WINDOW  # the window is full: no more yet
             release.set()
             while (
                 received[-1].prev_index

@@ -25,7 +25,6 @@ and what each APPEND_ACK means, are sans-IO in ``rules.py``.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from walstore.config import REPLICATION_FRAME_BYTES, PeerSpec
 from walstore.errors import DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
 from walstore.replication import rules
+from walstore.replication.progress import FollowerProgress, Idle, SendHeartbeat, reachable_voters
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.wal.record import peek_header
@@ -45,40 +45,18 @@ from walstore.watermark import Watermark
 
 log = logging.getLogger("walstore.leader")
 
-WINDOW = 8  # APPEND frames in flight per follower while it catches up
-# A second frame goes out before the first is answered only when at least this many
-# entries wait (a follower catching up). Under client load, one frame in flight means the
-# batches that arrive during a follower's fsync travel as one frame, not one frame each:
-# every frame costs both sides a wake-up, a decode and an answer, and the follower syncs
-# what has arrived in one round either way (measured: docs/performance-notes.md).
-PIPELINE_MIN_ENTRIES = 1024
 TAIL_CACHE_BYTES = 64 << 20  # recent batches kept in memory for followers
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @dataclass(slots=True)
-class FollowerProgress:
-    peer: PeerSpec
-    match_index: int = 0
-    next_index: int = 1
-    connected: bool = False
-    last_ack_at: float = -math.inf
-    generation: int = 0  # bumped whenever next_index is reset; older answers are ignored
-    in_flight: deque[tuple[int, int]] = field(default_factory=deque)  # (generation, last index sent)
+class _Signals:
+    """What wakes one follower's sender (the stream's state is ``FollowerProgress``)."""
+
     wake: trio.Event = field(default_factory=trio.Event)  # new data, an answer, or a reset
     # Only an answer: what a sender holding its frame back waits for (a submit waking it
     # there would be a wasted task switch per client batch).
     answered: trio.Event = field(default_factory=trio.Event)
-    sent_commit: int = 0  # the commit index the follower last heard from us
-    acked_on_link: bool = False  # an APPEND on the current connection was accepted
-    incarnation: str = ""  # the follower's data directory, as its HELLO named it
-    # Its acknowledgements count towards commit and quorum: the cluster records that
-    # incarnation as a voter (walstore.election.membership). Set by LeaderTerm.
-    voter: bool = False
-    learner_since: float | None = None  # when this learner incarnation was first seen
-
-    def poke(self) -> None:
-        self.wake.set()
 
 
 class LeaderTerm:
@@ -112,6 +90,7 @@ class LeaderTerm:
         self.votes = votes
         self.incarnation = incarnation
         self.progress = {p.node_id: FollowerProgress(p, next_index=rlog.tail_index + 1) for p in followers}
+        self._signals = {p.node_id: _Signals() for p in followers}
         self.cluster_size = len(followers) + 1
         self._cache: deque[PendingAppend] = deque()
         # The same batches by first index: finding where a follower resumes is one lookup,
@@ -138,8 +117,8 @@ class LeaderTerm:
             self._cache_bytes -= old.nbytes
             if self._cache_by_first.get(old.first_index) is old:
                 del self._cache_by_first[old.first_index]
-        for progress in self.progress.values():
-            progress.poke()
+        for signals in self._signals.values():
+            signals.wake.set()
 
     # -- running -----------------------------------------------------------------------
 
@@ -180,12 +159,7 @@ class LeaderTerm:
     def reachable_followers(self, within_s: float) -> int:
         """Voting followers that answered within the last ``within_s`` seconds (a
         learner's answers make no quorum)."""
-        since = trio.current_time() - within_s
-        count = 0
-        for p in self.progress.values():  # a plain loop: this runs for every client append
-            if p.voter and p.connected and p.last_ack_at >= since:
-                count += 1
-        return count
+        return reachable_voters(self.progress.values(), since=trio.current_time() - within_s)
 
     def refresh_voters(self) -> None:
         """Re-apply ``votes`` to every follower (the member records changed)."""
@@ -194,11 +168,7 @@ class LeaderTerm:
         self._recompute_commit()
 
     def _set_voter(self, progress: FollowerProgress) -> None:
-        progress.voter = self.votes(progress.peer.node_id, progress.incarnation)
-        if progress.voter:
-            progress.learner_since = None
-        elif progress.learner_since is None:
-            progress.learner_since = trio.current_time()
+        progress.set_voter(self.votes(progress.peer.node_id, progress.incarnation), now=trio.current_time())
 
     def has_quorum(self, within_s: float) -> bool:
         return self.reachable_followers(within_s) + 1 > self.cluster_size // 2
@@ -216,8 +186,8 @@ class LeaderTerm:
         )
         if commit is not None:
             self.commit.advance(commit)
-            for progress in self.progress.values():
-                progress.poke()  # tell the followers soon (see _send_appends)
+            for signals in self._signals.values():
+                signals.wake.set()  # tell the followers soon (see _send_appends)
 
     async def _follow(self, progress: FollowerProgress) -> None:
         attempt = 0
@@ -238,28 +208,15 @@ class LeaderTerm:
                 continue
             attempt = 0
             stopped = False
-            progress.connected = True
-            progress.acked_on_link = False
-            progress.generation += 1
-            progress.in_flight.clear()
-            incarnation = channel.conn.peer_incarnation
-            if incarnation != progress.incarnation:
-                if progress.incarnation:
-                    # Another data directory: nothing the old one acknowledged is there.
-                    log.warning(
-                        "%s now runs incarnation %s (was %s): its acknowledgements start again from nothing",
-                        progress.peer.node_id,
-                        incarnation,
-                        progress.incarnation,
-                    )
-                progress.incarnation = incarnation
-                progress.match_index = 0
-                progress.learner_since = None
-                progress.next_index = self.rlog.tail_index + 1
+            replaced = progress.link_up(channel.conn.peer_incarnation, tail_index=self.rlog.tail_index)
+            if replaced is not None:
+                log.warning(
+                    "%s now runs incarnation %s (was %s): its acknowledgements start again from nothing",
+                    progress.peer.node_id,
+                    progress.incarnation,
+                    replaced,
+                )
             self._set_voter(progress)
-            if progress.match_index:
-                # Frames in flight on the old link may be lost: resume after what was acked.
-                progress.next_index = progress.match_index + 1
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive_acks, channel, progress)
@@ -274,7 +231,7 @@ class LeaderTerm:
                 log.warning("replication to %s stopped: %s", progress.peer.node_id, group.exceptions[0])
                 stopped = True
             finally:
-                progress.connected = False
+                progress.link_down()
                 self.on_progress(progress)
                 await channel.aclose()
             if stopped:
@@ -282,48 +239,44 @@ class LeaderTerm:
             await trio.sleep(RECONNECT_BACKOFF_S[0])
 
     async def _send_appends(self, channel: PeerChannel, progress: FollowerProgress) -> None:
+        signals = self._signals[progress.peer.node_id]
         yielded = False  # a commit-only HEARTBEAT waited one scheduler pass already
         while True:
-            progress.wake = trio.Event()
-            first = progress.next_index
-            waiting = self.rlog.tail_index - first + 1
-            if progress.in_flight and (len(progress.in_flight) >= WINDOW or 0 < waiting < PIPELINE_MIN_ENTRIES):
-                # Held: new entries while a frame is unanswered (they go in the next
-                # frame), or a full window. Never held: a commit-only HEARTBEAT (nothing
-                # waiting). A follower relaying a forwarded write waits to apply it first;
+            signals.wake = trio.Event()
+            if progress.must_hold(self.rlog.tail_index):
+                # What arrives meanwhile goes in the next frame. A follower relaying a
+                # forwarded write waits to apply it, so a commit-only change is never held:
                 # had the term ended with the commit held back, it would have waited its
                 # whole timeout (seen in the etcd-quorum-loss chaos row: a 201 5 s late).
-                progress.answered = trio.Event()
-                await progress.answered.wait()
+                signals.answered = trio.Event()
+                await signals.answered.wait()
                 continue
+            first = progress.next_index
             entries, last = await self._entries_from(first)
             if not entries:
-                commit = self.commit.value
-                if commit > progress.sent_commit and progress.acked_on_link:
-                    # Only the commit index moved; the follower answers reads and forwarded
-                    # writes once it has applied, so tell it soon, in a HEARTBEAT that needs
-                    # no answer: at c=1 this halves the frames per write and takes two ACK
-                    # round trips off the leader's loop right when it answers. First let
-                    # the woken client tasks run once: under load they submit more, and the
-                    # commit rides on that APPEND instead (no timer, so no added latency
-                    # when idle).
+                caught_up = progress.when_caught_up(self.commit.value)
+                if isinstance(caught_up, SendHeartbeat):
+                    # The follower answers reads and forwarded writes once it has applied,
+                    # so tell it soon, in a HEARTBEAT that needs no answer: at c=1 this
+                    # halves the frames per write and takes two ACK round trips off the
+                    # leader's loop right when it answers. First let the woken client tasks
+                    # run once: under load they submit more, and the commit rides on that
+                    # APPEND instead (no timer, so no added latency when idle).
                     if not yielded:
                         yielded = True
                         await trio.lowlevel.checkpoint()
                         continue
                     yielded = False
-                    progress.sent_commit = commit
-                    await channel.send(Heartbeat(self.epoch, commit, int(trio.current_time() * 1000)))
+                    progress.heartbeat_sent(caught_up.commit)
+                    await channel.send(Heartbeat(self.epoch, caught_up.commit, int(trio.current_time() * 1000)))
                     continue
-                if commit <= progress.sent_commit:
-                    # Nothing new: after a quiet interval an empty APPEND carries the commit
-                    # index and proves to the follower that we still lead (its answer keeps
-                    # this link counted towards the quorum).
-                    # Ship as soon as a submit wakes us: the WAL's writer thread was woken
-                    # by the same submit and writes in parallel.
+                if isinstance(caught_up, Idle):
+                    # Ship as soon as a submit wakes us (the WAL's writer thread was woken
+                    # by the same submit and writes in parallel); after a quiet interval,
+                    # an empty APPEND proves to the follower that we still lead.
                     with trio.move_on_after(self.heartbeat_s):
-                        await progress.wake.wait()
-                    if progress.wake.is_set():
+                        await signals.wake.wait()
+                    if signals.wake.is_set():
                         continue
             prev = first - 1
             prev_epoch = self.rlog.epoch_at(prev)
@@ -331,11 +284,9 @@ class LeaderTerm:
                 await self.rlog.drain()
                 prev_epoch = self.rlog.epoch_at(prev) or 0
             yielded = False
-            message = Append(self.epoch, prev, prev_epoch, self.commit.value, entries)
-            progress.sent_commit = self.commit.value
-            progress.in_flight.append((progress.generation, last if entries else prev))
-            progress.next_index = (last if entries else prev) + 1
-            await channel.send(message)
+            commit = self.commit.value
+            progress.append_sent(prev=prev, last=last if entries else None, commit=commit)
+            await channel.send(Append(self.epoch, prev, prev_epoch, commit, entries))
 
     async def _entries_from(self, first: int) -> tuple[bytes, int]:
         """Whole batches starting at ``first``: from the tail cache when it holds them
@@ -362,41 +313,22 @@ class LeaderTerm:
         return data, _last_index_of(data)
 
     async def _receive_acks(self, channel: PeerChannel, progress: FollowerProgress) -> None:
+        signals = self._signals[progress.peer.node_id]
         while True:
             message = await channel.receive()
             if not isinstance(message, AppendAck):
                 raise ProtocolError(f"expected APPEND_ACK from {progress.peer.node_id}, got {type(message).__name__}")
-            if not progress.in_flight:
-                raise ProtocolError(f"unexpected APPEND_ACK from {progress.peer.node_id}")
-            generation, sent_last = progress.in_flight.popleft()
-            progress.answered.set()  # the sender may be holding its next frame for this
-            progress.last_ack_at = trio.current_time()
-            outcome = rules.on_append_ack(
-                message,
-                peer=progress.peer.node_id,
-                epoch=self.epoch,
-                sent_last=sent_last,
-                sent_generation=generation,
-                generation=progress.generation,
-                match_index=progress.match_index,
-                next_index=progress.next_index,
-                log=self.rlog,
-            )
+            match_before = progress.match_index
+            outcome = progress.answered(message, epoch=self.epoch, log=self.rlog, now=trio.current_time())
+            signals.answered.set()  # the sender may be holding its next frame for this
             if isinstance(outcome, rules.Matched):
-                if outcome.on_current_link:
-                    progress.acked_on_link = True
-                if outcome.match_index is not None:
-                    progress.match_index = outcome.match_index
+                if progress.match_index != match_before:
                     self._recompute_commit()
                     self.on_progress(progress)
             elif isinstance(outcome, rules.Fenced):
                 self.on_higher_epoch(outcome.epoch, progress.peer.node_id)
             elif isinstance(outcome, rules.Resend):
-                progress.next_index = outcome.next_index
-                # Frames still in flight get answers too; their old generation marks them stale.
-                progress.generation += 1
-                progress.acked_on_link = False  # the follower forgot what this link matched
-                progress.poke()
+                signals.wake.set()
             # else Stale: a refusal of a frame sent before the last resend, already handled
 
 

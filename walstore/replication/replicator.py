@@ -43,7 +43,8 @@ from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
 from walstore.replication.follower import FollowerService
 from walstore.replication.forward import Forwarder, serve_forwards
-from walstore.replication.leader import FollowerProgress, LeaderTerm
+from walstore.replication.leader import LeaderTerm
+from walstore.replication.progress import FollowerProgress
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.takeover import Superseded, take_over
 from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
