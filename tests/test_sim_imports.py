@@ -10,7 +10,12 @@ from pathlib import Path
 import walstore
 
 PACKAGE = Path(walstore.__file__).parent
-PLANTED_IN = {"election/membership.py", "replication/leader.py", "replication/follower.py"}
+PLANTED_IN = {
+    "election/membership.py",
+    "replication/leader.py",
+    "replication/follower.py",
+    "replication/follower_core.py",
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -11,7 +11,7 @@ its way and being synced goes out as one frame when it is answered (see
 
 When only the commit index moved (the follower holds everything we sent), a HEARTBEAT
 carries it: the one request a follower does not answer. The follower applies it only up
-to what it has matched on that link (see follower.py), so it needs no log-matching check
+to what it has matched on that link (see follower_core.py), so it needs no log-matching check
 of its own; liveness and quorum still come from the answers to APPENDs, and an idle link
 still gets an empty APPEND every ``heartbeat_s``.
 
