@@ -323,3 +323,62 @@ def test_the_rules_import_no_trio() -> None:
     probe = "import sys, walstore.replication.rules; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- the leader's watch over its lease and quorum ----------------------------------------
+
+
+def watch(now: float, answered_at: Sequence[float] = (), **changes: object) -> object:
+    args: dict[str, object] = dict(
+        deadline=100.0, lost=False, needed=1, grace_s=1.5, stall_s=0.25, planned_wake=now, answered_at=answered_at
+    )
+    args.update(changes)
+    return rules.watch_quorum(now=now, **args)  # type: ignore[arg-type]
+
+
+def test_a_lost_or_expired_lease_steps_down_first() -> None:
+    assert watch(10.0, [9.9], lost=True) == rules.StepDown(lost=True)
+    assert watch(100.0, [99.9]) == rules.StepDown(lost=False)  # the deadline, to the tick
+    assert watch(10.0, [], lost=True, needed=0) == rules.StepDown(lost=True)
+
+
+def test_the_watch_sleeps_until_the_quorum_or_the_lease_would_run_out() -> None:
+    assert watch(10.0, [9.0, 2.0]) == rules.WakeAt(10.5)  # the most recent answer + grace
+    assert watch(10.0, [9.0, 9.5], needed=2) == rules.WakeAt(10.5)  # the 2nd most recent
+    assert watch(10.0, [9.9], deadline=10.2) == rules.WakeAt(10.2)  # the lease runs out first
+    assert watch(10.0, [], needed=0, deadline=30.0) == rules.WakeAt(30.0)  # a cluster of one
+
+
+def test_no_answers_from_a_majority_within_the_grace_resigns() -> None:
+    assert watch(10.0, [8.5]) == rules.Resign()
+    assert watch(10.0, []) == rules.Resign()  # nobody connected
+    assert watch(10.0, [9.9], needed=2) == rules.Resign()  # one answer of the two needed
+
+
+def test_a_watch_that_woke_late_looks_again_a_heartbeat_later_before_resigning() -> None:
+    # Planned for 9.0, woke at 10.0: our loop stalled, the answers may be unread.
+    assert watch(10.0, [8.0], planned_wake=9.0) == rules.WakeAt(10.25)
+    assert watch(10.25, [8.0], planned_wake=10.25) == rules.Resign()  # on time now: resign
+    assert watch(10.3, [10.1], planned_wake=10.25) == rules.WakeAt(10.1 + 1.5)  # they answered
+
+
+@given(
+    now=st.floats(0, 1e6, allow_nan=False),
+    heard_back=st.floats(0, 10, allow_nan=False),
+    grace_s=st.floats(1e-3, 10, allow_nan=False),
+    late=st.floats(0, 1, allow_nan=False),
+)
+def test_the_watch_never_wakes_at_or_before_now(now: float, heard_back: float, grace_s: float, late: float) -> None:
+    """The busy loop the simulator found: ``now - heard_at < grace`` while
+    ``heard_at + grace == now`` in floating point. Whatever the floats, a WakeAt is later
+    than now (the rule checks it too)."""
+    heard_at = now - heard_back
+    decision = watch(now, [heard_at], grace_s=grace_s, deadline=now + 50.0, planned_wake=now - late)
+    assert isinstance(decision, rules.Resign) or (isinstance(decision, rules.WakeAt) and decision.at > now)
+
+
+def test_the_float_edge_that_once_busy_looped() -> None:
+    heard_at, grace_s = 134.364, 2.558
+    now = heard_at + grace_s  # 136.922
+    assert now - heard_at < grace_s  # 2.5579999999999927: the old test said the quorum held
+    assert watch(now, [heard_at], grace_s=grace_s, deadline=now + 50) == rules.Resign()  # not WakeAt(now)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -41,6 +40,7 @@ from walstore.errors import ElectionError, LogStateError, UnavailableError, Wals
 from walstore.event import AppendResult, NewEvent, Tracking
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
+from walstore.replication import rules
 from walstore.replication.follower import FollowerService
 from walstore.replication.forward import Forwarder, serve_forwards
 from walstore.replication.leader import LeaderTerm
@@ -409,39 +409,34 @@ class Replicator:
         ending the term here too means the waiting requests (interrupted by ``_end_term``)
         never depend on one backend task being scheduled first."""
         leadership = self.leadership
-        assert leadership is not None
+        if leadership is None:  # not assert: it must hold under -O too
+            raise RuntimeError("watching the quorum of a term with no leadership")
+        # Learners count here, unlike for commit: a leader that still reaches a learner is
+        # how the learner gets caught up and promoted back into a voter majority. In 3
+        # nodes no voter majority can form elsewhere meanwhile; in 5, a leader that reaches
+        # one voter and one learner holds the lease that three voters cut off from it could
+        # otherwise use (a trade-off, docs/membership.md).
         needed = term.cluster_size // 2  # followers that make a majority with us (0: alone)
-        grace_s = self._quorum_grace_s
-        stall_s = self.config.lease_ttl_s / 8  # one heartbeat interval
         wake_at = trio.current_time()
         while True:
-            now = trio.current_time()
-            if now >= leadership.deadline() or leadership.lost.is_set():
-                if not leadership.lost.is_set():  # else cancel_when_lost says why
+            decision = rules.watch_quorum(
+                now=trio.current_time(),
+                deadline=leadership.deadline(),
+                lost=leadership.lost.is_set(),
+                answered_at=[p.last_ack_at for p in term.progress.values() if p.connected],
+                needed=needed,
+                grace_s=self._quorum_grace_s,
+                stall_s=self.config.lease_ttl_s / 8,  # one heartbeat interval
+                planned_wake=wake_at,
+            )
+            if isinstance(decision, rules.Resign):
+                return
+            if isinstance(decision, rules.StepDown):
+                if not decision.lost:  # else cancel_when_lost says why
                     log.warning("epoch %d: lease deadline passed; stepping down", term.epoch)
                 self.step_down()
                 await trio.sleep_forever()  # step_down cancelled us: _lead ends here
-            # Learners count here, unlike for commit: a leader that still reaches a learner
-            # is how the learner gets caught up and promoted back into a voter majority. In
-            # 3 nodes no voter majority can form elsewhere meanwhile; in 5, a leader that
-            # reaches one voter and one learner holds the lease that three voters cut off
-            # from it could otherwise use (a trade-off, docs/membership.md).
-            answered = sorted((p.last_ack_at for p in term.progress.values() if p.connected), reverse=True)
-            heard_at = answered[needed - 1] if needed and len(answered) >= needed else -math.inf
-            # One expression for the test and the wake-up: ``now - heard_at < grace_s`` can
-            # hold while ``heard_at + grace_s == now`` in floating point, and sleeping until
-            # now returns at once: a busy loop, forever on the simulator's frozen clock
-            # (found by it), for a moment on a real one.
-            quorum_until = heard_at + grace_s if needed else math.inf  # a cluster of one is its majority
-            if now >= quorum_until:
-                if now - wake_at < stall_s:
-                    return
-                # We woke late: our own loop stalled (GC, a long batch) and the answers may
-                # sit unread in the sockets. A stall is no evidence against the followers:
-                # let the receivers run for a heartbeat, then judge.
-                wake_at = now + stall_s
-            else:
-                wake_at = min(quorum_until, leadership.deadline())
+            wake_at = decision.at
             await trio.sleep_until(wake_at)
 
     def _end_term(self, leadership: Leadership) -> None:

@@ -1,13 +1,13 @@
 """The replication rules, sans-IO: what a leader, a follower and a takeover decide from
 what they hold.
 
-The trio code (leader.py, follower.py, takeover.py) gathers a view of the log and the
-message in hand, asks a function here, and carries out the answer: send this
-acknowledgement, drain the writer and ask again, cut the log after N and write these
-records, move the commit index to N, resend from N, adopt that peer's log. Nothing here awaits, reads a clock or
-touches a file, so every rule is tested on its own, value by value
-(``tests/test_replication_rules.py``), and the simulator drives the same functions through
-the real trio code.
+The callers (follower_core.py, progress.py, leader.py, replicator.py, takeover.py) gather
+a view of the log, the message in hand or the time, ask a function here, and carry out the
+answer: send this acknowledgement, drain the writer and ask again, cut the log after N and
+write these records, move the commit index to N, resend from N, step down, resign, look
+again at T, adopt that peer's log. Nothing here awaits, reads a clock or touches a file,
+so every rule is tested on its own, value by value (``tests/test_replication_rules.py``),
+and the simulator drives the same functions through the real trio code.
 
 The invariants these decisions rest on are checked here, on every call, and stay on in
 production: a broken one raises ``LogStateError`` (made by ``broken``), which stops the
@@ -18,6 +18,7 @@ every APPEND and every acknowledgement).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -258,6 +259,71 @@ def skip_epoch(history: Sequence[tuple[int, int]], next_index: int, follower_epo
         if epoch == follower_epoch and i + 1 < len(history):
             return max(1, min(next_index, history[i + 1][1]))
     return next_index
+
+
+@dataclass(frozen=True, slots=True)
+class StepDown:
+    """The lease is lost, or its deadline passed: stop leading now (``lost``: the election
+    already said so, and why)."""
+
+    lost: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Resign:
+    """No majority of followers has answered within the grace: resign, so that a majority
+    that cannot hear us can elect someone else."""
+
+
+@dataclass(frozen=True, slots=True)
+class WakeAt:
+    """Nothing to do until ``at`` (the caller's clock, in seconds): look again then."""
+
+    at: float
+
+
+def watch_quorum(
+    *,
+    now: float,
+    deadline: float,
+    lost: bool,
+    answered_at: Iterable[float],
+    needed: int,
+    grace_s: float,
+    stall_s: float,
+    planned_wake: float,
+) -> StepDown | Resign | WakeAt:
+    """A leader's watch over its lease and its followers (the leader's timer).
+
+    ``answered_at``: when each connected follower last answered; ``needed``: how many
+    followers make a majority with us (0: a cluster of one is its own majority);
+    ``planned_wake``: when this watch meant to look again (at the start: when the term
+    began). The quorum is gone once the ``needed``-th most recent answer is ``grace_s``
+    old; but if we woke ``stall_s`` or more after we planned, our own loop stalled (GC, a
+    long batch) and the answers may sit unread in the sockets: that is no evidence
+    against the followers, so look again a heartbeat later before resigning.
+
+    The wake-up is always in the future: the test and the wake-up are one expression
+    (``heard_at + grace_s``), since ``now - heard_at < grace_s`` can hold while
+    ``heard_at + grace_s == now`` in floating point, and sleeping until now returns at
+    once (a busy loop, forever on the simulator's frozen clock; found by it)."""
+    if lost or now >= deadline:
+        return StepDown(lost=lost)
+    if needed:
+        answers = sorted(answered_at, reverse=True)
+        heard_at = answers[needed - 1] if len(answers) >= needed else -math.inf
+        quorum_until = heard_at + grace_s
+    else:
+        quorum_until = math.inf
+    if now >= quorum_until:
+        if now - planned_wake < stall_s:
+            return Resign()
+        at = now + stall_s
+    else:
+        at = min(quorum_until, deadline)
+    if not at > now:
+        raise broken(f"a quorum watch waking at {at!r}, not after now ({now!r}): a busy loop")
+    return WakeAt(at)
 
 
 # -- takeover ---------------------------------------------------------------------------
