@@ -39,6 +39,7 @@ class MemLog(EpochLog):
     def __init__(self, epochs: Sequence[int], *, promised: int = 0, in_flight: int = 0) -> None:
         super().__init__(epochs, in_flight)
         self.promised_epoch = promised
+        self.durable_promise = promised
         self.halted: str | None = None
 
     @property
@@ -79,9 +80,11 @@ class Shell:
                 self.during_verify()
                 result = self.election_confirms
             elif isinstance(need, PersistPromise):
-                self.log.promised_epoch = max(self.log.promised_epoch, need.epoch)
+                self.log.promised_epoch = max(self.log.promised_epoch, need.epoch)  # memory first
                 if self.promise_fails:
                     failure = DiskFullError("no space for meta.json")
+                else:
+                    self.log.durable_promise = self.log.promised_epoch
             elif isinstance(need, DrainWriter):
                 self.log.in_flight = 0
             elif isinstance(need, CutAfter):
@@ -129,7 +132,7 @@ def test_a_confirmed_leader_is_not_asked_about_again() -> None:
     shell.run(core.on_append(append(3, 2, 1, [3]), LEADER, Link()))
     shell.needs.clear()
     shell.run(core.on_append(append(3, 3, 3, [3]), LEADER, Link()))
-    assert shell.kinds() == ["PersistPromise", "LeaderSeen", "WriteRecords"]
+    assert shell.kinds() == ["LeaderSeen", "WriteRecords"]  # promised already, too
 
 
 def test_an_epoch_the_election_does_not_confirm_is_refused_unpromised() -> None:
@@ -159,14 +162,21 @@ def test_a_promise_made_while_the_election_was_asked_wins() -> None:
     assert answer.message == AppendAck(5, False, 0, 1, 0, 0) and core.confirmed is None
 
 
-def test_a_promise_that_did_not_reach_the_disk_refuses_the_frame() -> None:
+def test_a_promise_that_did_not_reach_the_disk_refuses_the_frame_until_it_does() -> None:
     log = MemLog([1], promised=1)
     core, shell = core_on(log)
     shell.promise_fails = True
+    for _ in range(2):  # the in-memory promise moved up; still not on disk: still refused
+        shell.needs.clear()
+        answer = shell.run(core.on_append(append(3, 1, 1, [3]), LEADER, Link()))
+        assert shell.kinds()[-1] == "PersistPromise"  # no LeaderSeen, no write
+        assert isinstance(answer.message, AppendAck) and not answer.message.ok
+        assert (log.epochs, log.promised_epoch, log.durable_promise) == ([1], 3, 1)
+    shell.promise_fails = False  # space again: the next frame writes the promise, then the records
+    shell.needs.clear()
     answer = shell.run(core.on_append(append(3, 1, 1, [3]), LEADER, Link()))
-    assert shell.kinds() == ["VerifyLeader", "PersistPromise"]  # no LeaderSeen, no write
-    assert isinstance(answer.message, AppendAck) and not answer.message.ok
-    assert log.epochs == [1]
+    assert shell.kinds() == ["PersistPromise", "LeaderSeen", "WriteRecords"]
+    assert isinstance(answer.message, AppendAck) and answer.message.ok and log.durable_promise == 3
 
 
 # -- log matching and placement ------------------------------------------------------------
@@ -187,8 +197,10 @@ def test_a_divergent_suffix_is_cut_then_written() -> None:
     core, shell = core_on(log, commit=1)
     core.confirmed = (3, LEADER)
     answer = shell.run(core.on_append(append(3, 1, 1, [3, 3, 3]), LEADER, Link()))
-    assert shell.needs[2:] == [CutAfter(1, 1, asked_by="n1 (epoch 3)"), shell.needs[3]]
-    assert isinstance(shell.needs[3], WriteRecords) and shell.needs[3].records.first_index == 2
+    assert shell.kinds() == ["LeaderSeen", "CutAfter", "WriteRecords"]
+    cut, write = shell.needs[1:]
+    assert cut == CutAfter(1, 1, asked_by="n1 (epoch 3)")
+    assert isinstance(write, WriteRecords) and write.records.first_index == 2
     assert log.epochs == [1, 3, 3, 3]
     assert answer.message == AppendAck(3, True, 4, 4, 0, 0)
 
@@ -218,7 +230,7 @@ def test_entries_still_in_flight_are_drained_before_they_are_matched() -> None:
     core, shell = core_on(log)
     core.confirmed = (3, LEADER)
     answer = shell.run(core.on_append(append(3, 3, 3, [3]), LEADER, Link()))
-    assert shell.kinds() == ["PersistPromise", "LeaderSeen", "DrainWriter", "WriteRecords"]
+    assert shell.kinds() == ["LeaderSeen", "DrainWriter", "WriteRecords"]
     assert isinstance(answer.message, AppendAck) and answer.message.match_index == 4
 
 

@@ -141,6 +141,9 @@ class FollowerLog(rules.LogView, Protocol):
     def promised_epoch(self) -> int: ...
 
     @property
+    def durable_promise(self) -> int: ...
+
+    @property
     def halted(self) -> str | None: ...
 
     @property
@@ -243,13 +246,15 @@ class FollowerCore:
             if epoch < self.log.promised_epoch:  # a newer promise was made while we asked
                 return False
             self.confirmed = (epoch, leader_id)
-        try:
-            yield PersistPromise(epoch)
-        except DiskFullError as exc:
-            # A promise that is not on disk is no promise: refuse (the in-memory epoch
-            # has moved up, which only makes us refuse more). Retried on the next frame.
-            log.warning("cannot persist the promise of epoch %d: %s", epoch, exc)
-            return False
+        if epoch > self.log.durable_promise:  # else on disk already: nothing to persist
+            try:
+                yield PersistPromise(epoch)
+            except DiskFullError as exc:
+                # A promise that is not on disk is no promise: refuse (the in-memory epoch
+                # has moved up, which only makes us refuse more). The next frame of this
+                # epoch writes it again (ReplicaLog.promise).
+                log.warning("cannot persist the promise of epoch %d: %s", epoch, exc)
+                return False
         yield LeaderSeen(epoch, leader_id)
         return True
 

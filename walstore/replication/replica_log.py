@@ -46,6 +46,9 @@ class ReplicaLog:
         self.on_halt = on_halt
         self.halted: str | None = None  # why this replica stopped taking writes
         self.promised_epoch = max(wal.promised_epoch, wal.last_epoch)
+        # The promise the disk holds (meta.json, or entries of that epoch in the log): at
+        # most promised_epoch, which moves first. Below it after a promise failed to persist.
+        self.durable_promise = self.promised_epoch
         # Created by the first waiter and set by the next change: every client append moves
         # the tail, and almost never is anyone waiting, so no Event per submit.
         self._tail_moved: trio.Event | None = None
@@ -59,12 +62,17 @@ class ReplicaLog:
     async def promise(self, epoch: int) -> None:
         """Promise ``epoch`` durably (fsync'd meta) before answering PROMISE or accepting
         APPENDs of a new epoch. The in-memory value moves first, so from this moment
-        every frame of a lower epoch is refused even while the file is being written."""
-        if epoch <= self.promised_epoch:
+        every frame of a lower epoch is refused even while the file is being written. A
+        promise whose write failed (disk full) is written again by the next call for that
+        epoch: it counts only once it is on disk."""
+        if epoch <= self.durable_promise:
             return
-        self.promised_epoch = epoch
+        self.promised_epoch = max(self.promised_epoch, epoch)
         async with self._meta_lock:
-            await runtime.current().run_sync(self.wal.set_promised_epoch, self.promised_epoch)
+            target = self.promised_epoch
+            if target > self.durable_promise:  # else persisted while we waited for the lock
+                await runtime.current().run_sync(self.wal.set_promised_epoch, target)
+                self.durable_promise = target
 
     @property
     def incarnation(self) -> str:
