@@ -45,8 +45,9 @@ from walstore.replication.follower import FollowerService
 from walstore.replication.forward import Forwarder, serve_forwards
 from walstore.replication.leader import LeaderTerm
 from walstore.replication.progress import FollowerProgress
+from walstore.replication.promises import Superseded
 from walstore.replication.replica_log import ReplicaLog
-from walstore.replication.takeover import Superseded, take_over
+from walstore.replication.takeover import take_over
 from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
 from walstore.wal.record import KIND_EPOCH_START
 from walstore.wal.writer import PendingAppend

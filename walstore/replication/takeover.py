@@ -19,7 +19,8 @@ a promise majority contains every committed entry (Raft's up-to-date rule, with 
 of the last entry as the term). Any majority an old leader could still reach contains a
 node that promised E, so it can never commit again.
 
-Which log to adopt, and where ours is cut, is decided sans-IO (``rules.choose_log``).
+What counts among the answers, whether they are enough, and which log to adopt and where
+ours is cut, are decided sans-IO (``promises.PromiseTally``, ``rules.choose_log``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import trio
 
 from walstore.config import PeerSpec
 from walstore.election.membership import Member, counts
-from walstore.election.membership import majority as membership_majority
 from walstore.errors import InvalidRecords, ProtocolError, UnavailableError
-from walstore.protocol import Fetch, FetchResult, Prepare, Promise
+from walstore.protocol import Fetch, FetchResult, Prepare
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
+from walstore.replication.promises import Counted, PromiseTally
 from walstore.replication.replica_log import ReplicaLog
-from walstore.replication.rules import LogPosition, choose_log
+from walstore.replication.rules import LogPosition
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.watermark import Watermark
 
@@ -48,15 +49,6 @@ log = logging.getLogger("walstore.takeover")
 GRACE_S = 0.2
 RETRY_DIAL_S = 0.1
 _request_ids = itertools.count(1)
-
-
-class Superseded(Exception):
-    """A peer has promised a higher epoch: a newer leader exists; step down."""
-
-    def __init__(self, epoch: int, peer_id: str) -> None:
-        super().__init__(f"{peer_id} promised epoch {epoch}")
-        self.epoch = epoch
-        self.peer_id = peer_id
 
 
 async def take_over(
@@ -78,9 +70,12 @@ async def take_over(
     await rlog.promise(epoch)
     await rlog.drain()
     mine = LogPosition(node_id, rlog.tail_epoch, rlog.tail_index, rlog.epoch_history())
-    majority = membership_majority(len(peers) + 1)
-    promises: dict[str, LogPosition] = {node_id: mine}
-    learners: list[str] = []
+    tally = PromiseTally(
+        epoch,
+        mine,
+        cluster_size=len(peers) + 1,
+        votes=lambda peer_id, incarnation: counts(members, peer_id, incarnation),
+    )
     enough = trio.Event()
     addresses = {p.node_id: p for p in peers}
 
@@ -109,22 +104,15 @@ async def take_over(
             return
         finally:
             await channel.aclose()
-        if not isinstance(answer, Promise):
-            log.warning("takeover: %s answered PREPARE with %s", peer.node_id, type(answer).__name__)
-            return
-        if not answer.ok:
-            if answer.promised_epoch > epoch:
-                raise Superseded(answer.promised_epoch, peer.node_id)
-            return
         incarnation = channel.conn.peer_incarnation
-        if not counts(members, peer.node_id, incarnation):
+        counted = tally.answer(peer.node_id, incarnation, answer)  # raises Superseded
+        if counted is Counted.NOT_A_PROMISE:
+            log.warning("takeover: %s answered PREPARE with %s", peer.node_id, type(answer).__name__)
+        elif counted is Counted.LEARNER:
             # A learner or an amnesiac: it promised, so old leaders are fenced off from it,
             # but it may hold less than was committed. Neither its vote nor its log counts.
-            learners.append(peer.node_id)
             log.info("takeover: %s promised as a learner (incarnation %s): not counted", peer.node_id, incarnation)
-            return
-        promises[peer.node_id] = LogPosition(peer.node_id, answer.last_epoch, answer.last_index, answer.epoch_history)
-        if len(promises) >= majority:
+        if tally.enough:
             enough.set()
 
     with trio.move_on_after(timeout_s if peers else 0):  # a cluster of one asks nobody
@@ -138,18 +126,11 @@ async def take_over(
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_after_grace)
-    if len(promises) < majority:
-        raise UnavailableError(
-            f"takeover of epoch {epoch}: promises from {len(promises)} voter(s) {sorted(promises)}, "
-            f"{majority} needed (learners not counted: {sorted(learners)})",
-            code="no_quorum",
-        )
-
-    adopt = choose_log(mine, promises.values(), tail_index=rlog.tail_index)
+    adopt = tally.decide(tail_index=rlog.tail_index)  # raises UnavailableError without a majority
     log.info(
         "takeover of epoch %d: promises from %s; most advanced log: %s at %s",
         epoch,
-        sorted(promises),
+        sorted(tally.promises),
         adopt.source.node_id if adopt else node_id,
         adopt.source.key if adopt else mine.key,
     )
