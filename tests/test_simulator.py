@@ -47,6 +47,12 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "not as the storage fault it is (tests/test_wal_log.py::test_damage_after_open_is_corruption_to_a_raw_"
         "read_too)",
     ),
+    2039: (
+        SimOptions(),
+        "the fdatasync of a takeover's own promise failed; the node resigned and campaigned on with a poisoned "
+        "log, and the simulator's own check then read it and stopped (tests/test_storage_health.py::test_a_"
+        "failed_fdatasync_of_the_takeovers_own_promise_stops_the_node)",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)

@@ -28,7 +28,7 @@ import trio
 
 from tests.cluster_inprocess import in_process_cluster, replicator
 from walstore.config import from_env
-from walstore.errors import UnavailableError
+from walstore.errors import FsyncError, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
 from walstore.wal.fs import Buffer, WalFile
@@ -134,6 +134,35 @@ async def test_fdatasync_eio_answers_every_request_in_flight_then_stops(
 
 
 # -- a full disk ----------------------------------------------------------------------------
+
+
+class _FailingPromiseDisk(SimulatedFileSystem):
+    """A disk whose next fdatasync of a new meta.json fails once ``armed``: the write of a
+    promise (meta.json is replaced through meta.json.tmp)."""
+
+    armed = False
+
+    def create(self, path: Path) -> WalFile:
+        f = super().create(path)
+        if self.armed and path.name == "meta.json.tmp":
+            self.armed = False
+            self.fail_next_fdatasync(1)
+        return f
+
+
+async def test_a_failed_fdatasync_of_the_takeovers_own_promise_stops_the_node(tmp_path: Path) -> None:
+    """Not a failed takeover to resign from and retry: the log is poisoned and a failed
+    fdatasync is never retried (found by the simulator, seed 2039: the node resigned and
+    campaigned on with a poisoned log)."""
+    fs = _FailingPromiseDisk()
+    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
+    WriteAheadLog.open(config.data_dir, WalOptions(segment_size_bytes=config.segment_size_bytes), fs).close()
+    fs.armed = True  # the node's first new meta.json is its takeover's promise
+    node = Node(config, fs=fs)
+    with trio.fail_after(15):  # before the fix: it resigned and campaigned on, for ever
+        with pytest.RaisesGroup(pytest.RaisesExc(FsyncError, match="meta.json.tmp"), flatten_subgroups=True):
+            await node.run()
+    assert not fs.armed  # the failure was injected where meta.json is replaced
 
 
 async def test_a_follower_with_a_full_disk_says_so_and_does_not_slow_writes_through_it(

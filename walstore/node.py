@@ -256,6 +256,7 @@ class Node:
         self.replicator: Replicator | None = None  # set at start
         self._shutdown = trio.Event()
         self._http_done = trio.Event()
+        self._http_started = self._probes_started = False  # their ports are opening or open
         # The probe port stops last (after the client port): set to stop it, set when done.
         self._probes_stop, self._probes_done = trio.Event(), trio.Event()
 
@@ -308,11 +309,15 @@ class Node:
                     with trio.CancelScope(shield=True):
                         await trio.sleep(STORAGE_FAILED_LINGER_S)
                         self._shutdown.set()
-                        with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
-                            await self._http_done.wait()
+                        # Ports that never opened (the disk failed during start-up) have
+                        # nothing to drain: waiting for them would only delay the exit.
+                        if self._http_started:
+                            with trio.move_on_after(self.http_limits.shutdown_grace_s + 1):
+                                await self._http_done.wait()
                         self._probes_stop.set()
-                        with trio.move_on_after(PROBE_STOP_S):
-                            await self._probes_done.wait()
+                        if self._probes_started:
+                            with trio.move_on_after(PROBE_STOP_S):
+                                await self._probes_done.wait()
                     raise
 
     async def _serve(
@@ -366,10 +371,12 @@ class Node:
                 probes_done.set()
 
         if cfg.probe_port is not None and self.runtime.serve_http:
+            self._probes_started = True
             self.probe_port = await http_nursery.start(probes)
         else:
             probes_done.set()
         if self.runtime.serve_http:
+            self._http_started = True
             self.http_port = await http_nursery.start(http)
         else:
             http_done.set()  # the simulator calls the service directly

@@ -36,7 +36,7 @@ import trio
 from walstore.config import Config, PeerSpec
 from walstore.election.base import SAFETY_MARGIN_FRACTION, Candidate, Election, LeaderInfo, Leadership
 from walstore.election.membership import Member, counts, promote, register
-from walstore.errors import ElectionError, LogStateError, UnavailableError, WalstoreError
+from walstore.errors import ElectionError, FsyncError, LogStateError, UnavailableError, WalstoreError
 from walstore.event import AppendResult, NewEvent, Tracking
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
@@ -344,8 +344,11 @@ class Replicator:
                         timeout_s=self.config.lease_ttl_s,
                         members=self.members,
                     )
-                except LogStateError:
-                    raise  # a broken invariant of our own log stops the node; it is no failed takeover
+                except (LogStateError, FsyncError):
+                    # A broken invariant of our own log, or a failed fdatasync (of our own
+                    # promise, in meta.json): the node stops; neither is a failed takeover
+                    # to resign from and retry, and a failed fdatasync is never retried.
+                    raise
                 except (Superseded, WalstoreError, PeerClosed, OSError, trio.TooSlowError) as exc:
                     # No majority, a newer promise, or the peer we fetch from failed:
                     # resign and campaign again (the log is intact; FsyncError is fatal

@@ -355,8 +355,11 @@ class _Invariants:
         same entry there (same epoch: one leader per epoch wrote it). Stronger than the
         applied-events check: it sees a commit that no client, read or apply saw yet, such
         as a leader's that lasted a moment before it died."""
-        if node.writer.failure is not None:
-            return  # a poisoned log refuses reads; the node is stopping and says so
+        if node.writer.failure is not None or node.wal.poisoned:
+            # A poisoned log (a failed fdatasync, of a segment or of meta.json) refuses
+            # reads; the node is stopping and says so. (Seed 2039: a promise's fdatasync
+            # failed, and this read stopped the simulator itself.)
+            return
         upto = min(node.commit.value, node.rlog.written_index)
         start = max(self.committed_upto.get(key, 0), node.rlog.first_index - 1) + 1
         for index in range(start, upto + 1):
