@@ -16,7 +16,7 @@ import trio.testing
 from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
 from walstore import _native
 from walstore.config import PeerSpec
-from walstore.errors import OutcomeUnknown, UnavailableError
+from walstore.errors import CorruptionError, OutcomeUnknown, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
 from walstore.protocol import Append, AppendAck, Heartbeat, Message, PeerConnection, Prepare, Promise
@@ -494,6 +494,31 @@ async def _term_with_fake_follower(
     )
     term.progress["follower"].next_index = 1
     return rlog, term
+
+
+async def test_rot_found_reading_the_leaders_log_for_a_follower_stops_the_term(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the stream alone: a stream stopped for good would leave that follower behind for
+    the whole term, retrying nothing (found by the simulator, seeds 2185 and 2313: the
+    healed cluster never converged)."""
+
+    async def silent_follower(channel: PeerChannel) -> None:
+        while True:
+            await channel.receive()
+
+    async with trio.open_nursery() as nursery:
+        rlog, term = await _term_with_fake_follower(tmp_path, nursery, silent_follower)
+        rlog.submit([(KIND_EVENT, 0, b"sealed")], EPOCH)  # not in the term's tail cache: read from disk
+        await rlog.drain()
+
+        def rotten(first: int, max_bytes: int) -> bytes:
+            raise CorruptionError("/wal/00000000000000000001.wal", 64, "crc mismatch")
+
+        monkeypatch.setattr(rlog, "read_raw", rotten)
+        with trio.fail_after(10), pytest.RaisesGroup(pytest.RaisesExc(CorruptionError), flatten_subgroups=True):
+            await term.run()
+        nursery.cancel_scope.cancel()
 
 
 async def test_batches_submitted_while_a_frame_is_unanswered_go_out_as_one_frame(tmp_path: Path) -> None:

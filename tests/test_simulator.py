@@ -53,6 +53,17 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "log, and the simulator's own check then read it and stopped (tests/test_storage_health.py::test_a_"
         "failed_fdatasync_of_the_takeovers_own_promise_stops_the_node)",
     ),
+    2185: (
+        SimOptions(),
+        "rot in a length field of the leader's sealed segment read as a record running past the end; the "
+        "leader streamed the rotten bytes and its follower refused them for ever: never converged "
+        "(tests/test_wal_log.py::test_rot_that_looks_like_an_end_is_corruption_to_a_raw_read)",
+    ),
+    2313: (
+        SimOptions(),
+        "rot found streaming the leader's log stopped that stream for the whole term, not the node "
+        "(tests/test_replication.py::test_rot_found_reading_the_leaders_log_for_a_follower_stops_the_term)",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)

@@ -495,6 +495,30 @@ def test_damage_after_open_is_corruption_to_a_raw_read_too() -> None:
     assert before and decode_record(before, 0).index == 1
 
 
+@pytest.mark.parametrize("where", ["length", "zeroed"])
+def test_rot_that_looks_like_an_end_is_corruption_to_a_raw_read(where: str) -> None:
+    """Rot in a record's length makes it look like a record running past the data, or a
+    zeroed header like the data's clean end; within the records a sealed segment is known
+    to hold, both are damage (found by the simulator, seed 2185: the leader sent the rotten
+    bytes, its follower refused them, for ever)."""
+    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
+    for _ in range(6):
+        add(log, 5)
+    damaged = 17
+    rec = log.record(damaged)
+    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    if where == "length":
+        fs.damage(path, rec.offset, (150).to_bytes(4, "little"))  # within the body limit, past the next records
+    else:
+        fs.damage(path, rec.offset, bytes(32))
+    for first in (1, 16, damaged):
+        with pytest.raises(CorruptionError) as err:
+            log.read_raw(first, 1 << 20)
+        assert err.value.offset == rec.offset
+    with pytest.raises(CorruptionError):
+        log.read_raw(damaged, 8)  # a budget smaller than one record: returned whole, so checked
+
+
 def test_body_reads_check_the_crc_and_name_damage_like_record() -> None:
     log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
     for _ in range(6):

@@ -33,7 +33,7 @@ import trio
 
 from walstore import planted_bugs
 from walstore.config import REPLICATION_FRAME_BYTES, PeerSpec
-from walstore.errors import DiskFullError, LogStateError, ProtocolError, StorageError
+from walstore.errors import CorruptionError, DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
 from walstore.replication import rules
 from walstore.replication.progress import FollowerProgress, Idle, SendHeartbeat, reachable_voters
@@ -223,8 +223,11 @@ class LeaderTerm:
                     await self._send_appends(channel, progress)
             except* (PeerClosed, ProtocolError, trio.TooSlowError) as group:
                 log.info("replication link to %s lost: %s", progress.peer.node_id, group.exceptions[0])
-            except* LogStateError:
-                raise  # a broken invariant of our own log: it stops the node, never the stream alone
+            except* (LogStateError, CorruptionError):
+                # A broken invariant of our own log, or rot found reading it for this
+                # follower: it stops the node, never the stream alone (a stream stopped
+                # for good would leave the follower behind for the whole term).
+                raise
             except* StorageError as group:
                 # Our own log was rolled back under the stream (disk full): this term is
                 # ending (the node steps down); stop streaming rather than crash.

@@ -637,14 +637,20 @@ class WriteAheadLog:
         budget, index = max_bytes, first
         while True:
             seg = self._segments[si]
-            stop = min(seg.record_end(min(last, seg.last_index)) if seg.offsets else seg.end, start + budget)
+            known_end = seg.record_end(min(last, seg.last_index)) if seg.offsets else seg.end
+            stop = min(known_end, start + budget)
             res = _native.scan(
                 seg.file.view()[:stop], start, index, self._options.max_record_body_bytes, collect_offsets=False
             )
-            if res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED):
+            cut_by_budget = res.stop == ScanStop.TRUNCATED and stop < known_end
+            if res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED) or (
+                seg.offsets and res.end_offset < stop and not cut_by_budget
+            ):
                 # Damaged since it was opened (rot): a fault of the disk, named exactly by
-                # CorruptionError, not a broken invariant. Only a record that decodes
-                # cleanly where the scan stopped would be a bug.
+                # CorruptionError, not a broken invariant. Rot in a length can look like a
+                # record running past the end, or like the end itself, before the records
+                # this segment is known to hold end. Only a record that decodes cleanly
+                # where the scan stopped would be a bug.
                 self._decode(seg, res.end_offset, res.next_index)
                 raise LogStateError(
                     f"{seg.path} offset {res.end_offset}: the scan stopped at record {res.next_index} "
@@ -665,8 +671,11 @@ class WriteAheadLog:
             pieces = pieces[: piece + 1]
             pieces[-1] = (pieces[-1][0], pieces[-1][1], end)
         elif not pieces:
+            # One record bigger than the budget: returned whole, checked first (the scan
+            # above stopped inside it, so it has not been).
             seg = self._segments[self._segments.index(self._segment_of(first))]
             begin = seg.offset_of(first)
+            self._decode(seg, begin, first)
             pieces = [(seg, begin, seg.record_end(first))]
         return b"".join(s.file.view()[a:b] for s, a, b in pieces)
 
