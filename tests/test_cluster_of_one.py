@@ -23,7 +23,7 @@ from walstore.election.membership import encode_member, register
 from walstore.errors import ElectionError
 from walstore.event import NewEvent
 from walstore.node import Node
-from walstore.replication.replicator import Role
+from walstore.replication.roles import Role
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.record import KIND_EPOCH_START
 

@@ -60,7 +60,8 @@ from walstore.http.app import HttpApp, ProbeApp
 from walstore.http.server import HttpLimits, probe_limits, serve_http
 from walstore.metrics import Metrics
 from walstore.replication.replica_log import ReplicaLog
-from walstore.replication.replicator import Replicator, Role
+from walstore.replication.replicator import Replicator
+from walstore.replication.roles import Role
 from walstore.runtime import Runtime
 from walstore.runtime import current as current_runtime
 from walstore.runtime import reset as reset_runtime

@@ -1,6 +1,7 @@
-"""One node's part in the cluster: the role state machine and everything it starts.
+"""One node's part in the cluster: the role state machine's tasks and everything it starts.
 
-Roles and transitions, in one place (docs/architecture.md, "State machines"):
+Roles and transitions (docs/architecture.md, "State machines"; the state and its legal
+transitions are ``roles.Roles``, sans-IO):
 
     FOLLOWER  --campaign won------------------->  TAKEOVER
     TAKEOVER  --majority promised, log adopted->  LEADER (writable once EPOCH_START commits)
@@ -26,7 +27,6 @@ once it has acknowledged everything up to the leader's commit index. A halted re
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -47,6 +47,7 @@ from walstore.replication.leader import LeaderTerm
 from walstore.replication.progress import FollowerProgress
 from walstore.replication.promises import Superseded
 from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.roles import Role, Roles
 from walstore.replication.takeover import take_over
 from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
 from walstore.wal.record import KIND_EPOCH_START
@@ -60,12 +61,6 @@ VERIFY_LEADER_TIMEOUT_S = 1.0
 # How often the member records are re-read (by a leader, to count and promote; by a
 # learner, to learn it may campaign). A read of a few small keys: cheap for etcd.
 MEMBER_REFRESH_S = 0.5
-
-
-class Role(enum.Enum):
-    FOLLOWER = "follower"
-    TAKEOVER = "candidate"
-    LEADER = "leader"
 
 
 class Replicator:
@@ -94,11 +89,9 @@ class Replicator:
         self.me = config.me or PeerSpec(config.node_id, config.peer_host, config.peer_port)
         self.others = [p for p in config.peers if p.node_id != config.node_id]
         self.candidate = Candidate(config.node_id, self.me.address, http_address)
-        self.role = Role.FOLLOWER
-        self.leader: LeaderInfo | None = None  # who leads, as far as we know
+        self.roles = Roles(config.node_id)  # role, term epoch, writable, who leads
         self.leadership: Leadership | None = None
         self.term: LeaderTerm | None = None
-        self.writable = False  # leader whose EPOCH_START has committed
         self.first_writable = trio.Event()  # set the first time this node became writable
         self.follower = FollowerService(
             rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen
@@ -112,6 +105,20 @@ class Replicator:
 
     def _epoch(self) -> int:
         return self.rlog.promised_epoch
+
+    @property
+    def role(self) -> Role:
+        return self.roles.role
+
+    @property
+    def writable(self) -> bool:
+        """A leader whose EPOCH_START has committed and is applied."""
+        return self.roles.writable
+
+    @property
+    def leader(self) -> LeaderInfo | None:
+        """Who leads, as far as we know."""
+        return self.roles.leader
 
     @property
     def epoch(self) -> int:
@@ -159,8 +166,7 @@ class Replicator:
         async with contextlib.aclosing(self.election.watch_leader()) as leaders:
             async for leader in leaders:
                 self.metrics.leader_observed(leader.node_id if leader else None, leader.epoch if leader else 0)
-                if self.role is not Role.LEADER:
-                    self.leader = leader
+                self.roles.observed(leader)
 
     async def _verify_leader(self, epoch: int, leader_id: str) -> bool:
         """Does the election say ``leader_id`` holds ``epoch``? Waits briefly for our
@@ -190,7 +196,7 @@ class Replicator:
     def step_down(self) -> None:
         # Synchronously: no append may be submitted in this epoch from here on (after a
         # disk-full rollback, new appends would reuse indexes followers already hold).
-        self.writable = False
+        self.roles.stop_writes()
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 
@@ -317,8 +323,7 @@ class Replicator:
     async def _lead(self, leadership: Leadership) -> None:
         epoch = leadership.epoch
         self.leadership = leadership
-        self.role = Role.TAKEOVER
-        self.leader = leadership.info
+        self.roles.won(epoch, leadership.info)
         log.info("won the election with epoch %d; taking over", epoch)
         with trio.CancelScope() as scope:
             self._stop_leading = scope
@@ -375,14 +380,14 @@ class Replicator:
                     max_append_bytes=self.config.replication_frame_bytes,
                 )
                 self.term.appended(pending)
-                self.role = Role.LEADER
+                self.roles.took_over(pending.first_index)
                 nursery.start_soon(self.term.run)
                 nursery.start_soon(self._maintain_members, self.term, leadership)
                 while self.commit.value < pending.first_index:
                     await self.commit.wait_for(pending.first_index)
                 # Validation needs the whole log applied: wait for our EPOCH_START to be.
                 await self.applied.wait_for(pending.first_index)
-                self.writable = True
+                self.roles.became_writable()
                 self.first_writable.set()
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
                 await self._lead_while_quorum(self.term)
@@ -444,15 +449,10 @@ class Replicator:
             await trio.sleep_until(wake_at)
 
     def _end_term(self, leadership: Leadership) -> None:
-        if self.role is not Role.FOLLOWER:
+        if self.roles.ended(self.election.current_leader()):
             self.metrics.step_downs_total.inc()
-        self.role = Role.FOLLOWER
-        self.writable = False
         self.term = None
         self._stop_leading = None
-        self.leader = self.election.current_leader()
-        if self.leader is not None and self.leader.node_id == self.config.node_id:
-            self.leader = None
         self.on_term_end()
 
     # -- used by the node ----------------------------------------------------------------
@@ -474,9 +474,7 @@ class Replicator:
 
     @property
     def leader_id(self) -> str | None:
-        if self.role is Role.LEADER:
-            return self.config.node_id
-        return self.leader.node_id if self.leader else None
+        return self.roles.leader_id
 
     def leader_peer(self) -> PeerSpec | None:
         if self.leader is None or self.leader.node_id == self.config.node_id:
