@@ -64,6 +64,11 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "rot found streaming the leader's log stopped that stream for the whole term, not the node "
         "(tests/test_replication.py::test_rot_found_reading_the_leaders_log_for_a_follower_stops_the_term)",
     ),
+    2492: (
+        SimOptions(),
+        "the nemesis did not count a node with a lost disk as an amnesiac before it registered its new "
+        "incarnation, and rotted a second voter's disk: two of three voters without their data, stuck",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)

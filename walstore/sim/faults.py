@@ -48,6 +48,10 @@ class Nemesis:
         self.mean_gap_s = mean_gap_s
         self.takeover_crash_rate = takeover_crash_rate
         self._damaged: set[str] = set()  # rotted disks not yet replaced by the operator
+        # Emptied disks (lost, or replaced by the operator) whose node is not yet a voter
+        # again with its new data directory: amnesiacs, whatever the member records say
+        # before the node has registered its new incarnation.
+        self._emptied: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._until = 0.0
         if "crash" in self.kinds:
@@ -137,6 +141,7 @@ class Nemesis:
             down_for = rng.uniform(0.1, 4 * ttl)
             self.trace.fault(kind, f"{victim}, back in {down_for:.2f}s")
             if kind == "lost_disk":
+                self._emptied.add(victim)
                 await c.wipe(victim)
             else:
                 await c.crash(victim, torn=kind == "torn")
@@ -241,14 +246,29 @@ class Nemesis:
         out = set(self._damaged)
         for node_id in self.cluster.ids:
             record = self.cluster.hub.members.get(node_id)
-            if record is not None and not decode_member(node_id, *record).voter:
+            member = decode_member(node_id, *record) if record is not None else None
+            if member is not None and not member.voter:
                 out.add(node_id)
             if self.cluster.nodes[node_id].disk.fs.crashes == 0 and not self.cluster.nodes[node_id].up:
                 out.add(node_id)  # wiped and not started again yet
+            if node_id in self._emptied:
+                node = self.cluster.nodes[node_id].node
+                promoted = (
+                    member is not None
+                    and member.voter
+                    and node is not None
+                    and node.started.is_set()
+                    and node.rlog.incarnation == member.incarnation
+                )
+                if promoted:
+                    self._emptied.discard(node_id)  # caught up and a voter again
+                else:
+                    out.add(node_id)
         return out
 
     def disk_replaced(self, node_id: str) -> None:
         self._damaged.discard(node_id)
+        self._emptied.add(node_id)  # an empty disk now: a learner until promoted
 
     async def _start(self, node_id: str) -> None:
         slot = self.cluster.nodes[node_id]
