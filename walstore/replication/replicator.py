@@ -356,8 +356,7 @@ class Replicator:
                     raise
                 except (Superseded, WalstoreError, PeerClosed, OSError, trio.TooSlowError) as exc:
                     # No majority, a newer promise, or the peer we fetch from failed:
-                    # resign and campaign again (the log is intact; FsyncError is fatal
-                    # elsewhere, in the writer task).
+                    # resign and campaign again (the log is intact).
                     log.warning("takeover of epoch %d failed: %r", epoch, exc)
                     scope.cancel()
                     return
