@@ -136,6 +136,41 @@ async def test_fdatasync_eio_answers_every_request_in_flight_then_stops(
 # -- a full disk ----------------------------------------------------------------------------
 
 
+async def test_rot_found_by_a_read_answers_503_and_stops_the_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a 500 and carrying on: the read that finds a record rotted since start-up gets
+    503 storage_failed, the node says so (not ready, one critical line) and stops, as on a
+    failed fdatasync; it will not start on that disk again."""
+    caplog.set_level(logging.INFO)
+    fs = SimulatedFileSystem()
+    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
+    node = Node(config, fs=fs)
+    stopped_by: list[BaseException] = []
+
+    async def run(task_status: trio.TaskStatus[Node]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        except BaseException as exc:  # the node stops on purpose; keep why, for the asserts
+            stopped_by.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run)
+        for n in range(3):
+            assert (await trio.to_thread.run_sync(post_event, node.http_port, n))[0] == 201
+        index = node.rlog.tail_index  # the last event's record
+        wal = node.rlog.wal
+        segment = [p for p in wal.segment_paths if int(p.name.split(".")[0]) <= index][-1]
+        record = wal.record(index)
+        fs.damage(segment, record.offset + 32, bytes([record.body[0] ^ 0x01]))
+        status, body = await trio.to_thread.run_sync(http_get, node.http_port, "/events/eio-2")
+        assert (status, body["error"]["code"]) == (503, "storage_failed"), body
+        assert node.status().extra["not_ready"] == ["storage_failed"]
+    assert stopped_by, "the node kept running with a rotten log"
+    failed = [r for r in caplog.records if "write-ahead log failed" in r.getMessage()]
+    assert len(failed) == 1 and "CorruptionError" in failed[0].getMessage()
+
+
 class _FailingPromiseDisk(SimulatedFileSystem):
     """A disk whose next fdatasync of a new meta.json fails once ``armed``: the write of a
     promise (meta.json is replaced through meta.json.tmp)."""

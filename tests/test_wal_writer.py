@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from walstore import _native
-from walstore.errors import DiskFullError, FsyncError, InvalidRecords, LogStateError, StorageError, Truncated
+from walstore.errors import (
+    CorruptionError,
+    DiskFullError,
+    FsyncError,
+    InvalidRecords,
+    LogStateError,
+    StorageError,
+    Truncated,
+)
 from walstore.wal.log import WalOptions, WriteAheadLog
 from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, check_records
 from walstore.wal.simfs import SimulatedFileSystem
@@ -217,6 +225,36 @@ async def test_fsync_failure_fails_the_batch_and_every_later_one() -> None:
     fs.crash()
     log, _ = open_log(fs)
     assert log.last_index == 1
+
+
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_fault_found_outside_the_writer_stops_it_as_its_own_would(inline: bool) -> None:
+    """Rot found by a read, or a failed fdatasync of meta.json: stop_for_fault makes the
+    writer stop as on its own failed round (queued batches fail, later submits raise,
+    on_failure hears once, run re-raises), so the node has one storage-failed path."""
+    log, _fs = open_log()
+    heard: list[StorageError] = []
+    writer = GroupCommitWriter(log, on_failure=heard.append, inline=inline)
+    ok = writer.submit([ev("ok")], 1)
+    rot = CorruptionError("/wal/00000000000000000001.wal", 64, "crc mismatch")
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            await ok.wait_durable()
+            queued = writer.submit([ev("queued")], 1)  # no await since: still queued, or in a round
+            writer.stop_for_fault(rot)
+            writer.stop_for_fault(FsyncError(5, "/wal/meta.json.tmp"))  # a second fault: heard of once
+    assert raised.group_contains(CorruptionError)
+    assert writer.failure is rot and heard == [rot]
+    try:
+        await queued.wait_durable()  # the thread had taken it into a round: written and synced
+        assert not inline, "the inline writer had not run since the submit"
+    except CorruptionError:
+        pass  # failed with the fault, not left waiting
+    with pytest.raises(CorruptionError):
+        writer.submit([ev("later")], 1)
+    with pytest.raises(CorruptionError):
+        await writer.wait_durable(2)
 
 
 async def test_disk_full_fails_the_round_and_later_rounds_can_succeed() -> None:

@@ -46,8 +46,10 @@ from walstore.config import Config
 from walstore.election.base import Election
 from walstore.election.local import LocalElection
 from walstore.errors import (
+    CorruptionError,
     DiskFullError,
     EntriesReplaced,
+    LogStateError,
     NotCaughtUp,
     OutcomeUnknown,
     StorageError,
@@ -632,8 +634,13 @@ class Node:
         )
 
     def _storage_read_error(self, exc: StorageError) -> Exception:
-        """A read of the log after a failed fdatasync: the log refuses every call once
-        poisoned (its pages are in an unknown state), an expected 503 on a stopping node."""
+        """What a read that failed on the log answers. After a failed fdatasync the log
+        refuses every call (its pages are in an unknown state): an expected 503 on a
+        stopping node. Rot found by this read (CorruptionError), or a broken invariant,
+        stops the node the same way, through the writer: it says so in health, metrics
+        and one log line, and answers 503 rather than a 500 and carrying on."""
+        if self.writer.failure is None and isinstance(exc, (CorruptionError, LogStateError)):
+            self.writer.stop_for_fault(exc)
         return self._storage_unavailable() if self.writer.failure is not None else exc
 
     # -- EventService ------------------------------------------------------------------------
@@ -826,7 +833,10 @@ class Node:
         store = self.store
 
         def read(next_index: int) -> LogRead:
-            return store.read_log(next_index, SUBSCRIBE_PAGE_EVENTS, types=types, aggregate_prefix=aggregate_prefix)
+            try:
+                return store.read_log(next_index, SUBSCRIBE_PAGE_EVENTS, types=types, aggregate_prefix=aggregate_prefix)
+            except StorageError as exc:
+                raise self._storage_read_error(exc) from exc
 
         filtered = types is not None or bool(aggregate_prefix)
         async for item in subscription(read, self.applied_events.wait_for, max(from_index, 1), filtered=filtered):

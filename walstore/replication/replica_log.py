@@ -24,7 +24,7 @@ from collections.abc import Callable
 import trio
 
 from walstore import runtime
-from walstore.errors import CommittedTruncation
+from walstore.errors import CommittedTruncation, CorruptionError, FsyncError
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.record import CheckedRecords, Record, check_records
 from walstore.wal.writer import GroupCommitWriter, PendingAppend
@@ -71,7 +71,7 @@ class ReplicaLog:
         async with self._meta_lock:
             target = self.promised_epoch
             if target > self.durable_promise:  # else persisted while we waited for the lock
-                await runtime.current().run_sync(self.wal.set_promised_epoch, target)
+                await self._write_meta(self.wal.set_promised_epoch, target)
                 self.durable_promise = target
 
     @property
@@ -84,7 +84,16 @@ class ReplicaLog:
         if index <= self.wal.known_commit:
             return
         async with self._meta_lock:
-            await runtime.current().run_sync(self.wal.set_known_commit, index)
+            await self._write_meta(self.wal.set_known_commit, index)
+
+    async def _write_meta(self, write: Callable[[int], None], value: int) -> None:
+        """A meta.json write, in a worker thread. Its failed fdatasync poisoned the log:
+        the writer stops with it, so the node stops as on a failed round (never retried)."""
+        try:
+            await runtime.current().run_sync(write, value)
+        except FsyncError as exc:
+            self.writer.stop_for_fault(exc)
+            raise
 
     def halt(self, reason: str) -> None:
         """Stop taking writes: a safety invariant was about to break. Idempotent."""
@@ -143,7 +152,10 @@ class ReplicaLog:
 
     def body(self, index: int) -> bytes:
         """The body of entry ``index``, from the segments."""
-        return self.wal.body(index)
+        try:
+            return self.wal.body(index)
+        except CorruptionError as exc:
+            raise self._rot_found(exc) from None
 
     def records_to_apply(self, first: int, last: int) -> list[Record]:
         """Records ``first..last``, durable here, for the applier (which asks in order):
@@ -153,7 +165,10 @@ class ReplicaLog:
         while cache and cache[0].last_index < first:
             self._unapplied_bytes -= len(cache.popleft().data)
         if not cache or cache[0].first_index > first or cache[-1].last_index < last:
-            return self.wal.read(first, last)
+            try:
+                return self.wal.read(first, last)
+            except CorruptionError as exc:
+                raise self._rot_found(exc) from None
         out: list[Record] = []
         for batch in cache:
             if batch.first_index > last:
@@ -168,7 +183,19 @@ class ReplicaLog:
     def read_raw(self, first: int, max_bytes: int) -> bytes:
         if first > self.wal.last_index:
             return b""
-        return self.wal.read_raw(first, max_bytes)
+        try:
+            return self.wal.read_raw(first, max_bytes)
+        except CorruptionError as exc:
+            raise self._rot_found(exc) from None
+
+    def _rot_found(self, exc: CorruptionError) -> CorruptionError:
+        """Rot in a record this log wrote, found by a read (an apply, a client's read, a
+        FETCH, a leader's stream): the disk's fault, fatal for this node. The writer stops
+        with it, so the node stops through its one storage-failed path (one CRITICAL line,
+        503 storage_failed, not ready), whoever found it."""
+        if self.writer.failure is None:
+            self.writer.stop_for_fault(exc)
+        return exc
 
     # -- writing -----------------------------------------------------------------------
 

@@ -780,6 +780,17 @@ class GroupCommitWriter:
     def _thread_crashed(self, error: BaseException) -> None:
         self._stop_for(error, StorageError(f"the write-ahead log writer failed: {error!r}"))
 
+    def stop_for_fault(self, failure: StorageError) -> None:
+        """A fatal fault of this log found outside the writer (rot found by a read, a
+        failed fdatasync of meta.json): the writer stops as on its own failed fdatasync.
+        Later submits raise ``failure``, queued batches fail with it, ``on_failure`` hears
+        of it (once, whichever fault came first) and ``run`` re-raises it, so the node stops
+        through its one storage-failed path. Event loop only."""
+        self._stop_for(failure, failure)
+        with self._lock:
+            self._stopping = True
+            self._wake_thread()
+
     def _stop_for(self, error: BaseException, failure: StorageError) -> None:
         """A fatal outcome: later submits raise it and run() re-raises it."""
         if not isinstance(error, StorageError):
