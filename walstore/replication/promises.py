@@ -22,7 +22,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from walstore.election.membership import majority
 from walstore.errors import UnavailableError
 from walstore.protocol import Message, Promise
 from walstore.replication import rules
@@ -55,7 +54,8 @@ class PromiseTally:
     def __init__(self, epoch: int, mine: LogPosition, *, cluster_size: int, votes: Callable[[str, str], bool]) -> None:
         self.epoch = epoch
         self.mine = mine
-        self.majority = majority(cluster_size)
+        # membership.majority's rule, not imported: the election package is trio code.
+        self.majority = cluster_size // 2 + 1
         self.votes = votes
         self.promises: dict[str, LogPosition] = {mine.node_id: mine}
         self.learners: list[str] = []

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from walstore.election.base import LeaderInfo
 from walstore.replication import rules
+
+if TYPE_CHECKING:  # only the type: the election package is trio code, this module is not
+    from walstore.election.base import LeaderInfo
 
 
 class Role(enum.Enum):
