@@ -8,7 +8,7 @@ import pytest
 
 from walstore.errors import ConfigError, CorruptionError, DiskFullError, FsyncError, LogStateError, StorageError
 from walstore.wal.log import WalOptions, WriteAheadLog
-from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, decode_record, encode_record
+from walstore.wal.record import FLAG_BATCH_END, KIND_EPOCH_START, KIND_EVENT, Record, decode_record, encode_record
 from walstore.wal.segment import SEGMENT_HEADER_BYTES
 from walstore.wal.simfs import SimulatedFileSystem
 
@@ -517,6 +517,35 @@ def test_rot_that_looks_like_an_end_is_corruption_to_a_raw_read(where: str) -> N
         assert err.value.offset == rec.offset
     with pytest.raises(CorruptionError):
         log.read_raw(damaged, 8)  # a budget smaller than one record: returned whole, so checked
+
+
+def test_zeroes_left_by_a_truncation_in_progress_end_a_raw_read_and_are_not_rot() -> None:
+    """truncate_suffix zeroes records in the writer thread before it moves the last index
+    back; a raw read on the event loop meanwhile meets those zeroes where records are still
+    counted. That is the cut, not damage: the read ends there (it must not stop the node)."""
+    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
+    for _ in range(6):
+        add(log, 5)
+    cut_from = 16
+    rec = log.record(cut_from)
+    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= cut_from][-1:]
+    fs.damage(path, rec.offset, bytes(log.record(log.last_index).offset + 64 - rec.offset))
+    log._cutting = True  # the writer thread is between zeroing and moving _last_index
+    data = log.read_raw(1, 1 << 20)
+    assert [r.index for r in _records_of(data, 1)] == list(range(1, cut_from))
+    assert log.read_raw(cut_from, 1 << 20) == b""
+    log._cutting = False
+    with pytest.raises(CorruptionError):  # the same zeroes with no cut running: damage
+        log.read_raw(1, 1 << 20)
+
+
+def _records_of(data: bytes, first: int) -> list[Record]:
+    out, offset = [], 0
+    while offset < len(data):
+        rec = decode_record(data, offset)
+        out.append(rec)
+        offset += rec.size
+    return out
 
 
 def test_body_reads_check_the_crc_and_name_damage_like_record() -> None:

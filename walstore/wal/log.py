@@ -104,6 +104,9 @@ class WriteAheadLog:
         # meta.json is read-modify-written by truncation (writer thread) and promises.
         self._meta_lock = threading.Lock()
         self._closed = False
+        # Set while truncate_suffix zeroes records in the writer thread, before it moves
+        # _last_index back: a raw read on the event loop may meet those zeroes meanwhile.
+        self._cutting = False
         self._history = epoch_history(segments)
         self._last_index = segments[-1].next_index - 1
         self._last_epoch = self._tail_epoch()
@@ -454,6 +457,7 @@ class WriteAheadLog:
         if after_index < self._meta.commit_index:
             # The last line of defence; ReplicaLog refuses first, with the in-memory commit.
             raise CommittedTruncation(after_index, self._meta.commit_index, "recorded in meta.json")
+        self._cutting = True
         try:
             # Earlier segments first: cut_log syncs the last one, and it must not become
             # durable ahead of unsynced records before it.
@@ -462,8 +466,10 @@ class WriteAheadLog:
         except StorageError as e:
             # cut_log stopped between steps; the marker in meta.json lets a restart finish it.
             self._poison(e)
+            self._cutting = False
             raise
         self._last_index = after_index
+        self._cutting = False
         self._last_epoch = self._tail_epoch()
         self._history = [p for p in self._history if p[1] <= after_index]
         self._batch_end_index = self._find_batch_end(after_index)
@@ -643,9 +649,12 @@ class WriteAheadLog:
                 seg.file.view()[:stop], start, index, self._options.max_record_body_bytes, collect_offsets=False
             )
             cut_by_budget = res.stop == ScanStop.TRUNCATED and stop < known_end
-            if res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED) or (
+            stopped_short = res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED) or bool(
                 seg.offsets and res.end_offset < stop and not cut_by_budget
-            ):
+            )
+            # Zeroes (or a torn record) left by a truncation running in the writer thread
+            # are the new end, not damage.
+            if stopped_short and not self._being_cut(res.next_index):
                 # Damaged since it was opened (rot): a fault of the disk, named exactly by
                 # CorruptionError, not a broken invariant. Rot in a length can look like a
                 # record running past the end, or like the end itself, before the records
@@ -662,7 +671,13 @@ class WriteAheadLog:
                     cut = (len(pieces) - 1, res.batch_end_offset)
             budget -= res.end_offset - start
             index = res.next_index
-            if index > last or res.end_offset < seg.end or budget <= 0 or si + 1 == len(self._segments):
+            if (
+                stopped_short
+                or index > last
+                or res.end_offset < seg.end
+                or budget <= 0
+                or si + 1 == len(self._segments)
+            ):
                 break
             si += 1
             start = SEGMENT_HEADER_BYTES
@@ -675,9 +690,19 @@ class WriteAheadLog:
             # above stopped inside it, so it has not been).
             seg = self._segments[self._segments.index(self._segment_of(first))]
             begin = seg.offset_of(first)
-            self._decode(seg, begin, first)
+            try:
+                self._decode(seg, begin, first)
+            except CorruptionError:
+                if self._being_cut(first):
+                    return b""  # cut meanwhile: nothing from here on
+                raise
             pieces = [(seg, begin, seg.record_end(first))]
         return b"".join(s.file.view()[a:b] for s, a, b in pieces)
+
+    def _being_cut(self, index: int) -> bool:
+        """Whether record ``index`` is being (or has just been) truncated away by the
+        writer thread, so that a reader meeting zeroes there has met the cut, not rot."""
+        return self._cutting or index > self._last_index
 
     # -- lifecycle ----------------------------------------------------------------------------
 
