@@ -16,13 +16,16 @@ import trio.testing
 from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replicator
 from walstore import _native
 from walstore.config import PeerSpec
+from walstore.election.membership import Member
 from walstore.errors import CorruptionError, OutcomeUnknown, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
 from walstore.protocol import Append, AppendAck, Heartbeat, Message, PeerConnection, Prepare, Promise
 from walstore.replication.follower import FollowerService
 from walstore.replication.leader import LeaderTerm
+from walstore.replication.promises import Superseded
 from walstore.replication.replica_log import ReplicaLog
+from walstore.replication.takeover import take_over
 from walstore.replication.transport import PeerChannel, dial, serve_peers
 from walstore.wal.log import WriteAheadLog
 from walstore.wal.record import FLAG_BATCH_END, KIND_EVENT
@@ -494,6 +497,44 @@ async def _term_with_fake_follower(
     )
     term.progress["follower"].next_index = 1
     return rlog, term
+
+
+async def test_a_peer_that_promised_a_newer_epoch_supersedes_the_takeover(tmp_path: Path) -> None:
+    """take_over raises Superseded itself, not inside an ExceptionGroup from its nursery
+    that the role machine's `except Superseded` would miss (it stopped the node: found by
+    the simulator, seed 5258 with 5 nodes)."""
+
+    async def newer_promise(channel: PeerChannel) -> None:
+        prepare = await channel.receive()
+        assert isinstance(prepare, Prepare)
+        await channel.send(Promise(prepare.epoch, False, prepare.epoch + 5, 0, 0, 0, ()))
+
+    async with trio.open_nursery() as nursery:
+        rlog = await _local_log(tmp_path, nursery)
+        port = await nursery.start(
+            lambda task_status: serve_peers(
+                "127.0.0.1",
+                0,
+                cluster_id="event-store",
+                node_id="follower",
+                epoch=lambda: 0,
+                handler=newer_promise,
+                task_status=task_status,
+            )
+        )
+        members = {"leader": Member("leader", rlog.incarnation, True, 1)}
+        with trio.fail_after(10), pytest.raises(Superseded, match="follower promised epoch 12"):
+            await take_over(
+                epoch=7,
+                node_id="leader",
+                cluster_id="event-store",
+                peers=[PeerSpec("follower", "127.0.0.1", port)],
+                rlog=rlog,
+                commit=Watermark(),
+                timeout_s=5.0,
+                members=members,
+            )
+        nursery.cancel_scope.cancel()
 
 
 async def test_rot_found_reading_the_leaders_log_for_a_follower_stops_the_term(

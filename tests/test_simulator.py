@@ -69,6 +69,12 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "the nemesis did not count a node with a lost disk as an amnesiac before it registered its new "
         "incarnation, and rotted a second voter's disk: two of three voters without their data, stuck",
     ),
+    5258: (
+        SimOptions(nodes=5, seconds=30),
+        "a takeover's Superseded left its nursery inside an ExceptionGroup that the role machine's "
+        "`except Superseded` missed, and stopped the node (tests/test_replication.py::test_a_peer_that_"
+        "promised_a_newer_epoch_supersedes_the_takeover)",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)

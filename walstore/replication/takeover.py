@@ -36,7 +36,7 @@ from walstore.election.membership import Member, counts
 from walstore.errors import InvalidRecords, ProtocolError, UnavailableError
 from walstore.protocol import Fetch, FetchResult, Prepare
 from walstore.protocol.messages import MAX_FETCH_ENTRIES_BYTES
-from walstore.replication.promises import Counted, PromiseTally
+from walstore.replication.promises import Counted, PromiseTally, Superseded
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.rules import LogPosition
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
@@ -76,7 +76,8 @@ async def take_over(
         cluster_size=len(peers) + 1,
         votes=lambda peer_id, incarnation: counts(members, peer_id, incarnation),
     )
-    enough = trio.Event()
+    enough = trio.Event()  # a majority promised, or a peer proved a newer leader exists
+    superseded: list[Superseded] = []
     addresses = {p.node_id: p for p in peers}
 
     async def ask(peer: PeerSpec) -> None:
@@ -105,7 +106,15 @@ async def take_over(
         finally:
             await channel.aclose()
         incarnation = channel.conn.peer_incarnation
-        counted = tally.answer(peer.node_id, incarnation, answer)  # raises Superseded
+        try:
+            counted = tally.answer(peer.node_id, incarnation, answer)
+        except Superseded as exc:
+            # Raised from here it would leave the nursery inside an ExceptionGroup, which
+            # the caller's `except Superseded` does not catch: the node stopped on it
+            # (found by the simulator, seed 5258 with 5 nodes). Stop asking; raise it below.
+            superseded.append(exc)
+            enough.set()
+            return
         if counted is Counted.NOT_A_PROMISE:
             log.warning("takeover: %s answered PREPARE with %s", peer.node_id, type(answer).__name__)
         elif counted is Counted.LEARNER:
@@ -122,10 +131,13 @@ async def take_over(
 
             async def stop_after_grace() -> None:
                 await enough.wait()
-                await trio.sleep(GRACE_S)
+                if not superseded:
+                    await trio.sleep(GRACE_S)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_after_grace)
+    if superseded:
+        raise superseded[0]
     adopt = tally.decide(tail_index=rlog.tail_index)  # raises UnavailableError without a majority
     log.info(
         "takeover of epoch %d: promises from %s; most advanced log: %s at %s",
