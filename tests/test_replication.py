@@ -17,10 +17,20 @@ from tests.cluster_inprocess import InProcessCluster, in_process_cluster, replic
 from walstore import _native
 from walstore.config import PeerSpec
 from walstore.election.membership import Member
-from walstore.errors import CorruptionError, OutcomeUnknown, UnavailableError
+from walstore.errors import CorruptionError, OutcomeUnknown, ProtocolError, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
-from walstore.protocol import Append, AppendAck, Heartbeat, Message, PeerConnection, Prepare, Promise
+from walstore.protocol import (
+    Append,
+    AppendAck,
+    Forward,
+    ForwardResult,
+    Heartbeat,
+    Message,
+    PeerConnection,
+    Prepare,
+    Promise,
+)
 from walstore.replication.follower import FollowerService
 from walstore.replication.leader import LeaderTerm
 from walstore.replication.promises import Superseded
@@ -655,3 +665,33 @@ async def test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash
         await rlog.drain()
         assert [r.index for r in rlog.wal.read(1)] == [1, 2, 3, 4, 5]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_replayed_forward_is_refused_not_appended_again() -> None:
+    """TCP never replays a frame; a FORWARD received twice on one connection is a broken
+    or hostile peer. Acting on the copy appended a write whose client had been told it
+    failed (503 not_leader from a node still taking over; found by the simulator, seed
+    7084): the leader closes the connection instead, and appends the request once."""
+    from walstore.replication.forward import encode_events, serve_forwards
+
+    follower, leader = await _linked_pair("follower", "leader")
+    appended: list[list[NewEvent]] = []
+
+    async def append(events: list[NewEvent], tracking: object) -> list[Any]:
+        appended.append(events)
+        raise UnavailableError("not the leader", code="not_leader")
+
+    forward = Forward(7, encode_events([NewEvent(str(uuid.uuid4()), "T", "agg", b"{}", b"{}", None)], None))
+    await follower.send(forward)
+    first = await leader.receive()
+    assert isinstance(first, Forward)
+    with (
+        trio.fail_after(5),
+        pytest.RaisesGroup(pytest.RaisesExc(ProtocolError, match="request 7 received twice"), flatten_subgroups=True),
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_forwards, leader, first, append)
+            answer = await follower.receive()
+            assert isinstance(answer, ForwardResult) and answer.status == 503
+            await follower.send(forward)  # the replay
+    assert len(appended) == 1

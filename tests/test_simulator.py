@@ -75,6 +75,12 @@ REGRESSION_SEEDS: dict[int, tuple[SimOptions, str]] = {
         "`except Superseded` missed, and stopped the node (tests/test_replication.py::test_a_peer_that_"
         "promised_a_newer_epoch_supersedes_the_takeover)",
     ),
+    7084: (
+        SimOptions(seconds=30),
+        "a replayed FORWARD was appended after its first copy had been answered 503 not_leader: a write "
+        "in the log whose client was told it failed (tests/test_replication.py::test_a_replayed_forward_is_"
+        "refused_not_appended_again)",
+    ),
 }
 # The clean budget: this many seeds of every fault kind, 10 virtual seconds each.
 CLEAN_SEEDS = range(100, 112)

@@ -13,6 +13,7 @@ import base64
 import binascii
 import itertools
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -49,6 +50,10 @@ EPOCH_POLL_S = 0.05
 # once elsewhere. A cut-off node held each client the whole bound (2 s) here, so a load
 # whose workers landed on it saw the successor ~2 s after it was serving.
 CONNECT_SHARE = 0.25
+# Request ids a leader remembers per forwarding connection, to refuse a replayed FORWARD
+# (TCP never replays a frame; a replay is a broken or hostile peer). Far more than the
+# requests one follower has in flight, which its HTTP connection limit bounds.
+REPLAY_WINDOW = 8192
 
 
 def _event_item(e: NewEvent) -> dict[str, object]:
@@ -295,7 +300,22 @@ async def serve_forwards(
     first: Forward,
     append: Callable[[list[NewEvent], Tracking | None], Awaitable[list[AppendResult]]],
 ) -> None:
-    """The leader's end: run each forwarded append concurrently, answer by id."""
+    """The leader's end: run each forwarded append concurrently, answer by id. A request
+    id seen before on this connection is a replay: acting on it would append a write
+    whose client may already have been told it failed (a 503 not_leader sent while this
+    node was still taking over), so the connection closes instead (found by the
+    simulator, seed 7084)."""
+    seen: set[int] = set()
+    order: deque[int] = deque()
+
+    def first_time(request_id: int) -> bool:
+        if request_id in seen:
+            return False
+        seen.add(request_id)
+        order.append(request_id)
+        if len(order) > REPLAY_WINDOW:
+            seen.discard(order.popleft())
+        return True
 
     async def one(message: Forward) -> None:
         outcome: list[AppendResult] | WalstoreError
@@ -310,9 +330,12 @@ async def serve_forwards(
             pass
 
     async with trio.open_nursery() as nursery:
+        first_time(first.request_id)
         nursery.start_soon(one, first)
         while True:
             message = await channel.receive()
             if not isinstance(message, Forward):
                 raise ProtocolError(f"expected FORWARD, got {type(message).__name__}")
+            if not first_time(message.request_id):
+                raise ProtocolError(f"FORWARD request {message.request_id} received twice on one connection (a replay)")
             nursery.start_soon(one, message)
