@@ -42,6 +42,7 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
+from walstore import pending_write
 from walstore.config import Config
 from walstore.election.base import Election
 from walstore.election.local import LocalElection
@@ -98,8 +99,6 @@ SLOW_DISK_HOLD_S = 10.0
 # definite "not written" instead of a reset it cannot tell from a lost answer. Short, as the
 # node holds its etcd lease until it exits.
 STORAGE_FAILED_LINGER_S = 0.5
-# A full disk frees up when an operator acts, not in a second: retrying sooner is noise.
-DISK_FULL_RETRY_S = 5.0
 # A leader's appends in flight commit within milliseconds; one stuck behind a slow disk must
 # not hold the resignation (and so the next leader) for longer than about a lease.
 HANDOVER_APPENDS_WAIT_S = 2.0
@@ -674,7 +673,9 @@ class Node:
                 # can write its EPOCH_START (not_leader: the forward reached a candidate
                 # mid-takeover). Say what this node knows, its own full disk.
                 raise UnavailableError(
-                    f"this node's disk is full and {exc.message}", code="disk_full", retry_after_s=DISK_FULL_RETRY_S
+                    f"this node's disk is full and {exc.message}",
+                    code="disk_full",
+                    retry_after_s=pending_write.DISK_FULL_RETRY_S,
                 ) from exc
             raise
         # Read-your-writes on this node too: wait (briefly) until the batch is applied here,
@@ -751,38 +752,25 @@ class Node:
         wait (``_on_rollback``) and is answered 503, as nothing of it was written."""
         if self.applied.value >= index:
             return
-        committing = ours
         deadline = trio.current_time() + self.append_timeout_s
-        while self.applied.value < index and trio.current_time() < deadline:
-            if own is not None and own.done:
-                try:
-                    await own.wait_durable()  # returns at once; raises what failed it
-                except DiskFullError as exc:
-                    raise UnavailableError(
-                        f"disk full: {exc}", code="disk_full", retry_after_s=DISK_FULL_RETRY_S
-                    ) from exc
-                except StorageError as exc:
-                    # A failed fdatasync: the pages may or may not have reached the disk,
-                    # and recovery keeps whatever did. Not a definite failure.
-                    raise OutcomeUnknown(f"the write-ahead log failed under this batch: {exc}") from exc
-            if self.writer.failure is not None:
-                # Nothing more is applied here, committed elsewhere or not: submitted, so
-                # the outcome is unknown (the node is stopping).
-                raise OutcomeUnknown(
-                    f"index {index}: this node's write-ahead log failed before it was applied "
-                    f"({self.writer.failure}); it may still appear"
-                )
+        woken = False
+        while True:
+            answer = pending_write.verdict(
+                index=index,
+                applied=self.applied.value,
+                commit=self.commit.value,
+                committing=ours,
+                own_failure=own.error if own is not None else None,
+                log_failure=self.writer.failure,
+                past_deadline=trio.current_time() >= deadline,
+                woken=woken,
+            )
+            if answer is pending_write.Wait.APPLIED:
+                return
+            if isinstance(answer, UnavailableError):
+                raise answer
             await self.applied.wait_for(index, deadline)
-            if own is not None and own.failed:
-                continue  # rolled back under us (disk full): answered at the top
-            if committing and self.commit.value < index:
-                break  # woken before the commit: the term ended (or the timeout passed)
-        if self.applied.value < index:
-            if committing and self.commit.value < index:
-                raise OutcomeUnknown(
-                    f"index {index} not committed (leadership changed or timed out); it may still appear"
-                )
-            raise OutcomeUnknown(f"index {index} not applied in time")
+            woken = True
 
     async def _wait_for_event_index(self, min_index: int | None) -> None:
         if not min_index:

@@ -157,6 +157,12 @@ class PendingAppend:
         """Done, and not durable: rolled back, truncated or failed with its round."""
         return isinstance(self._state, StorageError)
 
+    @property
+    def error(self) -> StorageError | None:
+        """Why it failed, once it has (what ``wait_durable`` raises); else None."""
+        state = self._state
+        return state if isinstance(state, StorageError) else None
+
     async def wait_durable(self) -> None:
         """Return once the batch is fdatasync'd; raise the StorageError that stopped it."""
         if self._state is _RUNNING:
