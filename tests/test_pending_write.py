@@ -3,6 +3,9 @@ value: applied, keep waiting, 503 disk_full, 504 outcome_unknown and why."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from walstore.errors import DiskFullError, FsyncError, OutcomeUnknown, StorageError, UnavailableError
@@ -60,3 +63,9 @@ def test_a_single_nodes_batch_rolled_back_for_space_is_a_definite_503() -> None:
 def test_a_batch_whose_log_failed_under_it_may_be_on_disk(failure: StorageError) -> None:
     unknown(look(own_failure=failure), "failed under this batch")
     unknown(look(log_failure=failure), "failed before it was applied")
+
+
+def test_the_verdict_imports_no_trio() -> None:
+    probe = "import sys, walstore.pending_write; print('trio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
