@@ -28,7 +28,7 @@ import trio
 
 from tests.cluster_inprocess import in_process_cluster, replicator
 from walstore.config import from_env
-from walstore.errors import FsyncError, UnavailableError
+from walstore.errors import FsyncError, LogStateError, UnavailableError
 from walstore.event import NewEvent
 from walstore.node import Node
 from walstore.wal.fs import Buffer, WalFile
@@ -169,6 +169,38 @@ async def test_rot_found_by_a_read_answers_503_and_stops_the_node(
     assert stopped_by, "the node kept running with a rotten log"
     failed = [r for r in caplog.records if "write-ahead log failed" in r.getMessage()]
     assert len(failed) == 1 and "CorruptionError" in failed[0].getMessage()
+
+
+async def test_a_broken_invariant_on_the_write_path_stops_the_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug, not an outcome: the write that meets it is answered 504 (it may have been
+    submitted), and the node stops through the writer, saying so once, instead of
+    answering 500 and taking the next write."""
+    caplog.set_level(logging.INFO)
+    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
+    node = Node(config, fs=SimulatedFileSystem())
+    stopped_by: list[BaseException] = []
+
+    async def run(task_status: trio.TaskStatus[Node]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        except BaseException as exc:  # the node stops on purpose; keep why, for the asserts
+            stopped_by.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run)
+        assert (await trio.to_thread.run_sync(post_event, node.http_port, 0))[0] == 201
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise LogStateError("pending batch at log index 3, at or below 4")
+
+        monkeypatch.setattr(node.store, "prepare", broken)
+        assert await trio.to_thread.run_sync(post_event, node.http_port, 1) == (504, "outcome_unknown")
+        assert node.status().extra["not_ready"] == ["storage_failed"]
+    assert stopped_by, "the node kept running after a broken invariant"
+    failed = [r for r in caplog.records if "write-ahead log failed" in r.getMessage()]
+    assert len(failed) == 1 and "LogStateError" in failed[0].getMessage()
 
 
 class _FailingPromiseDisk(SimulatedFileSystem):

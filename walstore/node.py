@@ -702,6 +702,13 @@ class Node:
         self._appends_in_flight += 1
         try:
             return await self._append_in_term(events, tracking)
+        except LogStateError as exc:
+            # A broken invariant (a bug): the node stops through the writer, as on a failed
+            # fdatasync, rather than answer 500 and take the next write. The batch may have
+            # been submitted already, so its outcome is unknown, not a definite failure.
+            if self.writer.failure is None:
+                self.writer.stop_for_fault(exc)
+            raise OutcomeUnknown(f"this node stopped on a broken invariant: {exc}") from exc
         finally:
             self._appends_in_flight -= 1
             if not self._appends_in_flight and self._appends_done is not None:
