@@ -27,6 +27,7 @@ from walstore.replication.follower_core import (
     ReadRecords,
     VerifyLeader,
     WriteRecords,
+    advance,
 )
 from walstore.wal.record import CheckedRecords, check_records, peek_header
 
@@ -66,38 +67,39 @@ class Shell:
     needs: list[Need] = field(default_factory=list)
 
     def run(self, handling: Handling) -> Answer:
+        step = advance(handling)  # driven as follower.py drives it
+        while not isinstance(step, Answer):
+            result, failure = self.carry_out(step)
+            step = advance(handling, result, failure)
+        return step
+
+    def carry_out(self, need: Need) -> tuple[object, BaseException | None]:
+        self.needs.append(need)
         result: object = None
         failure: BaseException | None = None
-        while True:
-            try:
-                need = handling.send(result) if failure is None else handling.throw(failure)
-            except StopIteration as done:
-                answer: Answer = done.value
-                return answer
-            self.needs.append(need)
-            result, failure = None, None
-            if isinstance(need, VerifyLeader):
-                self.during_verify()
-                result = self.election_confirms
-            elif isinstance(need, PersistPromise):
-                self.log.promised_epoch = max(self.log.promised_epoch, need.epoch)  # memory first
-                if self.promise_fails:
-                    failure = DiskFullError("no space for meta.json")
-                else:
-                    self.log.durable_promise = self.log.promised_epoch
-            elif isinstance(need, DrainWriter):
-                self.log.in_flight = 0
-            elif isinstance(need, CutAfter):
-                if self.cut_refused or need.index < need.commit:
-                    failure = CommittedTruncation(need.index, need.commit, f"asked by {need.asked_by}")
-                else:
-                    del self.log.epochs[need.index :]
-            elif isinstance(need, WriteRecords):
-                recs = need.records
-                assert recs.first_index == self.log.tail_index + 1
-                self.log.epochs += [peek_header(recs.data, o).epoch for o in recs.offsets]
-            elif isinstance(need, ReadRecords):
-                result = b"records from %d" % need.first
+        if isinstance(need, VerifyLeader):
+            self.during_verify()
+            result = self.election_confirms
+        elif isinstance(need, PersistPromise):
+            self.log.promised_epoch = max(self.log.promised_epoch, need.epoch)  # memory first
+            if self.promise_fails:
+                failure = DiskFullError("no space for meta.json")
+            else:
+                self.log.durable_promise = self.log.promised_epoch
+        elif isinstance(need, DrainWriter):
+            self.log.in_flight = 0
+        elif isinstance(need, CutAfter):
+            if self.cut_refused or need.index < need.commit:
+                failure = CommittedTruncation(need.index, need.commit, f"asked by {need.asked_by}")
+            else:
+                del self.log.epochs[need.index :]
+        elif isinstance(need, WriteRecords):
+            recs = need.records
+            assert recs.first_index == self.log.tail_index + 1
+            self.log.epochs += [peek_header(recs.data, o).epoch for o in recs.offsets]
+        elif isinstance(need, ReadRecords):
+            result = b"records from %d" % need.first
+        return result, failure
 
     def kinds(self) -> list[str]:
         return [type(n).__name__ for n in self.needs]

@@ -9,6 +9,8 @@ frames on a promise that a restart would forget.)
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -24,13 +26,20 @@ OPTS = WalOptions(segment_size_bytes=4096, max_record_body_bytes=1024)
 D = Path("/data")
 
 
-async def test_a_promise_that_did_not_reach_the_disk_is_written_by_the_next_call() -> None:
-    fs = SimulatedFileSystem()
+@asynccontextmanager
+async def replica_log(fs: SimulatedFileSystem) -> AsyncIterator[ReplicaLog]:
+    """A ReplicaLog on ``fs`` with its writer running, for the block."""
     wal = WriteAheadLog.open(D, OPTS, fs)
     writer = GroupCommitWriter(wal)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        rlog = ReplicaLog(wal, writer)
+        yield ReplicaLog(wal, writer)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_promise_that_did_not_reach_the_disk_is_written_by_the_next_call() -> None:
+    fs = SimulatedFileSystem()
+    async with replica_log(fs) as rlog:
         await rlog.promise(2)
         assert (rlog.promised_epoch, rlog.durable_promise) == (2, 2)
         fs.fail_writes_after(0)
@@ -44,7 +53,6 @@ async def test_a_promise_that_did_not_reach_the_disk_is_written_by_the_next_call
         assert (rlog.promised_epoch, rlog.durable_promise) == (5, 5)
         await rlog.promise(4)  # below: nothing to do
         assert (rlog.promised_epoch, rlog.durable_promise) == (5, 5)
-        nursery.cancel_scope.cancel()
     fs.crash()
     reopened = WriteAheadLog.open(D, OPTS, fs)
     assert reopened.promised_epoch == 5
@@ -53,15 +61,10 @@ async def test_a_promise_that_did_not_reach_the_disk_is_written_by_the_next_call
 async def test_a_promise_lost_to_a_full_disk_is_forgotten_by_a_crash() -> None:
     """What the retry protects: the in-memory promise alone does not survive."""
     fs = SimulatedFileSystem()
-    wal = WriteAheadLog.open(D, OPTS, fs)
-    writer = GroupCommitWriter(wal)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        rlog = ReplicaLog(wal, writer)
+    async with replica_log(fs) as rlog:
         fs.fail_writes_after(0)
         with pytest.raises(DiskFullError):
             await rlog.promise(7)
         assert rlog.promised_epoch == 7
-        nursery.cancel_scope.cancel()
     fs.crash()
     assert WriteAheadLog.open(D, OPTS, fs).promised_epoch == 0

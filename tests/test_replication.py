@@ -477,13 +477,9 @@ async def _held_follower_term(
     return rlog, term, frames_out
 
 
-async def _term_with_fake_follower(
-    tmp_path: Path, nursery: trio.Nursery, handler: Callable[[PeerChannel], Awaitable[None]]
-) -> tuple[ReplicaLog, LeaderTerm]:
-    """A local log and a leader term (not running yet) whose one follower is ``handler``
-    behind a real peer listener."""
-    rlog = await _local_log(tmp_path, nursery)
-    port = await nursery.start(
+async def _follower_listener(nursery: trio.Nursery, handler: Callable[[PeerChannel], Awaitable[None]]) -> int:
+    """A real peer listener for node "follower" whose connections ``handler`` serves: its port."""
+    port: int = await nursery.start(
         lambda task_status: serve_peers(
             "127.0.0.1",
             0,
@@ -494,6 +490,16 @@ async def _term_with_fake_follower(
             task_status=task_status,
         )
     )
+    return port
+
+
+async def _term_with_fake_follower(
+    tmp_path: Path, nursery: trio.Nursery, handler: Callable[[PeerChannel], Awaitable[None]]
+) -> tuple[ReplicaLog, LeaderTerm]:
+    """A local log and a leader term (not running yet) whose one follower is ``handler``
+    behind a real peer listener."""
+    rlog = await _local_log(tmp_path, nursery)
+    port = await _follower_listener(nursery, handler)
     term = LeaderTerm(
         epoch=EPOCH,
         start_index=1,
@@ -521,17 +527,7 @@ async def test_a_peer_that_promised_a_newer_epoch_supersedes_the_takeover(tmp_pa
 
     async with trio.open_nursery() as nursery:
         rlog = await _local_log(tmp_path, nursery)
-        port = await nursery.start(
-            lambda task_status: serve_peers(
-                "127.0.0.1",
-                0,
-                cluster_id="event-store",
-                node_id="follower",
-                epoch=lambda: 0,
-                handler=newer_promise,
-                task_status=task_status,
-            )
-        )
+        port = await _follower_listener(nursery, newer_promise)
         members = {"leader": Member("leader", rlog.incarnation, True, 1)}
         with trio.fail_after(10), pytest.raises(Superseded, match="follower promised epoch 12"):
             await take_over(

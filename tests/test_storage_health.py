@@ -3,7 +3,9 @@ real nodes and sockets on a simulated disk, ``walstore.wal.simfs``).
 
 - A failed fdatasync is fatal, and an expected outcome of a bad disk: every request in
   flight gets 504 (submitted: it may be on disk) or 503 ``storage_failed``, never a 500,
-  and the node's log holds one line about it, no traceback.
+  and the node's log holds one line about it, no traceback. Rot found by a read, a
+  broken invariant on the write path and a failed fdatasync of the takeover's promise
+  stop the node the same way.
 - A full disk on a follower makes it not ready, says so in the log (not once per frame)
   and in ``walstore_disk_full``, and does not make writes forwarded through it wait for a
   local apply that cannot happen.
@@ -18,7 +20,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,22 @@ def metric(text: str, name: str) -> float:
     return values[0]
 
 
+@asynccontextmanager
+async def node_that_may_stop(node: Node, stopped_by: list[BaseException]) -> AsyncIterator[None]:
+    """Run ``node`` for the block and until it stops; why it stopped goes in ``stopped_by``
+    (these nodes stop on purpose), for the asserts after the block."""
+
+    async def run(task_status: trio.TaskStatus[Node]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        except BaseException as exc:
+            stopped_by.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run)
+        yield
+
+
 # -- a failed fdatasync ---------------------------------------------------------------------
 
 
@@ -97,15 +116,7 @@ async def test_fdatasync_eio_answers_every_request_in_flight_then_stops(
     config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
     node = Node(config, fs=fs)
     stopped_by: list[BaseException] = []
-
-    async def run(task_status: trio.TaskStatus[Node]) -> None:
-        try:
-            await node.run(task_status=task_status)
-        except BaseException as exc:  # the node stops on purpose; keep why, for the asserts
-            stopped_by.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run)
+    async with node_that_may_stop(node, stopped_by):
         assert (await trio.to_thread.run_sync(post_event, node.http_port, 0))[0] == 201
         fs.fail_next_fdatasync(1)
         answers: list[tuple[int | str, str | None]] = []
@@ -133,9 +144,6 @@ async def test_fdatasync_eio_answers_every_request_in_flight_then_stops(
     assert len(failed) == 1 and failed[0].levelno == logging.CRITICAL
 
 
-# -- a full disk ----------------------------------------------------------------------------
-
-
 async def test_rot_found_by_a_read_answers_503_and_stops_the_node(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -147,15 +155,7 @@ async def test_rot_found_by_a_read_answers_503_and_stops_the_node(
     config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
     node = Node(config, fs=fs)
     stopped_by: list[BaseException] = []
-
-    async def run(task_status: trio.TaskStatus[Node]) -> None:
-        try:
-            await node.run(task_status=task_status)
-        except BaseException as exc:  # the node stops on purpose; keep why, for the asserts
-            stopped_by.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run)
+    async with node_that_may_stop(node, stopped_by):
         for n in range(3):
             assert (await trio.to_thread.run_sync(post_event, node.http_port, n))[0] == 201
         index = node.rlog.tail_index  # the last event's record
@@ -181,15 +181,7 @@ async def test_a_broken_invariant_on_the_write_path_stops_the_node(
     config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
     node = Node(config, fs=SimulatedFileSystem())
     stopped_by: list[BaseException] = []
-
-    async def run(task_status: trio.TaskStatus[Node]) -> None:
-        try:
-            await node.run(task_status=task_status)
-        except BaseException as exc:  # the node stops on purpose; keep why, for the asserts
-            stopped_by.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run)
+    async with node_that_may_stop(node, stopped_by):
         assert (await trio.to_thread.run_sync(post_event, node.http_port, 0))[0] == 201
 
         def broken(*args: object, **kwargs: object) -> object:
@@ -230,6 +222,9 @@ async def test_a_failed_fdatasync_of_the_takeovers_own_promise_stops_the_node(tm
         with pytest.RaisesGroup(pytest.RaisesExc(FsyncError, match="meta.json.tmp"), flatten_subgroups=True):
             await node.run()
     assert not fs.armed  # the failure was injected where meta.json is replaced
+
+
+# -- a full disk ----------------------------------------------------------------------------
 
 
 async def test_a_follower_with_a_full_disk_says_so_and_does_not_slow_writes_through_it(

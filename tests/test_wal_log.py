@@ -459,13 +459,23 @@ def test_range_reads_equal_record_by_record_decoding() -> None:
     assert log.read(1, last, max_bytes=1 << 30) == one_by_one
 
 
-def test_damage_after_open_is_named_by_a_range_read() -> None:
+def thirty_records() -> tuple[WriteAheadLog, SimulatedFileSystem]:
+    """Six batches of five records in 4 KiB segments: a sealed segment or more."""
     log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
     for _ in range(6):
         add(log, 5)
+    return log, fs
+
+
+def segment_of(log: WriteAheadLog, index: int) -> Path:
+    return [p for p in log.segment_paths if int(p.name.split(".")[0]) <= index][-1]
+
+
+def test_damage_after_open_is_named_by_a_range_read() -> None:
+    log, fs = thirty_records()
     damaged = 17
     rec = log.record(damaged)
-    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    path = segment_of(log, damaged)
     flipped = rec.body[0] ^ 0x01
     fs.damage(path, rec.offset + 32, bytes([flipped]))  # a bit of its body: the CRC no longer matches
     with pytest.raises(CorruptionError) as err:
@@ -479,12 +489,10 @@ def test_damage_after_open_is_corruption_to_a_raw_read_too() -> None:
     """A follower's FETCH reads raw: rot found there is the disk's fault (CorruptionError,
     which stops the node as a storage failure), not a broken invariant (found by the
     simulator, seed 1175: the node stopped as on a bug)."""
-    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
-    for _ in range(6):
-        add(log, 5)
+    log, fs = thirty_records()
     damaged = 17
     rec = log.record(damaged)
-    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    path = segment_of(log, damaged)
     fs.damage(path, rec.offset + 32, bytes([rec.body[0] ^ 0x01]))
     for first in (1, 16, damaged):
         with pytest.raises(CorruptionError) as err:
@@ -501,12 +509,10 @@ def test_rot_that_looks_like_an_end_is_corruption_to_a_raw_read(where: str) -> N
     zeroed header like the data's clean end; within the records a sealed segment is known
     to hold, both are damage (found by the simulator, seed 2185: the leader sent the rotten
     bytes, its follower refused them, for ever)."""
-    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
-    for _ in range(6):
-        add(log, 5)
+    log, fs = thirty_records()
     damaged = 17
     rec = log.record(damaged)
-    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    path = segment_of(log, damaged)
     if where == "length":
         fs.damage(path, rec.offset, (150).to_bytes(4, "little"))  # within the body limit, past the next records
     else:
@@ -523,12 +529,10 @@ def test_zeroes_left_by_a_truncation_in_progress_end_a_raw_read_and_are_not_rot(
     """truncate_suffix zeroes records in the writer thread before it moves the last index
     back; a raw read on the event loop meanwhile meets those zeroes where records are still
     counted. That is the cut, not damage: the read ends there (it must not stop the node)."""
-    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
-    for _ in range(6):
-        add(log, 5)
+    log, fs = thirty_records()
     cut_from = 16
     rec = log.record(cut_from)
-    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= cut_from][-1:]
+    path = segment_of(log, cut_from)
     fs.damage(path, rec.offset, bytes(log.record(log.last_index).offset + 64 - rec.offset))
     log._cutting = True  # the writer thread is between zeroing and moving _last_index
     data = log.read_raw(1, 1 << 20)
@@ -549,13 +553,11 @@ def _records_of(data: bytes, first: int) -> list[Record]:
 
 
 def test_body_reads_check_the_crc_and_name_damage_like_record() -> None:
-    log, fs = open_sim(options=WalOptions(segment_size_bytes=4096, max_record_body_bytes=200))
-    for _ in range(6):
-        add(log, 5)
+    log, fs = thirty_records()
     assert [log.body(i) for i in range(1, log.last_index + 1)] == [r.body for r in log.read(1)]
     damaged = 12
     rec = log.record(damaged)
-    (path,) = [p for p in log.segment_paths if int(p.name.split(".")[0]) <= damaged][-1:]
+    path = segment_of(log, damaged)
     fs.damage(path, rec.offset + 32 + 3, bytes([rec.body[3] ^ 0x10]))
     with pytest.raises(CorruptionError) as err:
         log.body(damaged)

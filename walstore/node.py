@@ -47,7 +47,6 @@ from walstore.config import Config
 from walstore.election.base import Election
 from walstore.election.local import LocalElection
 from walstore.errors import (
-    CorruptionError,
     DiskFullError,
     EntriesReplaced,
     LogStateError,
@@ -632,14 +631,18 @@ class Node:
             retry_after_s=1.0,
         )
 
-    def _storage_read_error(self, exc: StorageError) -> Exception:
-        """What a read that failed on the log answers. After a failed fdatasync the log
-        refuses every call (its pages are in an unknown state): an expected 503 on a
-        stopping node. Rot found by this read (CorruptionError), or a broken invariant,
-        stops the node the same way, through the writer: it says so in health, metrics
-        and one log line, and answers 503 rather than a 500 and carrying on."""
-        if self.writer.failure is None and isinstance(exc, (CorruptionError, LogStateError)):
+    def _stop_on_broken_invariant(self, exc: LogStateError) -> None:
+        """A bug: the node stops through the writer, as on a failed fdatasync (health,
+        metrics, one CRITICAL line, the exit), rather than answer 500 and carry on."""
+        if self.writer.failure is None:
             self.writer.stop_for_fault(exc)
+
+    def _storage_read_error(self, exc: StorageError) -> Exception:
+        """What a read that failed on the log answers. After a failed fdatasync, or rot
+        found by a read (ReplicaLog stops the writer with it), the log refuses every call:
+        an expected 503 on a stopping node. A broken invariant stops the node the same way."""
+        if isinstance(exc, LogStateError):
+            self._stop_on_broken_invariant(exc)
         return self._storage_unavailable() if self.writer.failure is not None else exc
 
     # -- EventService ------------------------------------------------------------------------
@@ -703,11 +706,9 @@ class Node:
         try:
             return await self._append_in_term(events, tracking)
         except LogStateError as exc:
-            # A broken invariant (a bug): the node stops through the writer, as on a failed
-            # fdatasync, rather than answer 500 and take the next write. The batch may have
-            # been submitted already, so its outcome is unknown, not a definite failure.
-            if self.writer.failure is None:
-                self.writer.stop_for_fault(exc)
+            # The batch may have been submitted already: its outcome is unknown, not a
+            # definite failure.
+            self._stop_on_broken_invariant(exc)
             raise OutcomeUnknown(f"this node stopped on a broken invariant: {exc}") from exc
         finally:
             self._appends_in_flight -= 1

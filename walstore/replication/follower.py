@@ -31,6 +31,7 @@ from walstore.replication.follower_core import (
     ReadRecords,
     VerifyLeader,
     WriteRecords,
+    advance,
 )
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel
@@ -119,19 +120,15 @@ class FollowerService:
         """Run a core handler to its answer: each need it yields is done here, and its
         result (or the exception it raised) goes back in."""
         try:
-            result: object = None
-            failure: BaseException | None = None
-            while True:
+            step = advance(handling)
+            while not isinstance(step, Answer):
                 try:
-                    need = handling.send(result) if failure is None else handling.throw(failure)
-                except StopIteration as done:
-                    answer: Answer = done.value
-                    return answer
-                result, failure = None, None
-                try:
-                    result = await self._do(need)
+                    result = await self._do(step)
                 except _THROWN_IN as exc:
-                    failure = exc
+                    step = advance(handling, failure=exc)
+                else:
+                    step = advance(handling, result)
+            return step
         finally:
             # A cancelled link leaves the handler suspended: close it now (its cleanup
             # runs at once, not whenever the collector gets to it).

@@ -125,6 +125,17 @@ class Answer:
 Handling = Generator[Need, object, Answer]
 
 
+def advance(handling: Handling, result: object = None, failure: BaseException | None = None) -> Need | Answer:
+    """One step of a handler: give it the last need's result (or throw in the outcome
+    that need raised) and get its next need, or its answer once it is done. The one way a
+    shell drives the core (follower.py; the tests' shell too)."""
+    try:
+        return handling.send(result) if failure is None else handling.throw(failure)
+    except StopIteration as done:
+        answer: Answer = done.value
+        return answer
+
+
 @dataclass(slots=True)
 class Link:
     """What one leader connection has proved: our log equals the leader's of ``epoch`` up

@@ -122,7 +122,7 @@ class Replicator:
 
     @property
     def epoch(self) -> int:
-        return self.leadership.epoch if self.role is Role.LEADER and self.leadership else self.rlog.promised_epoch
+        return self.roles.term_epoch if self.role is Role.LEADER else self.rlog.promised_epoch
 
     # -- running -----------------------------------------------------------------------
 
@@ -379,7 +379,7 @@ class Replicator:
                     max_append_bytes=self.config.replication_frame_bytes,
                 )
                 self.term.appended(pending)
-                self.roles.took_over(pending.first_index)
+                self.roles.took_over()
                 nursery.start_soon(self.term.run)
                 nursery.start_soon(self._maintain_members, self.term, leadership)
                 while self.commit.value < pending.first_index:

@@ -3,9 +3,8 @@ it takes writes.
 
 ``replicator.py`` runs the role machine's tasks (campaign, takeover, the term, the quorum
 watch) and tells this object what happened; this object holds the one copy of the role,
-the term's epoch and EPOCH_START, whether the node is writable and whom it takes for the
-leader, and refuses a transition the machine does not have (docs/architecture.md,
-"State machines"):
+the term's epoch, whether the node is writable and whom it takes for the leader, and
+refuses a transition the machine does not have (docs/architecture.md, "State machines"):
 
     FOLLOWER  --won the election---------------------->  TAKEOVER
     TAKEOVER  --a majority promised, EPOCH_START out-->  LEADER
@@ -41,7 +40,6 @@ class Roles:
     node_id: str
     role: Role = Role.FOLLOWER
     term_epoch: int = 0  # the epoch won (TAKEOVER, LEADER); 0 as a follower
-    start_index: int = 0  # this term's EPOCH_START (LEADER)
     writable: bool = False  # a LEADER whose EPOCH_START is committed and applied
     leader: LeaderInfo | None = None  # who leads, as far as we know
 
@@ -52,11 +50,11 @@ class Roles:
             raise rules.broken(f"won epoch {epoch} as {me.node_id}, this node is {self.node_id}")
         self.role, self.term_epoch, self.leader = Role.TAKEOVER, epoch, me
 
-    def took_over(self, start_index: int) -> None:
-        """A majority promised and our EPOCH_START is submitted at ``start_index``."""
+    def took_over(self) -> None:
+        """A majority promised and our EPOCH_START is submitted."""
         if self.role is not Role.TAKEOVER:
             raise rules.broken(f"took over epoch {self.term_epoch} while {self.role.value}")
-        self.role, self.start_index = Role.LEADER, start_index
+        self.role = Role.LEADER
 
     def became_writable(self) -> None:
         """Our EPOCH_START is committed and applied: appends may be validated and taken."""
@@ -72,7 +70,7 @@ class Roles:
         """The term is over (or never got past the takeover); ``current``: who the election
         says leads now. True if this node was more than a follower."""
         led = self.role is not Role.FOLLOWER
-        self.role, self.writable, self.term_epoch, self.start_index = Role.FOLLOWER, False, 0, 0
+        self.role, self.writable, self.term_epoch = Role.FOLLOWER, False, 0
         self.leader = current if current is not None and current.node_id != self.node_id else None
         return led
 
