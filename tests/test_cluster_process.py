@@ -12,15 +12,19 @@ from pathlib import Path
 import pytest
 from harness.cluster import ProcessCluster
 
-from walstore.client import WalstoreClient
+from walstore.client import WalstoreClient, append_with_retry
 
 pytest_plugins = ["harness.cluster"]
 pytestmark = pytest.mark.slow
 
+APPEND_RETRY_S = 30.0
+
 
 def _append(url: str, aggregate: str, n: int) -> dict[str, object]:
-    with WalstoreClient(url) as client:
-        return client.append({"id": str(uuid.uuid4()), "type": "T", "aggregate_id": aggregate, "payload": {"n": n}})
+    # As an application would: a 503 (no quorum answered lately: a follower's fsync stalled
+    # on a busy CI disk) stored nothing, and a retry with the same id never duplicates.
+    event = {"id": str(uuid.uuid4()), "type": "T", "aggregate_id": aggregate, "payload": {"n": n}}
+    return append_with_retry([url], event, timeout_s=APPEND_RETRY_S)
 
 
 def _dumps_without_volatile_fields(cluster: ProcessCluster, node_id: str) -> list[tuple[object, ...]]:

@@ -36,6 +36,7 @@ import orjson
 import pytest
 import trio
 from chaos_report import record_row
+from exception_groups import leaves
 from harness.cluster import ProcessCluster, events_from_dump
 from harness.history import LoadClient, classify
 from harness.proxy import Direction
@@ -983,12 +984,6 @@ class _PromisedLog:
     written_index = 0
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 @pytest.mark.fault
 async def test_follower_service_ends_with_peer_closed_when_its_link_breaks() -> None:
     """A link that breaks while the follower service reads the next request must end the
@@ -1012,7 +1007,7 @@ async def test_follower_service_ends_with_peer_closed_when_its_link_breaks() -> 
         try:
             await service.serve(cast(PeerChannel, _LinkThatBreaks()), first)
         except BaseException as exc:
-            escaped += [repr(leaf) for leaf in _leaves(exc) if not isinstance(leaf, PeerClosed)]
+            escaped += [repr(leaf) for leaf in leaves(exc) if not isinstance(leaf, PeerClosed)]
         else:
             raise AssertionError("serve() returned although its link broke")
     assert escaped == [], f"errors other than PeerClosed escaped FollowerService.serve: {sorted(set(escaped))}"
