@@ -36,7 +36,8 @@ from walstore.config import REPLICATION_FRAME_BYTES, PeerSpec
 from walstore.errors import CorruptionError, DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
 from walstore.replication import rules
-from walstore.replication.progress import FollowerProgress, Idle, SendHeartbeat, reachable_voters
+from walstore.replication.leader_core import LeaderCore
+from walstore.replication.progress import FollowerProgress, Idle, SendHeartbeat
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel, PeerClosed, dial
 from walstore.wal.record import peek_header
@@ -79,7 +80,6 @@ class LeaderTerm:
     ) -> None:
         self.epoch = epoch
         self.max_append_bytes = max_append_bytes  # record bytes per APPEND (Config.replication_frame_bytes)
-        self.start_index = start_index
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.rlog = rlog
@@ -87,11 +87,21 @@ class LeaderTerm:
         self.heartbeat_s = heartbeat_s
         self.on_higher_epoch = on_higher_epoch
         self.on_progress = on_progress
-        self.votes = votes
         self.incarnation = incarnation
-        self.progress = {p.node_id: FollowerProgress(p, next_index=rlog.tail_index + 1) for p in followers}
+        # Every decision about the followers and the commit index; this class runs the
+        # tasks and carries its answers out.
+        self.core = LeaderCore(
+            epoch=epoch,
+            start_index=start_index,
+            followers=followers,
+            tail_index=rlog.tail_index,
+            commit=commit.value,
+            votes=votes,
+            own_epoch_only="commit_older_epoch" not in planted_bugs.active,
+        )
+        self.progress = self.core.progress
         self._signals = {p.node_id: _Signals() for p in followers}
-        self.cluster_size = len(followers) + 1
+        self.cluster_size = self.core.cluster_size
         self._cache: deque[PendingAppend] = deque()
         # The same batches by first index: finding where a follower resumes is one lookup,
         # not a walk over a cache of up to 64 MiB of small batches (that walk, and the
@@ -154,40 +164,27 @@ class LeaderTerm:
             durable = self.rlog.durable_index
             while self._local and self._local[0].done and self._local[0].last_index <= durable:
                 self._local.popleft()
-            self._recompute_commit()
+            self._publish(self.core.durable(durable))
 
     def reachable_followers(self, within_s: float) -> int:
         """Voting followers that answered within the last ``within_s`` seconds (a
         learner's answers make no quorum)."""
-        return reachable_voters(self.progress.values(), since=trio.current_time() - within_s)
+        return self.core.reachable_followers(since=trio.current_time() - within_s)
+
+    def has_quorum(self, within_s: float) -> bool:
+        return self.core.has_quorum(now=trio.current_time(), within_s=within_s)
 
     def refresh_voters(self) -> None:
         """Re-apply ``votes`` to every follower (the member records changed)."""
-        for p in self.progress.values():
-            self._set_voter(p)
-        self._recompute_commit()
+        self._publish(self.core.refresh_voters(now=trio.current_time(), own_durable=self.rlog.durable_index))
 
-    def _set_voter(self, progress: FollowerProgress) -> None:
-        progress.set_voter(self.votes(progress.peer.node_id, progress.incarnation), now=trio.current_time())
-
-    def has_quorum(self, within_s: float) -> bool:
-        return self.reachable_followers(within_s) + 1 > self.cluster_size // 2
-
-    def _recompute_commit(self) -> None:
-        # Only voters hold what a commit promises to keep (a learner may be an amnesiac
-        # that forgets again); the leader itself votes (take_over checked it).
-        commit = rules.majority_commit(
-            self.rlog.durable_index,
-            [p.match_index if p.voter else 0 for p in self.progress.values()],
-            cluster_size=self.cluster_size,
-            start_index=self.start_index,
-            commit=self.commit.value,
-            own_epoch_only="commit_older_epoch" not in planted_bugs.active,
-        )
-        if commit is not None:
-            self.commit.advance(commit)
-            for signals in self._signals.values():
-                signals.wake.set()  # tell the followers soon (see _send_appends)
+    def _publish(self, commit: int | None) -> None:
+        """The core moved the commit index to ``commit`` (None: it did not move)."""
+        if commit is None:
+            return
+        self.commit.advance(commit)
+        for signals in self._signals.values():
+            signals.wake.set()  # tell the followers soon (see _send_appends)
 
     async def _follow(self, progress: FollowerProgress) -> None:
         attempt = 0
@@ -208,7 +205,10 @@ class LeaderTerm:
                 continue
             attempt = 0
             stopped = False
-            replaced = progress.link_up(channel.conn.peer_incarnation, tail_index=self.rlog.tail_index)
+            node_id = progress.peer.node_id
+            replaced = self.core.link_up(
+                node_id, channel.conn.peer_incarnation, tail_index=self.rlog.tail_index, now=trio.current_time()
+            )
             if replaced is not None:
                 log.warning(
                     "%s now runs incarnation %s (was %s): its acknowledgements start again from nothing",
@@ -216,7 +216,6 @@ class LeaderTerm:
                     progress.incarnation,
                     replaced,
                 )
-            self._set_voter(progress)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive_acks, channel, progress)
@@ -234,7 +233,7 @@ class LeaderTerm:
                 log.warning("replication to %s stopped: %s", progress.peer.node_id, group.exceptions[0])
                 stopped = True
             finally:
-                progress.link_down()
+                self.core.link_down(node_id)
                 self.on_progress(progress)
                 await channel.aclose()
             if stopped:
@@ -321,12 +320,18 @@ class LeaderTerm:
             message = await channel.receive()
             if not isinstance(message, AppendAck):
                 raise ProtocolError(f"expected APPEND_ACK from {progress.peer.node_id}, got {type(message).__name__}")
-            match_before = progress.match_index
-            outcome = progress.answered(message, epoch=self.epoch, log=self.rlog, now=trio.current_time())
+            answer = self.core.answered(
+                progress.peer.node_id,
+                message,
+                log=self.rlog,
+                now=trio.current_time(),
+                own_durable=self.rlog.durable_index,
+            )
+            outcome = answer.outcome
             signals.answered.set()  # the sender may be holding its next frame for this
             if isinstance(outcome, rules.Matched):
-                if progress.match_index != match_before:
-                    self._recompute_commit()
+                if answer.progressed:
+                    self._publish(answer.commit)
                     self.on_progress(progress)
             elif isinstance(outcome, rules.Fenced):
                 self.on_higher_epoch(outcome.epoch, progress.peer.node_id)

@@ -431,7 +431,7 @@ class Replicator:
                 now=trio.current_time(),
                 deadline=leadership.deadline(),
                 lost=leadership.lost.is_set(),
-                answered_at=[p.last_ack_at for p in term.progress.values() if p.connected],
+                answered_at=term.core.answered_at(),
                 needed=needed,
                 grace_s=self._quorum_grace_s,
                 stall_s=self.config.lease_ttl_s / 8,  # one heartbeat interval
