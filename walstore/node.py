@@ -42,8 +42,8 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from walstore import pending_write
-from walstore.config import Config
+from walstore import pending_write, write_admission
+from walstore.config import Config, PeerSpec
 from walstore.election.base import Election
 from walstore.election.local import LocalElection
 from walstore.errors import (
@@ -75,6 +75,7 @@ from walstore.wal.log import WalOptions, WriteAheadLog
 from walstore.wal.record import KIND_EVENT, MAX_RECORD_BODY_BYTES
 from walstore.wal.writer import SLOW_ROUND_S, GroupCommitWriter, PendingAppend
 from walstore.watermark import Watermark
+from walstore.write_admission import Forward, Lead, Refuse
 
 log = logging.getLogger("walstore.node")
 
@@ -500,7 +501,7 @@ class Node:
             self.commit,
             election,
             self.metrics,
-            append_local=self._append_as_leader,
+            append_local=self._append_forwarded,
             on_term_end=self._on_term_end,
             http_address=f"{http_host}:{self.config.http_port}",
             applied=self.applied,
@@ -623,14 +624,6 @@ class Node:
         self.applied.interrupt()
         self.applied_events.interrupt()  # min_index reads: nothing more will be applied here
 
-    def _storage_unavailable(self) -> UnavailableError:
-        failure = self.writer.failure
-        return UnavailableError(
-            f"this node's write-ahead log failed and the node is stopping: {failure}",
-            code="storage_failed",
-            retry_after_s=1.0,
-        )
-
     def _stop_on_broken_invariant(self, exc: LogStateError) -> None:
         """A bug: the node stops through the writer, as on a failed fdatasync (health,
         metrics, one CRITICAL line, the exit), rather than answer 500 and carry on."""
@@ -643,21 +636,33 @@ class Node:
         an expected 503 on a stopping node. A broken invariant stops the node the same way."""
         if isinstance(exc, LogStateError):
             self._stop_on_broken_invariant(exc)
-        return self._storage_unavailable() if self.writer.failure is not None else exc
+        failure = self.writer.failure
+        return write_admission.storage_failed(failure) if failure is not None else exc
 
     # -- EventService ------------------------------------------------------------------------
 
+    def _admit(self, *, forwarded: bool) -> Lead | Forward[PeerSpec] | Refuse:
+        """Where a write goes now (``write_admission.admit`` on this node's state)."""
+        r = self._replicator
+        return write_admission.admit(
+            forwarded=forwarded,
+            log_failure=self.writer.failure,
+            stopping=self.stopping,
+            halted=self.rlog.halted,
+            leading=r.writable,
+            lease_valid=r.still_leading(),
+            quorum=r.has_quorum(),
+            leader_id=r.leader_id,
+            leader=r.leader_peer(),
+            disk_full=self.disk_full,
+        )
+
     async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
-        if self.writer.failure is not None:
-            raise self._storage_unavailable()
-        if self.stopping:
-            raise UnavailableError("node is shutting down", code="shutting_down")
-        if self.rlog.halted is not None:
-            raise UnavailableError(f"this node stopped taking writes: {self.rlog.halted}", code="safety_halt")
-        replicator = self._replicator
-        if replicator.writable:
-            return await self._append_as_leader(list(events), tracking)
-        leader = replicator.leader_peer()
+        admission = self._admit(forwarded=False)
+        if isinstance(admission, Refuse):
+            raise admission.error
+        if isinstance(admission, Lead):
+            return await self._lead_append(list(events), tracking)
         # A lease TTL, not the append timeout: a leader that has not answered by then is
         # paused, cut off or failing over, and it resigns within that time when it cannot
         # reach a majority (Replicator._quorum_grace_s); waiting longer only holds the
@@ -665,22 +670,14 @@ class Node:
         forward_s = self.config.lease_ttl_s
         deadline = trio.current_time() + forward_s
         try:
-            if leader is None:
-                raise UnavailableError("no leader elected right now", code="no_leader")
-            results: list[AppendResult] = await replicator.forwarder.forward(
-                leader, events, forward_s, tracking=tracking
+            results: list[AppendResult] = await self._replicator.forwarder.forward(
+                admission.leader, events, forward_s, tracking=tracking
             )
         except UnavailableError as exc:
-            if exc.code in ("no_leader", "not_leader") and self.disk_full:
-                # The likely reason there is no leader: with every disk full no takeover
-                # can write its EPOCH_START (not_leader: the forward reached a candidate
-                # mid-takeover). Say what this node knows, its own full disk.
-                raise UnavailableError(
-                    f"this node's disk is full and {exc.message}",
-                    code="disk_full",
-                    retry_after_s=pending_write.DISK_FULL_RETRY_S,
-                ) from exc
-            raise
+            refused = write_admission.forward_refused(exc, self.disk_full)
+            if refused is exc:
+                raise
+            raise refused from exc
         # Read-your-writes on this node too: wait (briefly) until the batch is applied here,
         # within the same TTL, or a heartbeat interval (TTL/8) past a late answer: the
         # commit reaches us with the leader's next frame. If it does not, our link from the
@@ -693,15 +690,20 @@ class Node:
                 await self.applied_events.wait_for(target)
         return results
 
-    async def _append_as_leader(self, events: list[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
-        # Also the entry point of writes forwarded by followers: a stopping leader refuses
-        # them (definite: nothing written) and counts the rest, so it resigns only once
-        # each has its answer (_hand_over).
-        if self.writer.failure is not None:  # checked again: a forwarded append comes in here
-            raise self._storage_unavailable()
-        if self.stopping:
-            self._last_refused_at = trio.current_time()
-            raise UnavailableError("node is shutting down", code="shutting_down")
+    async def _append_forwarded(self, events: list[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
+        """A write a follower forwarded to us: taken only in a term we lead; a stopping
+        leader refuses it (definite: nothing written) and notes when, so it resigns only
+        once its followers have stopped sending (_hand_over)."""
+        admission = self._admit(forwarded=True)
+        if isinstance(admission, Refuse):
+            if admission.error.code == "shutting_down":
+                self._last_refused_at = trio.current_time()
+            raise admission.error
+        return await self._lead_append(events, tracking)
+
+    async def _lead_append(self, events: list[NewEvent], tracking: Tracking | None) -> list[AppendResult]:
+        # Admitted just now, with no await since: this node leads a term that takes
+        # writes. Counted, so a stopping leader resigns once each has its answer.
         self._appends_in_flight += 1
         try:
             return await self._append_in_term(events, tracking)
@@ -717,8 +719,6 @@ class Node:
 
     async def _append_in_term(self, events: list[NewEvent], tracking: Tracking | None) -> list[AppendResult]:
         replicator = self._replicator
-        if not replicator.writable:
-            raise UnavailableError("not the leader", code="not_leader", leader_id=replicator.leader_id)
         try:
             prepared = self.store.prepare(
                 events,
@@ -786,8 +786,9 @@ class Node:
         with trio.move_on_after(MAX_READ_WAIT_S):
             while self.applied_events.value < min_index and self.writer.failure is None:
                 await self.applied_events.wait_for(min_index)
-        if self.applied_events.value < min_index and self.writer.failure is not None:
-            raise self._storage_unavailable()
+        failure = self.writer.failure
+        if self.applied_events.value < min_index and failure is not None:
+            raise write_admission.storage_failed(failure)
         if self.applied_events.value < min_index:
             raise UnavailableError(
                 f"index {min_index} is not applied on this node yet (applied {self.applied_events.value})",

@@ -458,15 +458,19 @@ class Replicator:
 
     def submit(self, entries: list[tuple[int, int, bytes]]) -> PendingAppend:
         """Leader only: append ``entries`` in this epoch and ship them to the followers."""
-        if not self.writable or self.term is None or self.leadership is None or not self.leadership.is_valid():
+        # The node admitted the write a moment ago (walstore.write_admission); this is the
+        # replicator's own guard, not a second admission.
+        if not self.still_leading() or self.term is None:
             raise UnavailableError("not the leader", code="not_leader", leader_id=self.leader_id)
-        if not self.term.has_quorum(self.config.lease_ttl_s):
-            # Definite: nothing was written. Better a quick 503 than a 504 after a timeout.
-            raise UnavailableError("no quorum of followers reachable", code="no_quorum", leader_id=self.leader_id)
         pending = self.rlog.submit(entries, self.term.epoch)
         self.metrics.append_times.appended(pending.first_index)
         self.term.appended(pending)
         return pending
+
+    def has_quorum(self) -> bool:
+        """Leader: a majority of voters answered within a lease (a write taken without one
+        would wait its whole timeout for a commit that cannot come)."""
+        return self.term is not None and self.term.has_quorum(self.config.lease_ttl_s)
 
     def still_leading(self) -> bool:
         return self.writable and self.leadership is not None and self.leadership.is_valid()
