@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from walstore.election.base import LeaderInfo
-from walstore.errors import LogStateError
-from walstore.replication.roles import Role, Roles
+from walstore.errors import DiskFullError, FsyncError, LogStateError, UnavailableError
+from walstore.replication.promises import Superseded
+from walstore.replication.roles import Role, Roles, TakeoverFailed
 
 ME = LeaderInfo("n0", 7, "n0:7000", "n0:8080")
 OTHER = LeaderInfo("n1", 8, "n1:7000", "n1:8080")
@@ -71,3 +72,34 @@ def test_winning_as_another_node_or_epoch_zero_is_a_broken_invariant() -> None:
         Roles("n0").won(8, OTHER)
     with pytest.raises(LogStateError, match="won epoch 0"):
         Roles("n0").won(0, ME)
+
+
+@pytest.mark.parametrize("role", ["takeover", "leader"])
+def test_only_another_node_with_a_higher_epoch_ends_our_term(role: str) -> None:
+    roles = Roles("n0")
+    roles.won(7, ME)
+    if role == "leader":
+        roles.took_over()
+    assert roles.yields_to("n1", 8)
+    assert not roles.yields_to("n1", 7)  # our own epoch, or an older one, is no newer leader
+    assert not roles.yields_to("n1", 3)
+    assert not roles.yields_to("n0", 9)  # ourselves: nobody to yield to
+
+
+def test_a_follower_has_no_term_to_end() -> None:
+    assert not Roles("n0").yields_to("n1", 100)
+
+
+@pytest.mark.parametrize(
+    ("error", "means"),
+    [
+        (LogStateError("replica invariant broken: a gap"), TakeoverFailed.STOP),
+        (FsyncError(5, "/wal/meta.json.tmp"), TakeoverFailed.STOP),
+        (Superseded(9, "n2"), TakeoverFailed.RESIGN),
+        (UnavailableError("no majority promised", code="no_quorum"), TakeoverFailed.RESIGN),
+        (DiskFullError("no space left for the promise"), TakeoverFailed.RESIGN),
+        (ConnectionResetError(), TakeoverFailed.RESIGN),
+    ],
+)
+def test_a_failed_takeover_resigns_unless_our_own_log_broke(error: BaseException, means: TakeoverFailed) -> None:
+    assert Roles.after_failed_takeover(error) is means

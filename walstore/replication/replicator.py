@@ -36,7 +36,7 @@ import trio
 from walstore.config import Config, PeerSpec
 from walstore.election.base import SAFETY_MARGIN_FRACTION, Candidate, Election, LeaderInfo, Leadership
 from walstore.election.membership import Member, counts, promote, register
-from walstore.errors import ElectionError, FsyncError, LogStateError, UnavailableError, WalstoreError
+from walstore.errors import ElectionError, UnavailableError, WalstoreError
 from walstore.event import AppendResult, NewEvent, Tracking
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
@@ -47,7 +47,7 @@ from walstore.replication.leader import LeaderTerm
 from walstore.replication.progress import FollowerProgress
 from walstore.replication.promises import Superseded
 from walstore.replication.replica_log import ReplicaLog
-from walstore.replication.roles import Role, Roles
+from walstore.replication.roles import Role, Roles, TakeoverFailed
 from walstore.replication.takeover import take_over
 from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
 from walstore.wal.record import KIND_EPOCH_START
@@ -181,7 +181,7 @@ class Replicator:
         return False
 
     def _on_leader_seen(self, epoch: int, leader_id: str) -> None:
-        if self.role is not Role.FOLLOWER and leader_id != self.config.node_id and epoch > self.epoch:
+        if self.roles.yields_to(leader_id, epoch):
             log.warning("leader %s holds epoch %d, above ours: stepping down", leader_id, epoch)
             self.step_down()
 
@@ -190,7 +190,7 @@ class Replicator:
         # the election. A real newer leader means our lease is gone, and `lost` fires.
         log.warning("%s reports epoch %d above ours (%d); checking the election", peer_id, epoch, self.epoch)
         leader = self.election.current_leader()
-        if leader is not None and leader.epoch > self.epoch:
+        if leader is not None and self.roles.yields_to(leader.node_id, leader.epoch):
             self.step_down()
 
     def step_down(self) -> None:
@@ -349,14 +349,9 @@ class Replicator:
                         timeout_s=self.config.lease_ttl_s,
                         members=self.members,
                     )
-                except (LogStateError, FsyncError):
-                    # A broken invariant of our own log, or a failed fdatasync (of our own
-                    # promise, in meta.json): the node stops; neither is a failed takeover
-                    # to resign from and retry, and a failed fdatasync is never retried.
-                    raise
                 except (Superseded, WalstoreError, PeerClosed, OSError, trio.TooSlowError) as exc:
-                    # No majority, a newer promise, or the peer we fetch from failed:
-                    # resign and campaign again (the log is intact).
+                    if self.roles.after_failed_takeover(exc) is TakeoverFailed.STOP:
+                        raise
                     log.warning("takeover of epoch %d failed: %r", epoch, exc)
                     scope.cancel()
                     return

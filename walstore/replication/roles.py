@@ -13,6 +13,11 @@ refuses a transition the machine does not have (docs/architecture.md, "State mac
 
 A broken transition is a broken invariant (``rules.broken``): two terms at once, or a
 node writable outside a term it leads, would let two leaders take writes.
+
+It also makes the term's decisions that depend only on the role: whether a leader seen
+on a peer's frame, or a newer epoch the election confirms, ends this node's term
+(``yields_to``), and what a failed takeover means (``after_failed_takeover``: resign and
+campaign again, or stop the node).
 """
 
 from __future__ import annotations
@@ -21,10 +26,18 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from walstore.errors import FsyncError, LogStateError
 from walstore.replication import rules
 
 if TYPE_CHECKING:  # only the type: the election package is trio code, this module is not
     from walstore.election.base import LeaderInfo
+
+
+class TakeoverFailed(enum.Enum):
+    """What a takeover that raised means for the node."""
+
+    RESIGN = "resign"  # no majority, a newer promise, a peer failed: the log is intact
+    STOP = "stop"  # our own log is broken or could not be made durable: never retried
 
 
 class Role(enum.Enum):
@@ -78,6 +91,21 @@ class Roles:
         """The election's view of the leader changed; a leader knows it leads."""
         if self.role is not Role.LEADER:
             self.leader = leader
+
+    def yields_to(self, leader_id: str, epoch: int) -> bool:
+        """Does ``leader_id`` leading ``epoch`` (a leader whose frame this node accepted,
+        or the one the election names) end our term? Only another node, holding a higher
+        epoch than the one we won: a peer's report alone is not that, so the caller asks
+        the election first."""
+        return self.role is not Role.FOLLOWER and leader_id != self.node_id and epoch > self.term_epoch
+
+    @staticmethod
+    def after_failed_takeover(exc: BaseException) -> TakeoverFailed:
+        """A broken invariant of our own log, or a failed fdatasync (of our own promise, in
+        meta.json), stops the node: neither is a failed takeover to resign from and
+        retry, and a failed fdatasync is never retried. Anything else leaves the log
+        intact: resign and campaign again."""
+        return TakeoverFailed.STOP if isinstance(exc, LogStateError | FsyncError) else TakeoverFailed.RESIGN
 
     @property
     def leader_id(self) -> str | None:
