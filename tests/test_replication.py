@@ -33,6 +33,7 @@ from walstore.protocol import (
 )
 from walstore.replication.follower import FollowerService
 from walstore.replication.leader import LeaderTerm
+from walstore.replication.leader_core import LeaderCore
 from walstore.replication.promises import Superseded
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.takeover import take_over
@@ -500,14 +501,21 @@ async def _term_with_fake_follower(
     behind a real peer listener."""
     rlog = await _local_log(tmp_path, nursery)
     port = await _follower_listener(nursery, handler)
-    term = LeaderTerm(
+    commit = Watermark()
+    core = LeaderCore(
         epoch=EPOCH,
         start_index=1,
+        followers=[PeerSpec("follower", "127.0.0.1", port)],
+        tail_index=rlog.tail_index,
+        commit=commit.value,
+        votes=lambda node_id, incarnation: True,
+    )
+    term = LeaderTerm(
+        core=core,
         node_id="leader",
         cluster_id="event-store",
         rlog=rlog,
-        followers=[PeerSpec("follower", "127.0.0.1", port)],
-        commit=Watermark(),
+        commit=commit,
         heartbeat_s=3600,  # no idle heartbeat gets in the way
         on_higher_epoch=lambda epoch, peer: None,
     )

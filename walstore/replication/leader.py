@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from walstore import planted_bugs
-from walstore.config import REPLICATION_FRAME_BYTES, PeerSpec
+from walstore.config import REPLICATION_FRAME_BYTES
 from walstore.errors import CorruptionError, DiskFullError, LogStateError, ProtocolError, StorageError
 from walstore.protocol import Append, AppendAck, Heartbeat
 from walstore.replication import rules
@@ -61,24 +60,26 @@ class _Signals:
 
 
 class LeaderTerm:
+    """The trio shell of one term: ``core`` (``LeaderCore``) makes every decision about
+    the followers and the commit index; this class runs the tasks, keeps the tail cache
+    and carries the core's answers out."""
+
     def __init__(
         self,
         *,
-        epoch: int,
-        start_index: int,
+        core: LeaderCore,
         node_id: str,
         cluster_id: str,
         rlog: ReplicaLog,
-        followers: list[PeerSpec],
         commit: Watermark,
         heartbeat_s: float,
         on_higher_epoch: Callable[[int, str], None],
         on_progress: Callable[[FollowerProgress], None] = lambda p: None,
-        votes: Callable[[str, str], bool] = lambda node_id, incarnation: True,
         incarnation: str = "",
         max_append_bytes: int = REPLICATION_FRAME_BYTES,
     ) -> None:
-        self.epoch = epoch
+        self.core = core
+        self.epoch = core.epoch
         self.max_append_bytes = max_append_bytes  # record bytes per APPEND (Config.replication_frame_bytes)
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -88,19 +89,8 @@ class LeaderTerm:
         self.on_higher_epoch = on_higher_epoch
         self.on_progress = on_progress
         self.incarnation = incarnation
-        # Every decision about the followers and the commit index; this class runs the
-        # tasks and carries its answers out.
-        self.core = LeaderCore(
-            epoch=epoch,
-            start_index=start_index,
-            followers=followers,
-            tail_index=rlog.tail_index,
-            commit=commit.value,
-            votes=votes,
-            own_epoch_only="commit_older_epoch" not in planted_bugs.active,
-        )
-        self.progress = self.core.progress
-        self._signals = {p.node_id: _Signals() for p in followers}
+        self.progress = core.progress
+        self._signals = {node_id: _Signals() for node_id in core.progress}
         self.cluster_size = self.core.cluster_size
         self._cache: deque[PendingAppend] = deque()
         # The same batches by first index: finding where a follower resumes is one lookup,

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 import trio
 
+from walstore import planted_bugs
 from walstore.config import Config, PeerSpec
 from walstore.election.base import SAFETY_MARGIN_FRACTION, Candidate, Election, LeaderInfo, Leadership
 from walstore.election.membership import Member, counts, promote, register
@@ -46,6 +47,7 @@ from walstore.replication.forward import Forwarder, serve_forwards
 from walstore.replication.leader import LeaderTerm
 from walstore.replication.progress import FollowerProgress
 from walstore.replication.promises import Superseded
+from walstore.replication.replica_core import ReplicaCore
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.roles import Role, Roles, TakeoverFailed
 from walstore.replication.takeover import take_over
@@ -89,13 +91,15 @@ class Replicator:
         self.me = config.me or PeerSpec(config.node_id, config.peer_host, config.peer_port)
         self.others = [p for p in config.peers if p.node_id != config.node_id]
         self.candidate = Candidate(config.node_id, self.me.address, http_address)
-        self.roles = Roles(config.node_id)  # role, term epoch, writable, who leads
         self.leadership: Leadership | None = None
         self.term: LeaderTerm | None = None
         self.first_writable = trio.Event()  # set the first time this node became writable
         self.follower = FollowerService(
             rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen
         )
+        # The replica's state: role, epoch won, writable, who leads, the follower's core,
+        # and the leader core of the term we lead.
+        self.core = ReplicaCore(config.node_id, rlog, lambda: commit.value, self.follower.core)
         self.forwarder = Forwarder(node_id=config.node_id, cluster_id=config.cluster_id, epoch=self._epoch)
         self._stop_leading: trio.CancelScope | None = None
         self.peer_port = 0
@@ -105,6 +109,10 @@ class Replicator:
 
     def _epoch(self) -> int:
         return self.rlog.promised_epoch
+
+    @property
+    def roles(self) -> Roles:
+        return self.core.roles
 
     @property
     def role(self) -> Role:
@@ -166,7 +174,7 @@ class Replicator:
         async with contextlib.aclosing(self.election.watch_leader()) as leaders:
             async for leader in leaders:
                 self.metrics.leader_observed(leader.node_id if leader else None, leader.epoch if leader else 0)
-                self.roles.observed(leader)
+                self.core.observed(leader)
 
     async def _verify_leader(self, epoch: int, leader_id: str) -> bool:
         """Does the election say ``leader_id`` holds ``epoch``? Waits briefly for our
@@ -196,7 +204,7 @@ class Replicator:
     def step_down(self) -> None:
         # Synchronously: no append may be submitted in this epoch from here on (after a
         # disk-full rollback, new appends would reuse indexes followers already hold).
-        self.roles.stop_writes()
+        self.core.stop_writes()
         if self._stop_leading is not None:
             self._stop_leading.cancel()
 
@@ -323,7 +331,7 @@ class Replicator:
     async def _lead(self, leadership: Leadership) -> None:
         epoch = leadership.epoch
         self.leadership = leadership
-        self.roles.won(epoch, leadership.info)
+        self.core.won(epoch, leadership.info)
         log.info("won the election with epoch %d; taking over", epoch)
         with trio.CancelScope() as scope:
             self._stop_leading = scope
@@ -359,29 +367,31 @@ class Replicator:
                 pending = self.rlog.submit([(KIND_EPOCH_START, 0, body)], epoch)
                 self.metrics.append_times.clear()
                 self.metrics.append_times.appended(pending.first_index)
-                self.term = LeaderTerm(
-                    epoch=epoch,
+                core = self.core.took_over(
                     start_index=pending.first_index,
+                    followers=self.others,
+                    votes=self._votes,
+                    own_epoch_only="commit_older_epoch" not in planted_bugs.active,
+                )
+                self.term = LeaderTerm(
+                    core=core,
                     node_id=self.config.node_id,
                     cluster_id=self.config.cluster_id,
                     rlog=self.rlog,
-                    followers=self.others,
                     commit=self.commit,
                     heartbeat_s=self.config.lease_ttl_s / 8,
                     on_higher_epoch=self._on_higher_epoch,
-                    votes=self._votes,
                     incarnation=self.rlog.incarnation,
                     max_append_bytes=self.config.replication_frame_bytes,
                 )
                 self.term.appended(pending)
-                self.roles.took_over()
                 nursery.start_soon(self.term.run)
                 nursery.start_soon(self._maintain_members, self.term, leadership)
                 while self.commit.value < pending.first_index:
                     await self.commit.wait_for(pending.first_index)
                 # Validation needs the whole log applied: wait for our EPOCH_START to be.
                 await self.applied.wait_for(pending.first_index)
-                self.roles.became_writable()
+                self.core.became_writable()
                 self.first_writable.set()
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
                 await self._lead_while_quorum(self.term)
@@ -443,7 +453,7 @@ class Replicator:
             await trio.sleep_until(wake_at)
 
     def _end_term(self, leadership: Leadership) -> None:
-        if self.roles.ended(self.election.current_leader()):
+        if self.core.ended(self.election.current_leader()):
             self.metrics.step_downs_total.inc()
         self.term = None
         self._stop_leading = None
@@ -465,7 +475,7 @@ class Replicator:
     def has_quorum(self) -> bool:
         """Leader: a majority of voters answered within a lease (a write taken without one
         would wait its whole timeout for a commit that cannot come)."""
-        return self.term is not None and self.term.has_quorum(self.config.lease_ttl_s)
+        return self.core.has_quorum(now=trio.current_time(), within_s=self.config.lease_ttl_s)
 
     def still_leading(self) -> bool:
         return self.writable and self.leadership is not None and self.leadership.is_valid()

@@ -13,7 +13,8 @@ cluster must converge. Then:
   one order, reads are windows of it (promises 1-4, docs/fault-model.md);
 - the invariants watched during the run: every node's applied events agree with every
   other node's at each index (checked as they are applied), a node's commit index never
-  goes back while its process runs, epochs granted by the election only grow;
+  goes back while its process runs, epochs granted by the election only grow, and each
+  node's replica core holds its invariants between transitions too (``ReplicaCore.check``);
 - no node halted on a safety check (the guard firing means something upstream broke),
   no error outside ``WalstoreError`` escaped a node (it would have been a 500), and the
   healed cluster converged (a liveness check: a leader, everyone caught up).
@@ -33,7 +34,7 @@ import trio.testing
 
 from walstore import planted_bugs
 from walstore.checker import check
-from walstore.errors import StorageError
+from walstore.errors import LogStateError, StorageError
 from walstore.node import Node
 from walstore.sim.cluster import SIM_FRAME_BYTES, SIM_SEGMENT_BYTES, SimCluster
 from walstore.sim.faults import Nemesis
@@ -319,6 +320,11 @@ class _Invariants:
             self.commit[key] = commit
             self._committed_entries_stay(slot.node_id, node, key)
             self._compare_applied(slot.node_id, node, key)
+            if node.replicator is not None:
+                try:  # the invariants between the replica's parts, between its transitions too
+                    node.replicator.core.check()
+                except LogStateError as exc:
+                    self._violation("replica_core", f"{slot.node_id}: {exc}", key=f"core {slot.node_id}")
             if node.rlog.halted is not None and slot.halted is None:
                 slot.halted = node.rlog.halted
                 self._violation("safety_halt", f"{slot.node_id}: {node.rlog.halted}", key=f"halt {slot.node_id}")
