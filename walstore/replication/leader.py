@@ -156,14 +156,6 @@ class LeaderTerm:
                 self._local.popleft()
             self._publish(self.core.durable(durable))
 
-    def reachable_followers(self, within_s: float) -> int:
-        """Voting followers that answered within the last ``within_s`` seconds (a
-        learner's answers make no quorum)."""
-        return self.core.reachable_followers(since=trio.current_time() - within_s)
-
-    def has_quorum(self, within_s: float) -> bool:
-        return self.core.has_quorum(now=trio.current_time(), within_s=within_s)
-
     def refresh_voters(self) -> None:
         """Re-apply ``votes`` to every follower (the member records changed)."""
         self._publish(self.core.refresh_voters(now=trio.current_time(), own_durable=self.rlog.durable_index))

@@ -124,6 +124,8 @@ class LeaderCore:
         if own_durable < self.own_durable:
             raise rules.broken(f"the leader's durable index going from {self.own_durable} to {own_durable}")
         self.own_durable = own_durable
+        # Only voters hold what a commit promises to keep (a learner may be an amnesiac
+        # that forgets again); the leader itself votes (its takeover checked it).
         commit = rules.majority_commit(
             own_durable,
             [p.match_index if p.voter else 0 for p in self.progress.values()],
