@@ -185,3 +185,11 @@ def test_the_commit_index_only_grows_and_is_always_held_by_a_voter_majority(
             assert commit > last and commit >= start_index and holders > n // 2
             last = commit
         assert c.commit == last
+
+
+def test_the_quorum_report_says_what_the_leader_hears_from_each_follower() -> None:
+    c = core(learners=frozenset({"n2"}))
+    ack(c, "n1", 1, now=4.0)
+    assert c.quorum_report(now=6.5) == "n1 answered 2.5s ago, n2 connected, no answer yet (a learner: no vote)"
+    c.link_down("n1")
+    assert c.quorum_report(now=6.5).startswith("n1 not connected, ")

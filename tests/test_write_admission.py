@@ -55,9 +55,12 @@ def test_a_leader_whose_lease_ran_out_is_not_the_leader() -> None:
     assert (error.code, error.leader_id) == ("not_leader", "n0")
 
 
-def test_a_leader_without_a_quorum_refuses_at_once() -> None:
+def test_a_leader_without_a_quorum_refuses_at_once_and_says_what_it_hears() -> None:
     error = refused(**{**HEALTHY_LEADER, "quorum": False})
-    assert (error.code, error.leader_id) == ("no_quorum", "n0")
+    assert (error.code, error.leader_id, error.message) == ("no_quorum", "n0", "no quorum of followers reachable")
+    heard = "n1 answered 2.5s ago, n2 not connected"
+    error = refused(**{**HEALTHY_LEADER, "quorum": False, "quorum_report": heard})
+    assert error.message == f"no quorum of followers reachable ({heard})"
 
 
 def test_no_leader_known_and_why_a_full_disk_is_the_likely_reason() -> None:

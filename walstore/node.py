@@ -644,6 +644,7 @@ class Node:
     def _admit(self, *, forwarded: bool) -> Lead | Forward[PeerSpec] | Refuse:
         """Where a write goes now (``write_admission.admit`` on this node's state)."""
         r = self._replicator
+        quorum = r.has_quorum()
         return write_admission.admit(
             forwarded=forwarded,
             log_failure=self.writer.failure,
@@ -651,7 +652,8 @@ class Node:
             halted=self.rlog.halted,
             leading=r.writable,
             lease_valid=r.still_leading(),
-            quorum=r.has_quorum(),
+            quorum=quorum,
+            quorum_report="" if quorum or not r.writable else r.quorum_report(),
             leader_id=r.leader_id,
             leader=r.leader_peer(),
             disk_full=self.disk_full,

@@ -57,6 +57,7 @@ def admit(
     leading: bool,
     lease_valid: bool,
     quorum: bool,
+    quorum_report: str = "",
     leader_id: str | None,
     leader: P | None,
     disk_full: bool,
@@ -64,7 +65,8 @@ def admit(
     """``forwarded``: a follower sent this write on (it is never sent on again).
     ``leading``: this node leads a term that takes writes; ``lease_valid``: its lease has
     not run out (a pause may have outlived it); ``quorum``: a majority of voters answered
-    lately. ``leader_id``
+    lately (``quorum_report``: what the leader hears from each follower, said with a
+    no_quorum refusal). ``leader_id``
     and ``leader``: who leads as far as this node knows, by id and by address."""
     if log_failure is not None:
         return Refuse(storage_failed(log_failure))
@@ -77,7 +79,8 @@ def admit(
             return Refuse(UnavailableError("not the leader", code="not_leader", leader_id=leader_id))
         if not quorum:
             # Better a quick 503 than a 504 after a timeout.
-            return Refuse(UnavailableError("no quorum of followers reachable", code="no_quorum", leader_id=leader_id))
+            said = "no quorum of followers reachable" + (f" ({quorum_report})" if quorum_report else "")
+            return Refuse(UnavailableError(said, code="no_quorum", leader_id=leader_id))
         return Lead()
     if forwarded:
         return Refuse(UnavailableError("not the leader", code="not_leader", leader_id=leader_id))

@@ -113,6 +113,20 @@ class LeaderCore:
         with the leader (always, alone)."""
         return self.reachable_followers(since=now - within_s) + 1 > self.cluster_size // 2
 
+    def quorum_report(self, *, now: float) -> str:
+        """Each follower as the quorum sees it, for the answer that refuses a write and for
+        the operator reading it: ``n1 answered 0.3s ago, n2 not connected``."""
+        parts = []
+        for node_id, p in sorted(self.progress.items()):
+            if not p.connected:
+                state = "not connected"
+            elif p.last_ack_at == float("-inf"):
+                state = "connected, no answer yet"
+            else:
+                state = f"answered {now - p.last_ack_at:.1f}s ago"
+            parts.append(f"{node_id} {state}{'' if p.voter else ' (a learner: no vote)'}")
+        return ", ".join(parts)
+
     def answered_at(self) -> list[float]:
         """When each connected follower last answered, learners included: a leader that
         still reaches a learner is how it gets caught up and promoted (the quorum watch)."""

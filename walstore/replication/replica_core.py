@@ -92,6 +92,10 @@ class ReplicaCore:
         """A leader's question: do voters answering lately make a majority with us?"""
         return self.leader is not None and self.leader.has_quorum(now=now, within_s=within_s)
 
+    def quorum_report(self, *, now: float) -> str:
+        """What the leader hears from each follower (``LeaderCore.quorum_report``)."""
+        return self.leader.quorum_report(now=now) if self.leader is not None else "not leading"
+
     # -- invariants --------------------------------------------------------------------
 
     def check(self) -> None:

@@ -395,7 +395,12 @@ class Replicator:
                 self.first_writable.set()
                 log.info("leading epoch %d from index %d", epoch, pending.first_index)
                 await self._lead_while_quorum(self.term)
-                log.warning("epoch %d: no quorum of followers for %.1fs; resigning", epoch, self._quorum_grace_s)
+                log.warning(
+                    "epoch %d: no quorum of followers for %.1fs (%s); resigning",
+                    epoch,
+                    self._quorum_grace_s,
+                    self.quorum_report(),
+                )
                 scope.cancel()
 
     @property
@@ -476,6 +481,10 @@ class Replicator:
         """Leader: a majority of voters answered within a lease (a write taken without one
         would wait its whole timeout for a commit that cannot come)."""
         return self.core.has_quorum(now=trio.current_time(), within_s=self.config.lease_ttl_s)
+
+    def quorum_report(self) -> str:
+        """Each follower as the quorum sees it, for a refusal's message."""
+        return self.core.quorum_report(now=trio.current_time())
 
     def still_leading(self) -> bool:
         return self.writable and self.leadership is not None and self.leadership.is_valid()
