@@ -644,19 +644,22 @@ class Node:
     def _admit(self, *, forwarded: bool) -> Lead | Forward[PeerSpec] | Refuse:
         """Where a write goes now (``write_admission.admit`` on this node's state)."""
         r = self._replicator
-        quorum = r.has_quorum()
+        leading = r.writable
+        # Every append asks: what a branch does not read is not computed (a leader reads
+        # neither whom to forward to nor its disk's fullness here; a follower no quorum).
+        quorum = leading and r.has_quorum()
         return write_admission.admit(
             forwarded=forwarded,
             log_failure=self.writer.failure,
             stopping=self.stopping,
             halted=self.rlog.halted,
-            leading=r.writable,
-            lease_valid=r.still_leading(),
+            leading=leading,
+            lease_valid=leading and r.still_leading(),
             quorum=quorum,
-            quorum_report="" if quorum or not r.writable else r.quorum_report(),
+            quorum_report=r.quorum_report() if leading and not quorum else "",
             leader_id=r.leader_id,
-            leader=r.leader_peer(),
-            disk_full=self.disk_full,
+            leader=None if leading else r.leader_peer(),
+            disk_full=not leading and self.disk_full,
         )
 
     async def append(self, events: Sequence[NewEvent], tracking: Tracking | None = None) -> list[AppendResult]:
