@@ -66,8 +66,8 @@ def admit(
     ``leading``: this node leads a term that takes writes; ``lease_valid``: its lease has
     not run out (a pause may have outlived it); ``quorum``: a majority of voters answered
     lately (``quorum_report``: what the leader hears from each follower, said with a
-    no_quorum refusal). ``leader_id``
-    and ``leader``: who leads as far as this node knows, by id and by address."""
+    no_quorum refusal). ``leader_id`` and ``leader``: who leads as far as this node knows,
+    by id and by address."""
     if log_failure is not None:
         return Refuse(storage_failed(log_failure))
     if stopping:
