@@ -32,6 +32,7 @@ from walstore.protocol import (
     Promise,
 )
 from walstore.replication.follower import FollowerService
+from walstore.replication.follower_core import Link
 from walstore.replication.leader import LeaderTerm
 from walstore.replication.leader_core import LeaderCore
 from walstore.replication.promises import Superseded
@@ -654,7 +655,7 @@ async def test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash
             return True
 
         service = FollowerService(rlog, Watermark(), verify_leader=verify, on_leader_seen=lambda e, n: None)
-        first = await service.handle(Append(EPOCH, 0, 0, 0, _records(1, 3)), "leader")
+        first = await service.handle(Append(EPOCH, 0, 0, 0, _records(1, 3)), "leader", Link())
         assert rlog.tail_index == 3 and rlog.durable_index == 0  # in flight
 
         async def write_soon() -> None:
@@ -662,7 +663,7 @@ async def test_a_resend_overlapping_records_still_in_flight_is_taken_not_a_crash
             release.set()
 
         nursery.start_soon(write_soon)
-        again = await service.handle(Append(EPOCH, 0, 0, 0, _records(1, 5)), "leader")
+        again = await service.handle(Append(EPOCH, 0, 0, 0, _records(1, 5)), "leader", Link())  # a new connection
         acks = [first.message, again.message]
         assert all(isinstance(a, AppendAck) and a.ok for a in acks)
         assert [a.match_index for a in acks if isinstance(a, AppendAck)] == [3, 5] and rlog.tail_index == 5

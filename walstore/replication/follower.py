@@ -107,10 +107,10 @@ class FollowerService:
                 if answer.commit_to:
                     self.commit.advance(answer.commit_to)
 
-    async def handle(self, message: Message, peer_id: str, link: Link | None = None) -> Answer:
-        """The answer to one request, its needs carried out (``link``: the connection's,
-        or a throwaway one)."""
-        handling = self.core.handle(message, peer_id, link if link is not None else Link())
+    async def handle(self, message: Message, peer_id: str, link: Link) -> Answer:
+        """The answer to one request on the connection whose ``link`` it is, its needs
+        carried out."""
+        handling = self.core.handle(message, peer_id, link)
         if isinstance(message, Append):
             async with self._append_lock:
                 return await self._carry_out(handling)
