@@ -14,7 +14,6 @@ from walstore.config import PeerSpec
 from walstore.election.base import LeaderInfo
 from walstore.errors import LogStateError
 from walstore.protocol import AppendAck
-from walstore.replication.follower_core import FollowerCore
 from walstore.replication.leader_core import LeaderCore
 from walstore.replication.replica_core import ReplicaCore
 from walstore.replication.roles import Role
@@ -25,18 +24,16 @@ PEERS = [PeerSpec("n1", "localhost", 7001), PeerSpec("n2", "localhost", 7002)]
 
 
 class PromisingLog(EpochLog):
-    """Enough of a log for the cores: its entries' epochs and the epoch promised."""
+    """Enough of a log for the core: its entries' epochs and the epoch promised."""
 
     def __init__(self, epochs: list[int], promised_epoch: int) -> None:
         super().__init__(epochs)
         self.promised_epoch = promised_epoch
-        self.durable_promise = promised_epoch
-        self.halted: str | None = None
 
 
 def replica(promised: int = 7, commit: int = 3) -> ReplicaCore:
     log = PromisingLog([1, 1, 4, 4], promised)
-    return ReplicaCore("n0", log, lambda: commit, FollowerCore(log, lambda: commit))  # type: ignore[arg-type]
+    return ReplicaCore("n0", log, lambda: commit)
 
 
 def lead(core: ReplicaCore) -> LeaderCore:
@@ -119,7 +116,7 @@ class ReplicaLife(RuleBasedStateMachine):
         super().__init__()
         self.log = PromisingLog([1] * 10, promised_epoch=1)
         self.commit = 0
-        self.core = ReplicaCore("n0", self.log, lambda: self.commit, FollowerCore(self.log, lambda: self.commit))  # type: ignore[arg-type]
+        self.core = ReplicaCore("n0", self.log, lambda: self.commit)
         self.epoch = 1  # the election's last epoch
         self.term_commit = 0
 

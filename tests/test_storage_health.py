@@ -90,6 +90,11 @@ def metric(text: str, name: str) -> float:
     return values[0]
 
 
+def single_node(tmp_path: Path, fs: SimulatedFileSystem) -> Node:
+    """A single node (not started) on ``fs``, its HTTP port chosen by the OS."""
+    return Node(from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"}), fs=fs)
+
+
 @asynccontextmanager
 async def node_that_may_stop(node: Node, stopped_by: list[BaseException]) -> AsyncIterator[None]:
     """Run ``node`` for the block and until it stops; why it stopped goes in ``stopped_by``
@@ -114,8 +119,7 @@ async def test_fdatasync_eio_answers_every_request_in_flight_then_stops(
 ) -> None:
     caplog.set_level(logging.INFO)
     fs = SimulatedFileSystem()
-    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
-    node = Node(config, fs=fs)
+    node = single_node(tmp_path, fs)
     stopped_by: list[BaseException] = []
     async with node_that_may_stop(node, stopped_by):
         assert (await trio.to_thread.run_sync(post_event, node.http_port, 0))[0] == 201
@@ -153,8 +157,7 @@ async def test_rot_found_by_a_read_answers_503_and_stops_the_node(
     failed fdatasync; it will not start on that disk again."""
     caplog.set_level(logging.INFO)
     fs = SimulatedFileSystem()
-    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
-    node = Node(config, fs=fs)
+    node = single_node(tmp_path, fs)
     stopped_by: list[BaseException] = []
     async with node_that_may_stop(node, stopped_by):
         for n in range(3):
@@ -179,8 +182,7 @@ async def test_a_broken_invariant_on_the_write_path_stops_the_node(
     submitted), and the node stops through the writer, saying so once, instead of
     answering 500 and taking the next write."""
     caplog.set_level(logging.INFO)
-    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
-    node = Node(config, fs=SimulatedFileSystem())
+    node = single_node(tmp_path, SimulatedFileSystem())
     stopped_by: list[BaseException] = []
     async with node_that_may_stop(node, stopped_by):
         assert (await trio.to_thread.run_sync(post_event, node.http_port, 0))[0] == 201
@@ -215,10 +217,9 @@ async def test_a_failed_fdatasync_of_the_takeovers_own_promise_stops_the_node(tm
     fdatasync is never retried (found by the simulator, seed 2039: the node resigned and
     campaigned on with a poisoned log)."""
     fs = _FailingPromiseDisk()
-    config = from_env({"DATA_DIR": str(tmp_path / "wal"), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": "0"})
-    WriteAheadLog.open(config.data_dir, WalOptions(segment_size_bytes=config.segment_size_bytes), fs).close()
+    node = single_node(tmp_path, fs)
+    WriteAheadLog.open(node.config.data_dir, WalOptions(segment_size_bytes=node.config.segment_size_bytes), fs).close()
     fs.armed = True  # the node's first new meta.json is its takeover's promise
-    node = Node(config, fs=fs)
     with trio.fail_after(15):  # before the fix: it resigned and campaigned on, for ever
         with pytest.raises(BaseExceptionGroup) as raised:
             await node.run()

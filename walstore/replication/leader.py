@@ -79,7 +79,7 @@ class LeaderTerm:
         max_append_bytes: int = REPLICATION_FRAME_BYTES,
     ) -> None:
         self.core = core
-        self.epoch = core.epoch
+        self.epoch = core.epoch  # the term's, fixed: read for every frame sent
         self.max_append_bytes = max_append_bytes  # record bytes per APPEND (Config.replication_frame_bytes)
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -89,9 +89,8 @@ class LeaderTerm:
         self.on_higher_epoch = on_higher_epoch
         self.on_progress = on_progress
         self.incarnation = incarnation
-        self.progress = core.progress
+        self.progress = core.progress  # the core's streams (the same objects), one per follower
         self._signals = {node_id: _Signals() for node_id in core.progress}
-        self.cluster_size = self.core.cluster_size
         self._cache: deque[PendingAppend] = deque()
         # The same batches by first index: finding where a follower resumes is one lookup,
         # not a walk over a cache of up to 64 MiB of small batches (that walk, and the

@@ -104,14 +104,10 @@ class LeaderCore:
 
     # -- questions ---------------------------------------------------------------------
 
-    def reachable_followers(self, *, since: float) -> int:
-        """Voting followers connected and answering at or after ``since``."""
-        return reachable_voters(self.progress.values(), since=since)
-
     def has_quorum(self, *, now: float, within_s: float) -> bool:
         """Whether voters answering within the last ``within_s`` seconds make a majority
         with the leader (always, alone)."""
-        return self.reachable_followers(since=now - within_s) + 1 > self.cluster_size // 2
+        return reachable_voters(self.progress.values(), since=now - within_s) + 1 > self.cluster_size // 2
 
     def quorum_report(self, *, now: float) -> str:
         """Each follower as the quorum sees it, for the answer that refuses a write and for

@@ -1,26 +1,25 @@
-"""One node's replica state, in one sans-IO object: the role machine, the follower's core,
-and the core of the term this node leads.
+"""One node's replica state, in one sans-IO object: the role machine and the core of the
+term this node leads.
 
 The parts keep their own rules (``roles.Roles``: role, epoch won, writable, who leads;
-``follower_core.FollowerCore``: the confirmed leader and what each link matched;
 ``leader_core.LeaderCore``: a term's followers, voters and commit index). This object
-owns all three, so the state that must agree across them lives in one place: a leader
-core exists exactly while this node leads (or takes over) and belongs to the epoch it
-won, which this node has promised, and a node is writable only as the leader of that
-term. The trio code
-(``replicator.py``, ``leader.py``, ``follower.py``) feeds it the election's events and
-reaches the parts through it; ``check`` states the invariants between the parts and runs
-after every transition, in production; the simulator also checks it as it samples a run.
+owns both, so the state that must agree across them lives in one place: a leader core
+exists exactly while this node leads and belongs to the epoch it won, which this node
+has promised, and a node is writable only as the leader of that term. The replicator
+feeds it the election's events and reaches the parts through it; ``check`` states the
+invariants between the parts and runs after every transition, in production; the
+simulator also checks it as it samples a run. The follower's core
+(``follower_core.FollowerCore``) is not here yet: nothing between it and the role
+machine is checked, and holding it would only be a reference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from walstore.config import PeerSpec
 from walstore.replication import rules
-from walstore.replication.follower_core import FollowerCore, FollowerLog
 from walstore.replication.leader_core import LeaderCore
 from walstore.replication.roles import Role, Roles
 
@@ -28,15 +27,20 @@ if TYPE_CHECKING:  # only the type: the election package is trio code, this modu
     from walstore.election.base import LeaderInfo
 
 
-class ReplicaCore:
-    """``log``: the node's log as the cores read it; ``commit``: the node's commit index;
-    ``follower``: the follower's core, over the same log."""
+class PromisedLog(rules.LogView, Protocol):
+    """What the replica core reads of the local log (``ReplicaLog`` is one)."""
 
-    def __init__(self, node_id: str, log: FollowerLog, commit: Callable[[], int], follower: FollowerCore) -> None:
+    @property
+    def promised_epoch(self) -> int: ...
+
+
+class ReplicaCore:
+    """``log``: the node's log as the cores read it; ``commit``: the node's commit index."""
+
+    def __init__(self, node_id: str, log: PromisedLog, commit: Callable[[], int]) -> None:
         self.log = log
         self.commit = commit
         self.roles = Roles(node_id)
-        self.follower = follower  # the one its trio shell (FollowerService) drives
         self.leader: LeaderCore | None = None  # the term this node took over, while it lasts
 
     # -- the election's events ---------------------------------------------------------

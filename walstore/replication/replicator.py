@@ -97,9 +97,9 @@ class Replicator:
         self.follower = FollowerService(
             rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen
         )
-        # The replica's state: role, epoch won, writable, who leads, the follower's core,
-        # and the leader core of the term we lead.
-        self.core = ReplicaCore(config.node_id, rlog, lambda: commit.value, self.follower.core)
+        # The replica's state: role, epoch won, writable, who leads, and the leader core
+        # of the term we lead.
+        self.core = ReplicaCore(config.node_id, rlog, lambda: commit.value)
         self.forwarder = Forwarder(node_id=config.node_id, cluster_id=config.cluster_id, epoch=self._epoch)
         self._stop_leading: trio.CancelScope | None = None
         self.peer_port = 0
@@ -434,7 +434,7 @@ class Replicator:
         # nodes no voter majority can form elsewhere meanwhile; in 5, a leader that reaches
         # one voter and one learner holds the lease that three voters cut off from it could
         # otherwise use (a trade-off, docs/membership.md).
-        needed = term.cluster_size // 2  # followers that make a majority with us (0: alone)
+        needed = term.core.cluster_size // 2  # followers that make a majority with us (0: alone)
         wake_at = trio.current_time()
         while True:
             decision = rules.watch_quorum(
