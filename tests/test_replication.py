@@ -552,6 +552,35 @@ async def test_a_peer_that_promised_a_newer_epoch_supersedes_the_takeover(tmp_pa
         nursery.cancel_scope.cancel()
 
 
+async def test_a_takeover_every_peer_has_answered_without_a_majority_fails_at_once(tmp_path: Path) -> None:
+    """Nothing more can come once every peer has answered: the takeover fails then, not at
+    its timeout (seen in the fault matrix: a first takeover whose member records were read
+    before the others registered counted both as learners and waited out the lease)."""
+
+    async def promise(channel: PeerChannel) -> None:
+        prepare = await channel.receive()
+        assert isinstance(prepare, Prepare)
+        await channel.send(Promise(prepare.epoch, True, prepare.epoch, 0, 0, 0, ()))
+
+    async with trio.open_nursery() as nursery:
+        rlog = await _local_log(tmp_path, nursery)
+        ports = [await _follower_listener(nursery, promise) for _ in range(2)]
+        members = {"leader": Member("leader", rlog.incarnation, True, 1)}  # the peers not recorded yet
+        # The hang guard is far below the takeover's own timeout: reaching it is the bug.
+        with trio.fail_after(60), pytest.raises(UnavailableError, match=r"learners not counted: \['f0', 'f1'\]"):
+            await take_over(
+                epoch=7,
+                node_id="leader",
+                cluster_id="event-store",
+                peers=[PeerSpec(f"f{i}", "127.0.0.1", port) for i, port in enumerate(ports)],
+                rlog=rlog,
+                commit=Watermark(),
+                timeout_s=3600.0,
+                members=members,
+            )
+        nursery.cancel_scope.cancel()
+
+
 async def test_rot_found_reading_the_leaders_log_for_a_follower_stops_the_term(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -76,11 +76,25 @@ async def take_over(
         cluster_size=len(peers) + 1,
         votes=lambda peer_id, incarnation: counts(members, peer_id, incarnation),
     )
-    enough = trio.Event()  # a majority promised, or a peer proved a newer leader exists
+    # Settled: a majority promised, a peer proved a newer leader exists, or every peer has
+    # answered (nothing more can come: a hopeless count fails now, not at the timeout;
+    # seen in the fault matrix: a first takeover whose member view predated the others'
+    # registration counted both as learners and waited out its whole 2 s).
+    settled = trio.Event()
+    unanswered = len(peers)
     superseded: list[Superseded] = []
     addresses = {p.node_id: p for p in peers}
 
     async def ask(peer: PeerSpec) -> None:
+        nonlocal unanswered
+        try:
+            await ask_once(peer)
+        finally:
+            unanswered -= 1
+            if not unanswered:
+                settled.set()
+
+    async def ask_once(peer: PeerSpec) -> None:
         # A peer that is still starting (a cluster's first election) is retried until
         # the takeover's deadline rather than counted out at the first refusal.
         while True:
@@ -113,7 +127,7 @@ async def take_over(
             # the caller's `except Superseded` does not catch: the node stopped on it
             # (found by the simulator, seed 5258 with 5 nodes). Stop asking; raise it below.
             superseded.append(exc)
-            enough.set()
+            settled.set()
             return
         if counted is Counted.NOT_A_PROMISE:
             log.warning("takeover: %s answered PREPARE with %s", peer.node_id, type(answer).__name__)
@@ -122,7 +136,7 @@ async def take_over(
             # but it may hold less than was committed. Neither its vote nor its log counts.
             log.info("takeover: %s promised as a learner (incarnation %s): not counted", peer.node_id, incarnation)
         if tally.enough:
-            enough.set()
+            settled.set()
 
     with trio.move_on_after(timeout_s if peers else 0):  # a cluster of one asks nobody
         async with trio.open_nursery() as nursery:
@@ -130,8 +144,8 @@ async def take_over(
                 nursery.start_soon(ask, peer)
 
             async def stop_after_grace() -> None:
-                await enough.wait()
-                if not superseded:
+                await settled.wait()
+                if not superseded and unanswered:  # a majority: a moment for the others
                     await trio.sleep(GRACE_S)
                 nursery.cancel_scope.cancel()
 
