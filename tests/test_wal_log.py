@@ -219,6 +219,29 @@ def test_read_raw_ends_on_batch_boundaries() -> None:
         log.read_raw(log.last_index + 2, 100)
 
 
+@pytest.mark.parametrize("size", [0, 256, 512])
+def test_read_raw_with_a_budget_ending_just_inside_a_header_that_starts_with_zeroes(size: int) -> None:
+    """A body of 0 or a multiple of 256 bytes starts its record with a zero length byte: a
+    budget that ends one byte into that header shows the scan only zeroes, which looked
+    like the end of the data and then like damage, and the read raised LogStateError
+    (found by tests/test_wal_stateful.py; a frame's budget lands there by chance)."""
+    log, _ = open_sim(options=WalOptions(segment_size_bytes=8192, max_record_body_bytes=1024))
+    for _ in range(4):
+        add(log, 2, size=size)  # batches of two records
+    rec = decode_record(log.read_raw(1, 1), 0).size
+    for first in range(1, log.last_index + 1):
+        for whole in range(4):
+            for into_header in (1, 2, 3):
+                raw = log.read_raw(first, whole * rec + into_header)
+                got = []
+                off = 0
+                while off < len(raw):
+                    r = decode_record(raw, off)
+                    got.append(r.index)
+                    off += r.size
+                assert got and got == list(range(first, first + len(got))), (first, whole, into_header)
+
+
 def test_read_raw_bytes_append_unchanged_on_a_follower() -> None:
     leader, _ = open_sim()
     follower, _ = open_sim()

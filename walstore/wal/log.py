@@ -648,7 +648,13 @@ class WriteAheadLog:
             res = _native.scan(
                 seg.file.view()[:stop], start, index, self._options.max_record_body_bytes, collect_offsets=False
             )
-            cut_by_budget = res.stop == ScanStop.TRUNCATED and stop < known_end
+            # The budget cut the view inside a record: the scan meets a record running past
+            # it (TRUNCATED) or, when the cut leaves less than a header whose visible bytes
+            # happen to be zero (a small length), what looks like the end (END_ZERO).
+            at_cut = res.stop == ScanStop.TRUNCATED or (
+                res.stop == ScanStop.END_ZERO and res.end_offset + RECORD_HEADER_BYTES > stop
+            )
+            cut_by_budget = at_cut and stop < known_end
             stopped_short = res.stop not in (ScanStop.END_ZERO, ScanStop.TRUNCATED) or bool(
                 seg.offsets and res.end_offset < stop and not cut_by_budget
             )
