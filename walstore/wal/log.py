@@ -650,7 +650,8 @@ class WriteAheadLog:
             )
             # The budget cut the view inside a record: the scan meets a record running past
             # it (TRUNCATED) or, when the cut leaves less than a header whose visible bytes
-            # happen to be zero (a small length), what looks like the end (END_ZERO).
+            # happen to be zero (a length whose low byte is 0), what looks like the end
+            # (END_ZERO).
             at_cut = res.stop == ScanStop.TRUNCATED or (
                 res.stop == ScanStop.END_ZERO and res.end_offset + RECORD_HEADER_BYTES > stop
             )
