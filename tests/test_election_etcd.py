@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from walstore.election import Candidate, Election, LeaderInfo, Leadership
+from walstore.election.base import Candidate, Election, LeaderInfo, Leadership
 from walstore.election.etcd import EtcdElection, parse_endpoints
 from walstore.election.etcd_process import EtcdCluster
 from walstore.election.membership import counts, promote, register, replace

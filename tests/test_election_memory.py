@@ -11,15 +11,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from walstore.election import (
-    Candidate,
-    Election,
-    LeaderInfo,
-    Leadership,
-    MemoryElection,
-    MemoryElectionHub,
-    election_key,
-)
+from walstore.election.base import Candidate, Election, LeaderInfo, Leadership, election_key
+from walstore.election.memory import MemoryElection, MemoryElectionHub
 from walstore.errors import ConfigError, ElectionError
 
 TTL = 2.0

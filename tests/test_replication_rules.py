@@ -320,7 +320,8 @@ def test_a_new_leader_cuts_its_divergent_suffix_before_fetching() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["rules", "progress", "leader_core", "follower_core", "promises", "roles", "replica_core"]
+    "module",
+    ["rules", "progress", "leader_core", "follower_core", "promises", "roles", "replica_events", "replica_core"],
 )
 def test_the_sans_io_core_imports_no_trio(module: str) -> None:
     probe = f"import sys, walstore.replication.{module}; print('trio' in sys.modules)"

@@ -12,7 +12,7 @@ import walstore
 PACKAGE = Path(walstore.__file__).parent
 PLANTED_IN = {
     "election/membership.py",
-    "replication/replicator.py",
+    "replication/replica_core.py",
     "replication/follower.py",
     "replication/follower_core.py",
 }

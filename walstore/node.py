@@ -566,7 +566,7 @@ class Node:
         (the replica refuses APPENDs, a leader steps down and never campaigns again);
         keep serving reads and health so that an operator can look."""
         self.metrics.safety_halted.set(1)
-        self._replicator.step_down()
+        self._replicator.step_down(f"the log halted: {reason}")
 
     async def _expire_waits(self) -> None:
         """The append timeout, for every waiting append at once (see ``watermark``): a
@@ -611,7 +611,7 @@ class Node:
             # epoch would break log matching. Step down; the next leader sorts it out. A
             # cluster of one keeps leading: nobody else saw them.
             log.error("disk full on the leader: stepping down")
-            replicator.step_down()
+            replicator.step_down("disk full on the leader")
 
     def _on_storage_failed(self, error: StorageError) -> None:
         """The writer stopped for good (a failed fdatasync; never retried): runs in the event

@@ -3,26 +3,9 @@
 ``base`` holds the interface the replication layer codes against (``Election``,
 ``Leadership``, ``Candidate``, ``LeaderInfo``); ``memory`` an in-process backend for tests;
 ``etcd`` the real backend (import ``walstore.election.etcd`` explicitly: it loads grpc and
-etcd3, which nothing else needs); ``etcd_process`` starts local etcd servers.
+etcd3, which nothing else needs); ``etcd_process`` starts local etcd servers;
+``membership`` the member records and who votes (sans-IO).
+
+Import the modules, not the package: the package itself imports nothing, so that the
+sans-IO replica core can read ``membership`` without loading trio.
 """
-
-from walstore.election.base import (
-    DEFAULT_LEASE_TTL_S,
-    Candidate,
-    Election,
-    LeaderInfo,
-    Leadership,
-    election_key,
-)
-from walstore.election.memory import MemoryElection, MemoryElectionHub
-
-__all__ = [
-    "DEFAULT_LEASE_TTL_S",
-    "Candidate",
-    "Election",
-    "LeaderInfo",
-    "Leadership",
-    "MemoryElection",
-    "MemoryElectionHub",
-    "election_key",
-]

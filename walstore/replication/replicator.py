@@ -1,4 +1,10 @@
-"""One node's part in the cluster: the role state machine's tasks and everything it starts.
+"""One node's part in the cluster: the replica core's trio shell, and everything it starts.
+
+The core (``replica_core.ReplicaCore``, sans-IO) decides every step of a term from the
+events it is fed; this module feeds it (the election won, the member records read, the
+takeover's outcome, the lease lost, a newer leader seen) and carries out the actions it
+returns (ask the peers, submit the EPOCH_START, start the term's tasks, wait for the
+commit, watch the quorum, promote a learner, end the term, stop the node).
 
 Roles and transitions (docs/architecture.md, "State machines"; the state and its legal
 transitions are ``roles.Roles``, sans-IO):
@@ -26,6 +32,7 @@ once it has acknowledged everything up to the leader's commit index. A halted re
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -33,7 +40,6 @@ from collections.abc import Awaitable, Callable
 import orjson
 import trio
 
-from walstore import planted_bugs
 from walstore.config import Config, PeerSpec
 from walstore.election.base import SAFETY_MARGIN_FRACTION, Candidate, Election, LeaderInfo, Leadership
 from walstore.election.membership import Member, counts, promote, register
@@ -41,15 +47,17 @@ from walstore.errors import ElectionError, UnavailableError, WalstoreError
 from walstore.event import AppendResult, NewEvent, Tracking
 from walstore.metrics import Metrics
 from walstore.protocol import Forward, Message
+from walstore.replication import replica_events as ev
 from walstore.replication import rules
 from walstore.replication.follower import FollowerService
 from walstore.replication.forward import Forwarder, serve_forwards
 from walstore.replication.leader import LeaderTerm
+from walstore.replication.leader_core import LeaderCore
 from walstore.replication.progress import FollowerProgress
 from walstore.replication.promises import Superseded
-from walstore.replication.replica_core import ReplicaCore
+from walstore.replication.replica_core import Phase, ReplicaCore
 from walstore.replication.replica_log import ReplicaLog
-from walstore.replication.roles import Role, Roles, TakeoverFailed
+from walstore.replication.roles import Role, Roles
 from walstore.replication.takeover import take_over
 from walstore.replication.transport import PeerChannel, PeerClosed, serve_peers
 from walstore.wal.record import KIND_EPOCH_START
@@ -99,11 +107,12 @@ class Replicator:
         )
         # The replica's state: role, epoch won, writable, who leads, and the leader core
         # of the term we lead.
-        self.core = ReplicaCore(config.node_id, rlog, lambda: commit.value)
+        self.core = ReplicaCore(config.node_id, rlog, lambda: commit.value, followers=self.others)
         self.forwarder = Forwarder(node_id=config.node_id, cluster_id=config.cluster_id, epoch=self._epoch)
-        self._stop_leading: trio.CancelScope | None = None
+        self._stop_leading: trio.CancelScope | None = None  # the term's, while it lasts
+        self._term_nursery: trio.Nursery | None = None
+        self._epoch_start: PendingAppend | None = None  # this term's EPOCH_START
         self.peer_port = 0
-        self.members: dict[str, Member] = {}  # the member records as last read
         self.registered = trio.Event()  # our incarnation is recorded (voter or learner)
         self.stopping = False  # set by resign_now: a stopping node campaigns no more
 
@@ -174,7 +183,7 @@ class Replicator:
         async with contextlib.aclosing(self.election.watch_leader()) as leaders:
             async for leader in leaders:
                 self.metrics.leader_observed(leader.node_id if leader else None, leader.epoch if leader else 0)
-                self.core.observed(leader)
+                self._feed_now(ev.LeaderObserved(leader))
 
     async def _verify_leader(self, epoch: int, leader_id: str) -> bool:
         """Does the election say ``leader_id`` holds ``epoch``? Waits briefly for our
@@ -189,24 +198,17 @@ class Replicator:
         return False
 
     def _on_leader_seen(self, epoch: int, leader_id: str) -> None:
-        if self.roles.yields_to(leader_id, epoch):
-            log.warning("leader %s holds epoch %d, above ours: stepping down", leader_id, epoch)
-            self.step_down()
+        self._feed_now(ev.LeaderSeen(leader_id, epoch))
 
     def _on_higher_epoch(self, epoch: int, peer_id: str) -> None:
         # A peer's word alone never deposes us (it could be confused or hostile): ask
         # the election. A real newer leader means our lease is gone, and `lost` fires.
         log.warning("%s reports epoch %d above ours (%d); checking the election", peer_id, epoch, self.epoch)
-        leader = self.election.current_leader()
-        if leader is not None and self.roles.yields_to(leader.node_id, leader.epoch):
-            self.step_down()
+        self._feed_now(ev.ElectionNames(self.election.current_leader()))
 
-    def step_down(self) -> None:
-        # Synchronously: no append may be submitted in this epoch from here on (after a
-        # disk-full rollback, new appends would reuse indexes followers already hold).
-        self.core.stop_writes()
-        if self._stop_leading is not None:
-            self._stop_leading.cancel()
+    def step_down(self, reason: str = "asked to step down") -> None:
+        """End the term we lead, if any; no append is submitted in it from now on."""
+        self._feed_now(ev.StepDownRequested(reason))
 
     async def resign_now(self) -> bool:
         """For a node that is stopping: end the term and give up the etcd leadership at
@@ -217,23 +219,30 @@ class Replicator:
         if self.role is Role.FOLLOWER or leadership is None:
             return False
         self.stopping = True  # and never campaign again: the node is going
-        self.step_down()
+        self.step_down("the node is stopping")
         await self.election.resign(leadership)
         return True
 
     # -- membership ----------------------------------------------------------------------
 
     @property
+    def members(self) -> dict[str, Member]:
+        """The member records as last read."""
+        return self.core.members
+
+    @property
     def votes(self) -> bool:
         """This node's data directory is recorded as a voter (as last read)."""
-        return counts(self.members, self.config.node_id, self.rlog.incarnation)
-
-    def _votes(self, node_id: str, incarnation: str) -> bool:
-        return counts(self.members, node_id, incarnation)
+        return self.core.votes_self
 
     def _set_members(self, members: dict[str, Member]) -> None:
-        self.members = members
-        self.metrics.voter.set(1 if self.votes else 0)
+        """A read outside the term's own steps (registration, a learner's wait)."""
+        self._feed_now(self._read(members))
+
+    def _read(self, members: dict[str, Member]) -> ev.MembersRead:
+        """``members`` as just read, as the core's event (and the voter metric)."""
+        self.metrics.voter.set(1 if counts(members, self.config.node_id, self.rlog.incarnation) else 0)
+        return ev.MembersRead(members)
 
     async def _register(self) -> None:
         """Record our incarnation (retried until etcd answers: until then nobody counts
@@ -264,53 +273,17 @@ class Replicator:
                 log.debug("reading member records: %s", exc)
         return
 
-    async def _maintain_members(self, term: LeaderTerm, leadership: Leadership) -> None:
-        """Leader: keep the voter view fresh, and promote learners that have caught up."""
+    async def _maintain_members(self) -> None:
+        """Leader: keep the voter view fresh, and promote learners that have caught up
+        (the core says whom; ``_carry_out`` asks etcd)."""
         while True:
             await trio.sleep(MEMBER_REFRESH_S)
             try:
-                self._set_members(await self.election.read_members())
+                members = await self.election.read_members()
             except ElectionError as exc:
                 log.debug("reading member records: %s", exc)
                 continue
-            if not self.votes:
-                log.warning("this node is no longer recorded as a voter: stepping down")
-                self.step_down()
-                return
-            term.refresh_voters()
-            if self.writable:
-                await self._promote_caught_up(term, leadership)
-
-    async def _promote_caught_up(self, term: LeaderTerm, leadership: Leadership) -> None:
-        for progress in term.progress.values():
-            node_id = progress.peer.node_id
-            record = self.members.get(node_id)
-            if progress.voter or not progress.connected or record is None or record.voter:
-                continue
-            if record.incarnation != progress.incarnation:
-                continue  # not registered yet (or replaced): nothing to promote
-            commit = self.commit.value
-            if progress.match_index < commit:
-                continue
-            try:
-                promoted = await promote(self.election, record, leadership.epoch)
-            except ElectionError as exc:
-                log.warning("promoting %s: %s", node_id, exc)
-                continue
-            if not promoted:
-                continue  # the record or the leadership changed: look again next time
-            waited = trio.current_time() - progress.learner_since if progress.learner_since is not None else 0.0
-            log.info(
-                "%s (incarnation %s) holds everything up to the commit index %d: now a voter (a learner for %.1fs)",
-                node_id,
-                progress.incarnation,
-                commit,
-                waited,
-            )
-            self.metrics.learner_promotions_total.inc()
-            with contextlib.suppress(ElectionError):
-                self._set_members(await self.election.read_members())
-            term.refresh_voters()
+            await self._carry_out_all(self.core.on(self._read(members)))
 
     # -- leading -------------------------------------------------------------------------
 
@@ -329,24 +302,47 @@ class Replicator:
             await trio.sleep(self.config.lease_ttl_s / 2)
 
     async def _lead(self, leadership: Leadership) -> None:
-        epoch = leadership.epoch
+        """One term, from the election won to its end: the core says each step, this
+        carries it out and feeds back what came of it."""
         self.leadership = leadership
-        self.core.won(epoch, leadership.info)
-        log.info("won the election with epoch %d; taking over", epoch)
+        log.info("won the election with epoch %d; taking over", leadership.epoch)
         with trio.CancelScope() as scope:
             self._stop_leading = scope
             async with trio.open_nursery() as nursery:
+                self._term_nursery = nursery
 
-                async def cancel_when_lost() -> None:
+                async def end_when_lost() -> None:
                     await leadership.lost.wait()
-                    log.warning("leadership of epoch %d lost: %s", epoch, leadership.lost_reason)
-                    scope.cancel()
+                    self._feed_now(ev.LeaseLost(leadership.lost_reason or "lost"))
 
-                nursery.start_soon(cancel_when_lost)
+                nursery.start_soon(end_when_lost)
+                await self._carry_out_all(self.core.on(ev.Won(leadership.epoch, leadership.info)))
+                # Only an ended term runs out of steps (EndTerm cancelled the scope: the
+                # nursery's exit ends its tasks); anything else left the term half done.
+                if self.core.phase is not Phase.ENDING:
+                    raise rules.broken(
+                        f"the term of epoch {leadership.epoch} ran out of steps while {self.core.phase.value}"
+                    )
+
+    async def _carry_out_all(self, actions: list[ev.Action]) -> None:
+        """Carry out ``actions`` in order, and whatever the core asks for as their
+        outcomes come back."""
+        queue = collections.deque(actions)
+        while queue:
+            event = await self._carry_out(queue.popleft())
+            if event is not None:
+                queue.extend(self.core.on(event))
+
+    async def _carry_out(self, action: ev.Action) -> ev.Event | None:
+        """Do ``action``; the event that says how it came out, if it has one."""
+        match action:
+            case ev.ReadMembers():
                 try:
-                    # Read after winning: no promotion by an older leader can land later
-                    # (promote() checks the election key's epoch in the same transaction).
-                    self._set_members(await self.election.read_members())
+                    return self._read(await self.election.read_members())
+                except ElectionError as exc:
+                    return ev.TakeoverRaised(exc)
+            case ev.TakeOver(epoch, members):
+                try:
                     await take_over(
                         epoch=epoch,
                         node_id=self.config.node_id,
@@ -355,53 +351,98 @@ class Replicator:
                         rlog=self.rlog,
                         commit=self.commit,
                         timeout_s=self.config.lease_ttl_s,
-                        members=self.members,
+                        members=members,
                     )
                 except (Superseded, WalstoreError, PeerClosed, OSError, trio.TooSlowError) as exc:
-                    if self.roles.after_failed_takeover(exc) is TakeoverFailed.STOP:
-                        raise
-                    log.warning("takeover of epoch %d failed: %r", epoch, exc)
-                    scope.cancel()
-                    return
+                    return ev.TakeoverRaised(exc)
+                return ev.TakenOver()
+            case ev.SubmitEpochStart(epoch):
                 body = orjson.dumps({"epoch": epoch, "leader": self.config.node_id})
-                pending = self.rlog.submit([(KIND_EPOCH_START, 0, body)], epoch)
+                self._epoch_start = self.rlog.submit([(KIND_EPOCH_START, 0, body)], epoch)
                 self.metrics.append_times.clear()
-                self.metrics.append_times.appended(pending.first_index)
-                core = self.core.took_over(
-                    start_index=pending.first_index,
-                    followers=self.others,
-                    votes=self._votes,
-                    own_epoch_only="commit_older_epoch" not in planted_bugs.active,
-                )
-                self.term = LeaderTerm(
-                    core=core,
-                    node_id=self.config.node_id,
-                    cluster_id=self.config.cluster_id,
-                    rlog=self.rlog,
-                    commit=self.commit,
-                    heartbeat_s=self.config.lease_ttl_s / 8,
-                    on_higher_epoch=self._on_higher_epoch,
-                    incarnation=self.rlog.incarnation,
-                    max_append_bytes=self.config.replication_frame_bytes,
-                )
-                self.term.appended(pending)
-                nursery.start_soon(self.term.run)
-                nursery.start_soon(self._maintain_members, self.term, leadership)
-                while self.commit.value < pending.first_index:
-                    await self.commit.wait_for(pending.first_index)
+                self.metrics.append_times.appended(self._epoch_start.first_index)
+                return ev.EpochStartSubmitted(self._epoch_start.first_index)
+            case ev.StartTerm(core):
+                self._start_term(core)
+                return None
+            case ev.AwaitApplied(index):
+                while self.commit.value < index:
+                    await self.commit.wait_for(index)
                 # Validation needs the whole log applied: wait for our EPOCH_START to be.
-                await self.applied.wait_for(pending.first_index)
-                self.core.became_writable()
+                await self.applied.wait_for(index)
+                return ev.EpochStartApplied(index)
+            case ev.Writable(epoch, index):
                 self.first_writable.set()
-                log.info("leading epoch %d from index %d", epoch, pending.first_index)
-                await self._lead_while_quorum(self.term)
-                log.warning(
-                    "epoch %d: no quorum of followers for %.1fs (%s); resigning",
-                    epoch,
-                    self._quorum_grace_s,
-                    self.quorum_report(),
-                )
-                scope.cancel()
+                log.info("leading epoch %d from index %d", epoch, index)
+                return None
+            case ev.WatchQuorum():
+                return await self._watch_quorum()
+            case ev.Promote(member, epoch, commit):
+                return await self._promote(member, epoch, commit)
+        self._carry_out_now(action)
+        return None
+
+    def _feed_now(self, event: ev.Event) -> None:
+        """An event from outside the term's steps (another task, a callback)."""
+        for action in self.core.on(event):
+            self._carry_out_now(action)
+
+    def _carry_out_now(self, action: ev.Action) -> None:
+        """The actions that need no waiting; the core asks for no other outside a term's
+        steps."""
+        match action:
+            case ev.RefreshVoters():
+                if self.term is not None:
+                    self.term.refresh_voters()
+            case ev.EndTerm(reason):
+                log.warning("epoch %d: %s", self.leadership.epoch if self.leadership else 0, reason)
+                if self._stop_leading is not None:
+                    self._stop_leading.cancel()
+            case ev.Stop(error):
+                raise error
+            case _:
+                raise rules.broken(f"{type(action).__name__} asked for outside a term's steps")
+
+    def _start_term(self, core: LeaderCore) -> None:
+        if self._term_nursery is None or self._epoch_start is None:  # not assert: it must hold under -O too
+            raise rules.broken("a term started outside _lead")
+        self.term = LeaderTerm(
+            core=core,
+            node_id=self.config.node_id,
+            cluster_id=self.config.cluster_id,
+            rlog=self.rlog,
+            commit=self.commit,
+            heartbeat_s=self.config.lease_ttl_s / 8,
+            on_higher_epoch=self._on_higher_epoch,
+            incarnation=self.rlog.incarnation,
+            max_append_bytes=self.config.replication_frame_bytes,
+        )
+        self.term.appended(self._epoch_start)
+        self._term_nursery.start_soon(self.term.run)
+        self._term_nursery.start_soon(self._maintain_members)
+
+    async def _promote(self, member: Member, epoch: int, commit: int) -> ev.Event | None:
+        """Record ``member`` as a voter; the member records read again if it worked."""
+        try:
+            if not await promote(self.election, member, epoch):
+                return None  # the record or the leadership changed: look again next time
+        except ElectionError as exc:
+            log.warning("promoting %s: %s", member.node_id, exc)
+            return None
+        progress = self.term.progress.get(member.node_id) if self.term is not None else None
+        since = progress.learner_since if progress is not None else None
+        log.info(
+            "%s (incarnation %s) holds everything up to the commit index %d: now a voter (a learner for %.1fs)",
+            member.node_id,
+            member.incarnation,
+            commit,
+            trio.current_time() - since if since is not None else 0.0,
+        )
+        self.metrics.learner_promotions_total.inc()
+        try:
+            return self._read(await self.election.read_members())
+        except ElectionError:
+            return None
 
     @property
     def _quorum_grace_s(self) -> float:
@@ -414,21 +455,21 @@ class Replicator:
         # answers, and both must be silent for 0.75 TTL at once.
         return self.config.lease_ttl_s * (1 - SAFETY_MARGIN_FRACTION)
 
-    async def _lead_while_quorum(self, term: LeaderTerm) -> None:
+    async def _watch_quorum(self) -> ev.QuorumLost | ev.LeaseDeadlinePassed | ev.LeaseLost:
         """Return once no majority of followers has answered for ``_quorum_grace_s`` (the
-        caller resigns): a leader cut off from its followers but not from etcd would hold
-        the lease forever and the majority could never elect anyone. Step down at once
-        when the lease deadline passes.
+        term ends and we resign): a leader cut off from its followers but not from etcd
+        would hold the lease forever and the majority could never elect anyone. Return
+        at once when the lease deadline passes.
 
-        Event-driven rather than polled: it sleeps until the moment the quorum or the lease
+        ev.Event-driven rather than polled: it sleeps until the moment the quorum or the lease
         would run out and looks again, so it is late by a scheduler pass, not a poll
         interval. After a SIGSTOP that moment has long passed when the loop runs again; the
         election backend's keep-alive task sees the same deadline and sets ``lost``, but
         ending the term here too means the waiting requests (interrupted by ``_end_term``)
         never depend on one backend task being scheduled first."""
-        leadership = self.leadership
-        if leadership is None:  # not assert: it must hold under -O too
-            raise RuntimeError("watching the quorum of a term with no leadership")
+        leadership, term = self.leadership, self.term
+        if leadership is None or term is None:  # not assert: it must hold under -O too
+            raise rules.broken("watching the quorum of a term with no leadership")
         # Learners count here, unlike for commit: a leader that still reaches a learner is
         # how the learner gets caught up and promoted back into a voter majority. In 3
         # nodes no voter majority can form elsewhere meanwhile; in 5, a leader that reaches
@@ -448,20 +489,20 @@ class Replicator:
                 planned_wake=wake_at,
             )
             if isinstance(decision, rules.Resign):
-                return
+                return ev.QuorumLost(self._quorum_grace_s, self.quorum_report())
             if isinstance(decision, rules.StepDown):
-                if not decision.lost:  # else cancel_when_lost says why
-                    log.warning("epoch %d: lease deadline passed; stepping down", term.epoch)
-                self.step_down()
-                await trio.sleep_forever()  # step_down cancelled us: _lead ends here
+                return ev.LeaseLost(leadership.lost_reason or "lost") if decision.lost else ev.LeaseDeadlinePassed()
             wake_at = decision.at
             await trio.sleep_until(wake_at)
 
     def _end_term(self, leadership: Leadership) -> None:
-        if self.core.ended(self.election.current_leader()):
+        if self.core.in_term:
             self.metrics.step_downs_total.inc()
+        self._feed_now(ev.TermEnded(self.election.current_leader()))
         self.term = None
         self._stop_leading = None
+        self._term_nursery = None
+        self._epoch_start = None
         self.on_term_end()
 
     # -- used by the node ----------------------------------------------------------------
