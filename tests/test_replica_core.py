@@ -7,7 +7,7 @@ any order they can happen. No trio, no disk."""
 from __future__ import annotations
 
 import pytest
-from epoch_log import EpochLog
+from follower_shell import MemLog, Shell, append
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -18,6 +18,7 @@ from walstore.election.membership import Member
 from walstore.errors import ElectionError, FsyncError, LogStateError, UnavailableError
 from walstore.protocol import AppendAck
 from walstore.replication import replica_events as ev
+from walstore.replication.follower_core import Link
 from walstore.replication.leader_core import LeaderCore
 from walstore.replication.promises import Superseded
 from walstore.replication.replica_core import Phase, ReplicaCore
@@ -35,13 +36,12 @@ def member(node_id: str, *, voter: bool = True, revision: int = 1) -> Member:
 VOTERS = {n: member(n) for n in ("n0", "n1", "n2")}
 
 
-class PromisingLog(EpochLog):
-    """Enough of a log for the core: its entries' epochs, the epoch promised, and the
-    data directory's incarnation."""
+class PromisingLog(MemLog):
+    """Enough of a log for the core: its entries' epochs, the epoch promised, what the
+    follower core reads, and the data directory's incarnation."""
 
     def __init__(self, epochs: list[int], promised_epoch: int, incarnation: str = "inc-n0") -> None:
-        super().__init__(epochs)
-        self.promised_epoch = promised_epoch
+        super().__init__(epochs, promised=promised_epoch)
         self.incarnation = incarnation
 
 
@@ -213,6 +213,47 @@ def test_a_followers_member_reads_are_kept_and_ask_for_nothing() -> None:
     assert core.votes_self and core.votes("n1", "inc-n1") and not core.votes("n1", "inc-other")
 
 
+# -- the follower side, checked against the term ---------------------------------------------
+
+
+def test_a_newer_leaders_append_ends_our_term_before_it_changes_the_log() -> None:
+    core, log, commit = replica()
+    lead(core, log, commit)
+    ended: list[list[ev.Action]] = []
+    shell = Shell(log, leader_seen=lambda epoch, leader_id: ended.append(core.on(ev.LeaderSeen(leader_id, epoch))))
+    answer = shell.run(core.handle(append(9, 5, 7, [9, 9]), "n1", Link()))
+    assert answer.message is not None and answer.message.ok  # type: ignore[union-attr]
+    assert ended == [[ev.EndTerm("leader n1 holds epoch 9, above ours: stepping down")]]
+    assert shell.kinds() == ["VerifyLeader", "PersistPromise", "LeaderSeen", "WriteRecords"]
+    assert (log.epochs[-2:], core.phase, core.roles.writable) == ([9, 9], Phase.ENDING, False)
+
+
+def test_another_leaders_append_while_we_lead_is_a_broken_invariant() -> None:
+    core, log, commit = replica()
+    lead(core, log, commit)
+    shell = Shell(log)  # a shell that never tells the role machine about the leader it saw
+    with pytest.raises(LogStateError, match="n1's APPEND changes the log while this node leads epoch 7"):
+        shell.run(core.handle(append(9, 5, 7, [9]), "n1", Link()))
+    assert log.epochs[-1] == 7  # nothing written
+
+
+def test_a_stale_leaders_append_is_refused_while_we_lead() -> None:
+    core, log, commit = replica()
+    lead(core, log, commit)
+    shell = Shell(log)
+    answer = shell.run(core.handle(append(4, 4, 4, [4]), "n1", Link()))
+    assert answer.message is not None and not answer.message.ok  # type: ignore[union-attr]
+    assert shell.kinds() == [] and core.roles.writable
+
+
+def test_another_holder_of_our_epoch_is_a_broken_invariant() -> None:
+    core, log, commit = replica()
+    lead(core, log, commit)
+    core.follower.confirmed = (7, "n1")  # the election confirmed n1 for the epoch we won
+    with pytest.raises(LogStateError, match="n1 confirmed as the holder of epoch 7, which this node won"):
+        core.check()
+
+
 # -- the events the phase does not expect, and the invariants ------------------------------
 
 
@@ -344,7 +385,12 @@ class ReplicaLife(RuleBasedStateMachine):
                 self.stopped = True
                 self.step = None
             case ev.RefreshVoters():
-                assert self.core.leader is not None
+                leader = self.core.leader
+                assert leader is not None
+                commit = leader.refresh_voters(now=1.0, own_durable=leader.own_durable)
+                if commit is not None:
+                    assert commit > self.term_commit
+                    self.term_commit = self.commit = commit
             case ev.Promote(member, epoch, commit):
                 leader = self.core.leader
                 assert leader is not None and self.core.roles.writable and epoch == leader.epoch
@@ -370,7 +416,7 @@ class ReplicaLife(RuleBasedStateMachine):
         assert self.step == ev.ReadMembers()
 
     @precondition(lambda self: isinstance(self.step, ev.ReadMembers))
-    @rule(as_voter=st.booleans(), fails=st.booleans())
+    @rule(as_voter=st.booleans(), fails=st.sampled_from([False, False, False, True]))
     def members_read(self, as_voter: bool, fails: bool) -> None:
         self.step = None
         if fails:
@@ -435,6 +481,19 @@ class ReplicaLife(RuleBasedStateMachine):
 
     # -- the rest of the world, at any step ---------------------------------------------
 
+    @precondition(lambda self: self.core.phase is Phase.COMMITTING and self.commit < self.start)
+    @rule()
+    def followers_hold_the_epoch_start(self) -> None:
+        leader = self.core.leader
+        assert leader is not None
+        for who in ("n1", "n2"):
+            self.follower_answers(who, durable=True)
+        commit = leader.durable(self.log.tail_index)  # and the leader's own fsync
+        if commit is not None:
+            assert commit > self.term_commit
+            self.term_commit = self.commit = commit
+        assert self.commit >= self.start
+
     @precondition(lambda self: self.core.leader is not None)
     @rule(who=st.sampled_from(["n1", "n2"]), durable=st.booleans())
     def follower_answers(self, who: str, durable: bool) -> None:
@@ -457,39 +516,42 @@ class ReplicaLife(RuleBasedStateMachine):
                 assert answer.commit > self.term_commit
                 self.term_commit = self.commit = answer.commit
 
-    @precondition(lambda self: self.core.leader is not None)
-    @rule(learner=st.sampled_from(["n1", "n2"]), self_voter=st.booleans())
-    def members_refreshed(self, learner: str, self_voter: bool) -> None:
-        self.feed(
-            ev.MembersRead(dict(VOTERS, n0=member("n0", voter=self_voter), **{learner: member(learner, voter=False)}))
-        )
+    @precondition(lambda self: self.core.roles.writable)
+    @rule(learner=st.sampled_from(["n1", "n2"]))
+    def a_leader_rereads_the_members(self, learner: str) -> None:
+        # A learner among them: the first read makes it one, a later one promotes it
+        # once it holds the commit index.
+        self.feed(ev.MembersRead(dict(VOTERS, **{learner: member(learner, voter=False)})))
 
-    @rule(higher=st.integers(0, 2))
-    def another_leader_promised(self, higher: int) -> None:
-        self.log.promised_epoch = max(self.log.promised_epoch, self.epoch + higher)
-
-    @rule()
-    def lease_lost(self) -> None:
-        self.feed(ev.LeaseLost("expired"))
-
-    @rule(who=st.sampled_from(["n0", "n1"]), epoch=st.integers(0, 8), named=st.booleans())
-    def newer_leader(self, who: str, epoch: int, named: bool) -> None:
-        ended = self.core.roles.role is not Role.FOLLOWER and who != "n0" and epoch > self.core.roles.term_epoch
-        before = self.ends
-        self.feed(ev.ElectionNames(LeaderInfo(who, epoch, "", "")) if named else ev.LeaderSeen(who, epoch))
-        if ended:
-            assert self.core.phase is Phase.ENDING and not self.core.roles.writable
-        else:
-            assert self.ends == before
-
-    @rule()
-    def node_asks_to_step_down(self) -> None:
-        self.feed(ev.StepDownRequested("disk full on the leader"))
-        assert not self.core.roles.writable
-
-    @rule(epoch=st.integers(0, 8))
-    def leader_observed(self, epoch: int) -> None:
-        self.feed(ev.LeaderObserved(LeaderInfo("n1", epoch, "", "") if epoch else None))
+    @rule(data=st.data())
+    def the_world(self, data: st.DataObject) -> None:
+        """One rule for everything else that can happen at any step (so that hypothesis,
+        choosing among the enabled rules alike, lets a term live long enough to lead)."""
+        what = data.draw(st.sampled_from(["members", "promise", "lease", "node", "newer", "observed"]))
+        if what == "members" and self.core.leader is not None:
+            members = dict(VOTERS, n0=member("n0", voter=data.draw(st.sampled_from([True, True, True, False]))))
+            learner = data.draw(st.sampled_from(["n1", "n2"]))
+            members[learner] = member(learner, voter=False)
+            self.feed(ev.MembersRead(members))
+        elif what == "promise" and self.core.in_term:
+            self.log.promised_epoch = max(self.log.promised_epoch, self.epoch + data.draw(st.integers(0, 2)))
+        elif what in ("lease", "node") and self.core.in_term:
+            self.feed(ev.LeaseLost("expired") if what == "lease" else ev.StepDownRequested("disk full on the leader"))
+            assert not self.core.roles.writable
+        elif what == "newer":
+            # Around the epoch we won: the boundary is where the rule lives.
+            who, epoch = data.draw(st.sampled_from(["n0", "n1"])), self.epoch + data.draw(st.integers(-2, 1))
+            ended = self.core.roles.role is not Role.FOLLOWER and who != "n0" and epoch > self.core.roles.term_epoch
+            before = self.ends
+            named = data.draw(st.booleans())
+            self.feed(ev.ElectionNames(LeaderInfo(who, epoch, "", "")) if named else ev.LeaderSeen(who, epoch))
+            if ended:
+                assert self.core.phase is Phase.ENDING and not self.core.roles.writable
+            else:
+                assert self.ends == before
+        elif what == "observed":
+            epoch = data.draw(st.integers(0, 8))
+            self.feed(ev.LeaderObserved(LeaderInfo("n1", epoch, "", "") if epoch else None))
 
     @invariant()
     def parts_agree(self) -> None:
@@ -502,7 +564,7 @@ class ReplicaLife(RuleBasedStateMachine):
 
 
 TestReplicaLife = ReplicaLife.TestCase
-TestReplicaLife.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestReplicaLife.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
 
 
 class YieldsToItsOwnEpoch(ReplicaCore):
@@ -520,4 +582,4 @@ def test_the_state_machine_finds_a_term_that_yields_to_its_own_epoch() -> None:
         core_type = YieldsToItsOwnEpoch
 
     with pytest.raises(AssertionError):
-        run_state_machine_as_test(Planted, settings=settings(max_examples=200, stateful_step_count=40, deadline=None))
+        run_state_machine_as_test(Planted, settings=settings(max_examples=200, stateful_step_count=60, deadline=None))

@@ -33,6 +33,7 @@ from walstore.replication.follower_core import (
     WriteRecords,
     advance,
 )
+from walstore.replication.replica_core import ReplicaCore
 from walstore.replication.replica_log import ReplicaLog
 from walstore.replication.transport import PeerChannel
 from walstore.watermark import Watermark
@@ -54,12 +55,16 @@ class FollowerService:
         *,
         verify_leader: LeaderCheck,
         on_leader_seen: Callable[[int, str], None],
+        replica: ReplicaCore | None = None,
     ) -> None:
         self.rlog = rlog
         self.commit = commit
         self.verify_leader = verify_leader
         self.on_leader_seen = on_leader_seen
-        self.core = FollowerCore(rlog, lambda: commit.value)
+        # A node's follower core is its replica core's, whose handler checks it against
+        # the term (alone, in the tests of this shell, a core of its own).
+        self.core = replica.follower if replica is not None else FollowerCore(rlog, lambda: commit.value)
+        self._handle = replica.handle if replica is not None else self.core.handle
         # One leader at a time writes into our log: APPENDs from two connections (an old
         # leader's and a new one's) must not interleave between check and submit.
         self._append_lock = trio.Lock()
@@ -110,7 +115,7 @@ class FollowerService:
     async def handle(self, message: Message, peer_id: str, link: Link) -> Answer:
         """The answer to one request on the connection whose ``link`` it is, its needs
         carried out."""
-        handling = self.core.handle(message, peer_id, link)
+        handling = self._handle(message, peer_id, link)
         if isinstance(message, Append):
             async with self._append_lock:
                 return await self._carry_out(handling)

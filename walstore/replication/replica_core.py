@@ -1,6 +1,6 @@
 """One node's replica state as one sans-IO state machine: the role machine, the term this
-node leads, and the member records it counts by, driven by events and answering with
-actions.
+node leads, the member records it counts by and the follower side, driven by events and
+answering with actions.
 
 ``ReplicaCore.on(event)`` takes what happened (``replica_events``: the election won, the
 member records read, the takeover done or failed, our EPOCH_START submitted or applied,
@@ -14,14 +14,15 @@ one's outcome back as the next event; it decides nothing. What the core owns:
 - the term's leader core (``leader_core.LeaderCore``: followers, voters, commit index),
   created when our EPOCH_START is submitted and dropped when the term ends;
 - the member records as last read, and so who votes (``membership.counts``) and which
-  learner a leader promotes.
+  learner a leader promotes;
+- the follower side's core (``follower_core.FollowerCore``): another leader's request
+  goes through ``handle``, which checks every step of it against the term.
 
 A sequence event the phase does not expect is a broken invariant (the shell asked for
 nothing of the kind), except while the term is ending: then an answer that was already on
 its way is dropped. ``check`` states the invariants between the parts and runs after every
-event, in production; the simulator also checks it as it samples a run. The follower's
-core (``follower_core.FollowerCore``) is not here: nothing between it and the role machine
-is checked, and holding it would only be a reference.
+event and every step of a follower request, in production; the simulator also checks it
+as it samples a run.
 """
 
 from __future__ import annotations
@@ -33,17 +34,25 @@ from typing import Protocol
 from walstore import planted_bugs
 from walstore.config import PeerSpec
 from walstore.election.membership import Member, counts
+from walstore.protocol import Message
 from walstore.replication import replica_events as ev
 from walstore.replication import rules
+from walstore.replication.follower_core import (
+    Answer,
+    CutAfter,
+    FollowerCore,
+    FollowerLog,
+    Handling,
+    Link,
+    WriteRecords,
+    advance,
+)
 from walstore.replication.leader_core import LeaderCore
 from walstore.replication.roles import Role, Roles, TakeoverFailed
 
 
-class PromisedLog(rules.LogView, Protocol):
+class PromisedLog(FollowerLog, Protocol):
     """What the replica core reads of the local log (``ReplicaLog`` is one)."""
-
-    @property
-    def promised_epoch(self) -> int: ...
 
     @property
     def incarnation(self) -> str: ...
@@ -75,6 +84,7 @@ class ReplicaCore:
         self.phase = Phase.IDLE
         self.leader: LeaderCore | None = None  # the term this node took over, while it lasts
         self.members: dict[str, Member] = {}  # the member records as last read
+        self.follower = FollowerCore(log, commit)  # the side that answers other leaders
 
     # -- the one input -----------------------------------------------------------------
 
@@ -160,6 +170,33 @@ class ReplicaCore:
                 self.roles.observed(leader)
                 return []
         raise rules.broken(f"an event the replica core does not know: {event!r}")
+
+    # -- the follower's requests -------------------------------------------------------
+
+    def handle(self, message: Message, peer_id: str, link: Link) -> Handling:
+        """The follower core's handler of a leader's request (``FollowerCore.handle``),
+        with the invariants between it and the term checked at every step: no other
+        leader's APPEND changes this node's log while it leads a term, and the follower
+        never confirms another node as the holder of the epoch this node won."""
+        handling = self.follower.handle(message, peer_id, link)
+        try:
+            step = advance(handling)
+            while not isinstance(step, Answer):
+                self.check()
+                if isinstance(step, WriteRecords | CutAfter) and self.phase in (Phase.COMMITTING, Phase.LEADING):
+                    raise rules.broken(
+                        f"{peer_id}'s APPEND changes the log while this node leads epoch {self.roles.term_epoch}"
+                    )
+                try:
+                    result = yield step
+                except Exception as exc:  # an outcome the shell throws in: the follower core decides
+                    step = advance(handling, failure=exc)
+                else:
+                    step = advance(handling, result)
+            self.check()
+            return step
+        finally:
+            handling.close()
 
     # -- the steps ---------------------------------------------------------------------
 
@@ -262,3 +299,9 @@ class ReplicaCore:
             raise rules.broken(f"a {roles.role.value} in the phase {phase.value}")
         if phase in (Phase.COMMITTING, Phase.LEADING) and leader is None:
             raise rules.broken(f"{phase.value} without a leader core")
+        confirmed = self.follower.confirmed
+        if confirmed is not None:
+            epoch, leader_id = confirmed
+            if roles.role is not Role.FOLLOWER and epoch == roles.term_epoch and leader_id != roles.node_id:
+                # The election gives an epoch to one node: two holders is two leaders.
+                raise rules.broken(f"{leader_id} confirmed as the holder of epoch {epoch}, which this node won")

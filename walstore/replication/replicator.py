@@ -102,12 +102,12 @@ class Replicator:
         self.leadership: Leadership | None = None
         self.term: LeaderTerm | None = None
         self.first_writable = trio.Event()  # set the first time this node became writable
-        self.follower = FollowerService(
-            rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen
-        )
-        # The replica's state: role, epoch won, writable, who leads, and the leader core
-        # of the term we lead.
+        # The replica's state: role, epoch won, writable, who leads, the leader core of
+        # the term we lead, the member records, and the follower side's core.
         self.core = ReplicaCore(config.node_id, rlog, lambda: commit.value, followers=self.others)
+        self.follower = FollowerService(
+            rlog, commit, verify_leader=self._verify_leader, on_leader_seen=self._on_leader_seen, replica=self.core
+        )
         self.forwarder = Forwarder(node_id=config.node_id, cluster_id=config.cluster_id, epoch=self._epoch)
         self._stop_leading: trio.CancelScope | None = None  # the term's, while it lasts
         self._term_nursery: trio.Nursery | None = None
